@@ -1,0 +1,273 @@
+"""Typed run configuration: YAML in, dotted overrides, validation that reports every problem at once.
+
+A component field (dataset, backbone, pooling, model, loss, miner, synthesis, regularizers,
+optimizer, scheduler, eval.whitening) is ``{name: ..., <params>}`` or just ``name``; its params
+are checked against the registered constructor's signature. ``resolve`` fills every default so
+the saved config is complete and its hash identifies the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from harness import registry
+from harness.errors import ConfigError
+
+Component = dict[str, Any]
+
+
+def _component(value: Any) -> Any:
+    """Accept the ``name`` shorthand for ``{name: name}``; ``none``/null means absent."""
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    if isinstance(value, str):
+        return {"name": value}
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSection(_Section):
+    """Where images come from and how they are split and transformed."""
+
+    dataset: Component = Field(default_factory=lambda: {"name": "digits"})
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    transform: Literal["auto", "imagenet", "grey"] = "auto"
+    input_size: int | None = None
+    resize_size: int | None = None
+    num_workers: int = Field(0, ge=0)
+
+    _c = field_validator("dataset", mode="before")(_component)
+
+
+class SamplerSection(_Section):
+    """P×K batches: P classes × K images. An epoch is ``batches_per_epoch`` batches, by default
+    ``ceil(n_train_images / (P·K))`` so that an epoch sees about as many images as the split has."""
+
+    p: int = Field(8, ge=2)
+    k: int = Field(4, ge=1)
+    batches_per_epoch: int | None = Field(None, ge=1)
+
+
+class TrainSection(_Section):
+    epochs: int = Field(5, ge=0)
+    eval_every: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    grad_clip: float | None = Field(None, gt=0)
+    warmup_epochs: int = Field(0, ge=0)
+    backbone_lr_mult: float = Field(1.0, ge=0)
+    head_lr_mult: float = Field(1.0, ge=0)
+    loss_lr_mult: float = Field(1.0, ge=0)
+    selection_metric: str = "recall@1"
+    threads: int | None = Field(None, ge=1)
+
+
+class EvalSection(_Section):
+    ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    distance: Literal["cosine", "euclidean"] = "cosine"
+    batch_size: int = Field(256, ge=1)
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    whitening: Component | None = None
+
+    _c = field_validator("whitening", mode="before")(_component)
+
+
+class RunConfig(_Section):
+    """Everything one training run depends on; ``run(config)`` is a pure function of it."""
+
+    name: str = "run"
+    seed: int = 0
+    data: DataSection = Field(default_factory=DataSection)
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    backbone: Component = Field(default_factory=lambda: {"name": "small_convnet"})
+    pooling: Component = Field(default_factory=lambda: {"name": "avg"})
+    model: Component = Field(default_factory=lambda: {"name": "embedder"})
+    loss: Component = Field(default_factory=lambda: {"name": "triplet"})
+    miner: Component | None = None
+    synthesis: Component | None = None
+    regularizers: list[Component] = Field(default_factory=list)
+    optimizer: Component = Field(default_factory=lambda: {"name": "adam"})
+    scheduler: Component | None = None
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    _c = field_validator("backbone", "pooling", "model", "loss", "optimizer", mode="before")(_component)
+    _o = field_validator("miner", "synthesis", "scheduler", mode="before")(_component)
+
+    @field_validator("regularizers", mode="before")
+    @classmethod
+    def _regs(cls, v: Any) -> Any:
+        return [_component(x) for x in v] if isinstance(v, list) else v
+
+    def components(self) -> list[tuple[str, str, Component]]:
+        """(kind, dotted path, spec) for every component field that is set."""
+        out: list[tuple[str, str, Component | None]] = [
+            ("dataset", "data.dataset", self.data.dataset),
+            ("backbone", "backbone", self.backbone),
+            ("pooling", "pooling", self.pooling),
+            ("model", "model", self.model),
+            ("loss", "loss", self.loss),
+            ("miner", "miner", self.miner),
+            ("synthesis", "synthesis", self.synthesis),
+            ("optimizer", "optimizer", self.optimizer),
+            ("scheduler", "scheduler", self.scheduler),
+            ("whitening", "eval.whitening", self.eval.whitening),
+        ]
+        out += [("regularizer", f"regularizers.{i}", r) for i, r in enumerate(self.regularizers)]
+        return [(k, p, s) for k, p, s in out if s is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def run_key(self) -> str:
+        """Short stable hash of the canonical resolved config (what identifies a run)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def split_params(spec: Component) -> tuple[str, dict[str, Any]]:
+    """``{name: n, **params}`` → ``(n, params)``."""
+    params = dict(spec)
+    return str(params.pop("name", "")), params
+
+
+def _pydantic_problems(e: pydantic.ValidationError) -> list[str]:
+    problems = []
+    for err in e.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown key")
+        else:
+            problems.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
+    return problems
+
+
+def _component_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    for kind, path, spec in cfg.components():
+        if not isinstance(spec, dict) or "name" not in spec:
+            problems.append(f"{path}: a component needs a 'name' (got {spec!r})")
+            continue
+        name, params = split_params(spec)
+        problems += registry.validate_params(kind, name, params, path)
+    problems += _compatibility_problems(cfg)
+    return problems
+
+
+def _compatibility_problems(cfg: RunConfig) -> list[str]:
+    """A loss takes a miner / synthesis only if its constructor asks for one; miner outputs must match."""
+    loss_name = cfg.loss.get("name")
+    if loss_name not in registry.registry("loss"):
+        return []
+    loss = registry.registry("loss").get(loss_name)
+    problems = []
+    for kind, spec in (("miner", cfg.miner), ("synthesis", cfg.synthesis)):
+        if spec is not None and kind not in loss.context:
+            problems.append(f"{kind}: loss {loss_name!r} cannot take a {kind} (it would be a silent no-op)")
+    if cfg.miner is not None and "miner" in loss.context and cfg.miner.get("name") in registry.registry("miner"):
+        miner = registry.registry("miner").get(cfg.miner["name"])
+        produces = getattr(miner.obj, "produces", None)
+        accepts = getattr(loss.obj, "accepts_miner", ())
+        if produces not in accepts:
+            problems.append(
+                f"miner: {miner.name!r} produces {produces}, loss {loss_name!r} accepts {', '.join(accepts)}"
+            )
+    return problems
+
+
+def _fill_defaults(spec: Component, kind: str) -> Component:
+    name, params = split_params(spec)
+    entry = registry.registry(kind).get(name)
+    full = {"name": name}
+    for p in entry.params.values():
+        full[p.name] = params.get(p.name, None if p.required else copy.deepcopy(p.default))
+    return json.loads(json.dumps(full, default=list))  # tuples → lists: canonical JSON form
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Parse ``raw`` into a resolved RunConfig or raise ConfigError listing every problem."""
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_pydantic_problems(e)) from e
+    problems = _component_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return resolve(cfg)
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Copy of ``cfg`` with every component's defaults written out."""
+    data = cfg.to_dict()
+    for kind, path, spec in cfg.components():
+        filled = _fill_defaults(spec, kind)
+        _set(data, path.split("."), filled)
+    return RunConfig.model_validate(data)
+
+
+def _set(d: Any, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        d = d[int(k)] if isinstance(d, list) else d.setdefault(k, {})
+    last = keys[-1]
+    if isinstance(d, list):
+        d[int(last)] = value
+    else:
+        d[last] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a copy of ``raw``."""
+    out = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected dotted.path=value")
+            continue
+        keys = key.strip().split(".")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+            node: Any = out
+            for k in keys[:-1]:
+                if isinstance(node, list):
+                    node = node[int(k)]
+                else:
+                    if isinstance(node.get(k), str):  # component shorthand `loss: triplet`
+                        node[k] = {"name": node[k]}
+                    node = node.setdefault(k, {})
+            _set(out if len(keys) == 1 else node, keys[-1:], parsed)
+        except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
+            problems.append(f"override {item!r}: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return data
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from YAML, apply dotted overrides, validate and resolve."""
+    return validate(apply_overrides(load_yaml(path), overrides or []))

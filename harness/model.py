@@ -1,0 +1,144 @@
+"""Model assembly: backbone → pooling → embedding head, or a model plugin (ABE) built from config.
+
+Contracts the engine relies on:
+- a backbone is a ``StagedBackbone``: ordered named stages, their output channels and the
+  ``DataConfig`` its weights expect (input size, mean, std, channel order);
+- a pooling module maps ``[B, C, H, W]`` (and optionally the labels) to ``[B, out_dim]`` or to a
+  ``ModelOutput`` whose aux losses need the labels (CGD), and has an ``out_dim`` attribute;
+- a model maps ``(images, labels=None)`` to a ``ModelOutput`` and has an ``embedding_dim`` attribute.
+  Parameters under ``model.backbone`` form the backbone learning-rate group.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import registry
+from harness.config import RunConfig, split_params
+from harness.errors import ConfigError
+from harness.registry import register
+from harness.types import DataConfig, ModelOutput
+
+
+class StagedBackbone(nn.Module):
+    """A backbone as an ordered sequence of named stages that can be run (or split) at any of them.
+
+    ``forward(x, start=None, end=None)`` runs the stages after ``start`` up to and including
+    ``end``, so ``S = (None, branch)`` and ``G = (branch, None)`` split the network at a branching point.
+    ``frozen_bn`` keeps every BatchNorm layer in eval mode (fixed statistics) during training.
+    """
+
+    def __init__(
+        self,
+        stages: OrderedDict[str, nn.Module],
+        channels: dict[str, int],
+        data_config: DataConfig,
+        *,
+        frozen_bn: bool = False,
+    ):
+        super().__init__()
+        missing = set(stages) - set(channels)
+        assert not missing, f"stage channels missing for {missing}"
+        self.stages = nn.ModuleDict(stages)
+        self.stage_channels = dict(channels)
+        self.data_config = data_config
+        self.frozen_bn = frozen_bn
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.stages.keys())
+
+    @property
+    def out_channels(self) -> int:
+        return self.stage_channels[self.stage_names[-1]]
+
+    def check_stage(self, name: str, what: str = "stage") -> None:
+        if name not in self.stages:
+            raise ConfigError(
+                f"{what} {name!r} is not a stage of {type(self).__name__} (stages: {', '.join(self.stage_names)})"
+            )
+
+    def stage_range(self, start: str | None = None, end: str | None = None) -> list[str]:
+        """Names of the stages strictly after ``start`` through ``end`` (inclusive)."""
+        names = self.stage_names
+        i = 0 if start is None else names.index(start) + 1
+        j = len(names) if end is None else names.index(end) + 1
+        return names[i:j]
+
+    def forward(self, x: torch.Tensor, start: str | None = None, end: str | None = None) -> torch.Tensor:
+        for name in self.stage_range(start, end):
+            x = self.stages[name](x)
+        return x
+
+    def train(self, mode: bool = True) -> StagedBackbone:
+        super().train(mode)
+        if mode and self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def mean_distance_scale(e: torch.Tensor) -> torch.Tensor:
+    """Divide a batch by its mean off-diagonal pairwise Euclidean distance (MDR 6.1; not detached)."""
+    b = e.shape[0]
+    if b < 2:
+        return e
+    d = torch.cdist(e.float(), e.float())
+    mean = d.sum() / (b * (b - 1))
+    return e / mean.clamp_min(1e-12).to(e.dtype)
+
+
+@register("model", "embedder")
+class Embedder(nn.Module):
+    """backbone → pooling → linear embedding head → normalisation (l2, none, or MDR's mean_distance)."""
+
+    def __init__(
+        self,
+        *,
+        backbone: StagedBackbone,
+        pooling: nn.Module,
+        embedding_dim: int = 128,
+        head: bool = True,
+        normalize: Literal["l2", "none", "mean_distance"] = "l2",
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        in_dim = int(pooling.out_dim)
+        self.head = nn.Linear(in_dim, embedding_dim) if head else nn.Identity()
+        self.embedding_dim = embedding_dim if head else in_dim
+        self.normalize = normalize
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        pooled = self.pooling(self.backbone(images), labels)
+        aux: dict[str, torch.Tensor] = {}
+        if isinstance(pooled, ModelOutput):
+            aux, pooled = pooled.aux_losses, pooled.embeddings
+        e = self.head(pooled)
+        if self.normalize == "l2":
+            e = F.normalize(e, dim=-1)
+        elif self.normalize == "mean_distance" and self.training:
+            e = mean_distance_scale(e)
+        return ModelOutput(embeddings=e, aux_losses=aux)
+
+
+def build_component(cfg_spec: dict[str, Any], kind: str, path: str, **context: Any) -> Any:
+    name, params = split_params(cfg_spec)
+    return registry.build(kind, name, context=context, path=path, **params)
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """Build backbone, pooling and the model plugin; validate stage names the model refers to."""
+    backbone = build_component(cfg.backbone, "backbone", "backbone", in_channels=None)
+    if not isinstance(backbone, StagedBackbone):
+        raise ConfigError(f"backbone: {cfg.backbone['name']!r} does not build a StagedBackbone")
+    pooling = build_component(cfg.pooling, "pooling", "pooling", in_channels=backbone.out_channels,
+                              num_classes=num_classes)
+    return build_component(cfg.model, "model", "model", backbone=backbone, pooling=pooling,
+                           num_classes=num_classes)

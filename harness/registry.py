@@ -1,0 +1,261 @@
+"""One registry mechanism for every kind of component (dataset, backbone, pooling, model, loss, ...).
+
+A component is a class or factory registered under ``(kind, name)``. Its hyperparameters are its
+keyword-only constructor arguments with defaults; the registry reads them (and their type hints)
+from the signature, so the schema is the code. Names in ``CONTEXT_PARAMS`` are things the engine
+knows (number of classes, the built backbone, the miner...) and passes only to constructors that
+ask for them by name; users never set them.
+
+Built-ins and third-party plugins load the same way, lazily, through the entry-point group
+``dmlh.plugins``: the loaded object is a module (importing it registers its components) or a
+callable that is called once. A plugin that fails to load is logged, skipped and listed as broken.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import inspect
+import logging
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+
+from harness.errors import ConfigError, UnknownComponentError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "dmlh.plugins"
+
+#: Constructor arguments supplied by the engine, never by the user: a keyword-only parameter with one of
+#: these names and *no default* is context; with a default it is an ordinary hyperparameter.
+CONTEXT_PARAMS = frozenset(
+    {
+        "num_classes", "embedding_dim", "in_channels", "backbone", "pooling", "miner", "synthesis",
+        "optimizer", "epochs", "params",
+    }
+)
+
+#: Engine modules that register generic components (the embedder model, optimizers, schedulers).
+_ENGINE_MODULES = ("harness.model", "harness.optim")
+
+_MISSING = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Param:
+    """One user-settable hyperparameter of a component."""
+
+    name: str
+    default: Any
+    annotation: Any
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def describe(self) -> str:
+        ann = self.annotation
+        ann = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+        default = "required" if self.required else repr(self.default)
+        return f"{self.name}: {ann} = {default}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered component: the object, its user parameters and the context it asks for."""
+
+    kind: str
+    name: str
+    obj: Callable[..., Any]
+    params: Mapping[str, Param]
+    context: frozenset[str]
+    plugin: str
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.obj) or ""
+        return doc.splitlines()[0] if doc else ""
+
+
+def _signature_schema(obj: Callable[..., Any]) -> tuple[dict[str, Param], frozenset[str]]:
+    target = obj.__init__ if inspect.isclass(obj) else obj  # type: ignore[misc]
+    sig = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable forward references: fall back to no type checks
+        hints = {}
+    params: dict[str, Param] = {}
+    context: set[str] = set()
+    for p in sig.parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in CONTEXT_PARAMS and p.default is _MISSING:
+            context.add(p.name)
+            continue
+        params[p.name] = Param(p.name, p.default, hints.get(p.name, Any))
+    return params, frozenset(context)
+
+
+class Registry:
+    """Components of one kind, by name."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, name: str, obj: Callable[..., Any], *, replace: bool = False, plugin: str = "") -> None:
+        if name in self._entries and not replace:
+            raise ValueError(
+                f"{self.kind} {name!r} is already registered (by {self._entries[name].plugin or 'builtin'}); "
+                "pass replace=True to override it"
+            )
+        params, context = _signature_schema(obj)
+        self._entries[name] = Entry(self.kind, name, obj, params, context, plugin or obj.__module__)
+
+    def get(self, name: str, path: str = "") -> Entry:
+        if name not in self._entries:
+            raise UnknownComponentError(self.unknown_message(name, path))
+        return self._entries[name]
+
+    def unknown_message(self, name: object, path: str) -> str:
+        close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        where = f"{path}: " if path else ""
+        return f"{where}unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries)) or 'none'})"
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+_REGISTRIES: dict[str, Registry] = {}
+_BROKEN_PLUGINS: dict[str, str] = {}
+_plugins_loaded = False
+_loading_plugin = ""
+
+
+def registry(kind: str) -> Registry:
+    """The registry of ``kind`` (created on first use); plugins are loaded first."""
+    load_plugins()
+    return _REGISTRIES.setdefault(kind, Registry(kind))
+
+
+def kinds() -> list[str]:
+    load_plugins()
+    return sorted(_REGISTRIES)
+
+
+def register(kind: str, name: str, *, replace: bool = False) -> Callable[[Any], Any]:
+    """Class/function decorator: ``@register("loss", "triplet")``."""
+
+    def deco(obj: Any) -> Any:
+        _REGISTRIES.setdefault(kind, Registry(kind)).add(name, obj, replace=replace, plugin=_loading_plugin)
+        return obj
+
+    return deco
+
+
+def load_plugins() -> None:
+    """Import every ``dmlh.plugins`` entry point once (built-in ``methods`` first)."""
+    global _plugins_loaded, _loading_plugin
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for mod in _ENGINE_MODULES:
+        importlib.import_module(mod)
+    eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name != "builtin")
+    seen: set[str] = set()
+    for ep in eps:
+        if ep.value in seen:  # the same distribution visible twice on sys.path
+            continue
+        seen.add(ep.value)
+        _loading_plugin = ep.name
+        try:
+            loaded = ep.load()
+            if callable(loaded) and not inspect.ismodule(loaded):
+                loaded()
+        except Exception as e:  # a broken third-party plugin must not take the harness down
+            log.warning("plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
+            _BROKEN_PLUGINS[ep.name] = f"{type(e).__name__}: {e}"
+        finally:
+            _loading_plugin = ""
+
+
+def broken_plugins() -> dict[str, str]:
+    load_plugins()
+    return dict(_BROKEN_PLUGINS)
+
+
+def _type_check(param: Param, value: Any, path: str) -> str | None:
+    if param.annotation is Any:
+        return None
+    try:
+        pydantic.TypeAdapter(param.annotation).validate_python(value, strict=False)
+    except pydantic.ValidationError as e:
+        msg = e.errors()[0]["msg"]
+        return f"{path}.{param.name}: {value!r} is not a valid {param.describe().split(' = ')[0]} ({msg})"
+    except Exception:  # annotation pydantic cannot handle (e.g. nn.Module): no check
+        return None
+    return None
+
+
+def validate_params(kind: str, name: str, params: Mapping[str, Any], path: str) -> list[str]:
+    """All problems with ``params`` for component ``kind/name`` (unknown, missing, ill-typed)."""
+    try:
+        entry = registry(kind).get(name, path + ".name" if path else "")
+    except UnknownComponentError as e:
+        return e.problems
+    problems = []
+    for key, value in params.items():
+        if key not in entry.params:
+            close = difflib.get_close_matches(key, list(entry.params), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            valid = ", ".join(entry.params) or "none"
+            problems.append(f"{path}.{key}: unknown parameter of {kind} {name!r}{hint} (valid: {valid})")
+            continue
+        err = _type_check(entry.params[key], value, path)
+        if err:
+            problems.append(err)
+    for p in entry.params.values():
+        if p.required and p.name not in params:
+            problems.append(f"{path}.{p.name}: required parameter of {kind} {name!r} is missing")
+    return problems
+
+
+def build(kind: str, name: str, /, context: Mapping[str, Any] | None = None, path: str = "", **params: Any) -> Any:
+    """Build component ``kind/name`` from user ``params`` plus the ``context`` entries it asks for.
+
+    Raises ConfigError naming ``path`` for an unknown name or unknown / ill-typed parameters.
+    """
+    problems = validate_params(kind, name, params, path or kind)
+    if problems:
+        raise ConfigError(problems)
+    entry = registry(kind).get(name)
+    ctx = {k: v for k, v in (context or {}).items() if k in entry.context}
+    return entry.obj(**params, **ctx)
+
+
+def describe(kinds_: Iterable[str] | None = None) -> str:
+    """Human-readable listing of every component with its parameters and defaults (``dmlh list``)."""
+    lines = []
+    for kind in kinds_ or kinds():
+        reg = registry(kind)
+        lines.append(f"[{kind}]")
+        for e in reg.entries():
+            lines.append(f"  {e.name}  ({e.plugin})  {e.summary}")
+            for p in e.params.values():
+                lines.append(f"      {p.describe()}")
+    broken = broken_plugins()
+    if broken:
+        lines.append("[broken plugins]")
+        lines.extend(f"  {name}: {err}" for name, err in broken.items())
+    return "\n".join(lines)

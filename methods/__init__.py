@@ -1,0 +1,6 @@
+"""Built-in method plugins. Importing this package registers every built-in component.
+
+The order is fixed so that registration (and `dmlh list`) is deterministic.
+"""
+
+from methods import backbones, pooling  # noqa: F401

@@ -1,0 +1,3 @@
+"""Backbones with named stages (each module registers itself)."""
+
+from methods.backbones import small_convnet  # noqa: F401
