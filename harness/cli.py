@@ -1,0 +1,138 @@
+"""`dmlh` command line: run | study | report | bench | list | data.
+
+Every subcommand is a thin shell over a library function; user errors (HarnessError) print a clear
+message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+log = logging.getLogger("harness")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from harness import config, train
+    from harness.rundir import format_metrics, write_run
+
+    cfg = config.load(args.config, args.overrides)
+    result = train.run(cfg)
+    out = Path(args.results) / "runs" / (args.name or cfg.name)
+    write_run(result, out)
+    print(format_metrics(result))
+    print(f"run written to {out}")
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from harness import registry
+
+    kinds = [args.kind] if args.kind else None
+    if args.kind and args.kind not in registry.kinds():
+        raise HarnessError(f"unknown kind {args.kind!r} (kinds: {', '.join(registry.kinds())})")
+    print(registry.describe(kinds))
+
+
+def _cmd_data_check(args: argparse.Namespace) -> None:
+    from harness.data import check_dataset
+
+    print(check_dataset(args.name, args.root))
+
+
+def _cmd_study_run(args: argparse.Namespace) -> None:
+    from harness import study
+
+    study.run_study(
+        args.study, storage=args.storage, workers=args.workers, name=args.name, results=args.results,
+        overrides=args.overrides,
+    )
+
+
+def _cmd_study_status(args: argparse.Namespace) -> None:
+    from harness import study
+
+    print(study.status(args.name, storage=args.storage, results=args.results))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from harness import report
+
+    out = report.write_report(args.name, storage=args.storage, results=args.results, baseline=args.baseline)
+    print(f"tables and plots written to {out}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from harness import bench
+
+    bench.main(args.what, args.options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dmlh", description="Deep metric learning benchmarking and ablation harness")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--results", default="results", help="results folder (default: ./results)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train and evaluate one config")
+    r.add_argument("config", help="RunConfig YAML")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.margin=0.1 train.epochs=3")
+    r.add_argument("--name", help="run folder name (default: the config's name)")
+    r.set_defaults(func=_cmd_run)
+
+    ls = sub.add_parser("list", help="list registered components with their parameters")
+    ls.add_argument("kind", nargs="?", help="only this kind (loss, miner, backbone, ...)")
+    ls.set_defaults(func=_cmd_list)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="check a dataset folder: images and classes per split, or what is missing")
+    dc.add_argument("name")
+    dc.add_argument("--root", default=None)
+    dc.set_defaults(func=_cmd_data_check)
+
+    s = sub.add_parser("study", help="Optuna studies")
+    ssub = s.add_subparsers(dest="study_command", required=True)
+    sr = ssub.add_parser("run", help="run (or resume) a study")
+    sr.add_argument("study", help="study YAML")
+    sr.add_argument("overrides", nargs="*", help="dotted overrides of the study YAML, e.g. base.train.epochs=1")
+    sr.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file in results/<study>/)")
+    sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    sr.add_argument("--name", default=None, help="study name (default: from the YAML)")
+    sr.set_defaults(func=_cmd_study_run)
+    ss = ssub.add_parser("status", help="counts by state, best arms, time spent")
+    ss.add_argument("name")
+    ss.add_argument("--storage", default=None)
+    ss.set_defaults(func=_cmd_study_status)
+
+    rp = sub.add_parser("report", help="write comparison tables and plots of a study")
+    rp.add_argument("name")
+    rp.add_argument("--storage", default=None)
+    rp.add_argument("--baseline", default=None, help="baseline arm for the ablation tables")
+    rp.set_defaults(func=_cmd_report)
+
+    b = sub.add_parser("bench", help="speed benchmarks against reference implementations")
+    b.add_argument("what", choices=["eval", "losses", "study", "methods"])
+    b.add_argument("options", nargs=argparse.REMAINDER, help="benchmark options (see dmlh bench WHAT --help)")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.func(args)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
