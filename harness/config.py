@@ -79,6 +79,7 @@ class EvalSection(_Section):
     distance: Literal["cosine", "euclidean"] = "cosine"
     batch_size: int = Field(256, ge=1)
     backend: Literal["auto", "faiss", "torch"] = "auto"
+    nmi: bool = True
     whitening: Component | None = None
 
     _c = field_validator("whitening", mode="before")(_component)

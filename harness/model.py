@@ -133,9 +133,9 @@ def build_component(cfg_spec: dict[str, Any], kind: str, path: str, **context: A
     return registry.build(kind, name, context=context, path=path, **params)
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """Build backbone, pooling and the model plugin; validate stage names the model refers to."""
-    backbone = build_component(cfg.backbone, "backbone", "backbone", in_channels=None)
+def build_model(cfg: RunConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build backbone, pooling and the model plugin (``in_channels``: the dataset's image channels)."""
+    backbone = build_component(cfg.backbone, "backbone", "backbone", in_channels=in_channels)
     if not isinstance(backbone, StagedBackbone):
         raise ConfigError(f"backbone: {cfg.backbone['name']!r} does not build a StagedBackbone")
     pooling = build_component(cfg.pooling, "pooling", "pooling", in_channels=backbone.out_channels,

@@ -1,0 +1,311 @@
+"""``run(config) -> RunResult``: one training run, a pure function of its resolved config and seed.
+
+data (class-disjoint splits, P×K batches) → model → loss (+ miner, synthesis) + regularizers + model
+aux losses → validation every ``train.eval_every`` epochs (model selection on validation classes
+only) → test metrics of the best-on-validation state and of the last state.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness.config import RunConfig
+from harness.data import PKSampler, build_transforms, load_splits
+from harness.errors import NonFiniteLossError, TrainingError
+from harness.evaluate import retrieval_metrics
+from harness.model import build_component, build_model
+from harness.types import LossOutput, ModelOutput
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced; ``metrics`` keys are ``val/…``, ``test/…`` (best-on-val state) and
+    ``test_last/…`` (last epoch)."""
+
+    config: dict[str, Any]
+    run_key: str
+    metrics: dict[str, float]
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is 'cuda' but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _scalar(v: float | torch.Tensor) -> float:
+    return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def param_groups(model: nn.Module, loss_modules: Iterable[nn.Module], cfg: RunConfig) -> list[dict[str, Any]]:
+    """Backbone / head / loss groups with their LR multipliers; a parameter's own ``lr_mult`` and
+    ``no_weight_decay`` attributes (GeM p, proxies) give it a group of its own."""
+    base_lr = float(cfg.optimizer.get("lr", 1e-3))
+    base_wd = float(cfg.optimizer.get("weight_decay", 0.0))
+    backbone = getattr(model, "backbone", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    groups: dict[tuple[str, float, bool], list[nn.Parameter]] = defaultdict(list)
+    mults = {"backbone": cfg.train.backbone_lr_mult, "head": cfg.train.head_lr_mult, "loss": cfg.train.loss_lr_mult}
+    sources = [("model", model)] + [("loss", m) for m in loss_modules]
+    seen: set[int] = set()
+    for source, module in sources:
+        for p in module.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            group = "loss" if source == "loss" else ("backbone" if id(p) in backbone_ids else "head")
+            key = (group, float(getattr(p, "lr_mult", 1.0)), bool(getattr(p, "no_weight_decay", False)))
+            groups[key].append(p)
+    return [
+        {"params": ps, "lr": base_lr * mults[g] * mult, "weight_decay": 0.0 if no_wd else base_wd,
+         "name": f"{g}" + (f"×{mult:g}" if mult != 1.0 else "") + ("/no_wd" if no_wd else "")}
+        for (g, mult, no_wd), ps in groups.items()
+    ]
+
+
+@torch.no_grad()
+def embed(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int, device: torch.device,
+          num_workers: int = 0, desc: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (float32, CPU) and labels of a whole split, in order."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    embs, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
+        out: ModelOutput = model(x.to(device, non_blocking=True))
+        embs.append(out.embeddings.float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(embs), torch.cat(labels)
+
+
+class _Trainer:
+    """The state of one run; ``run`` below is its only user."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.train.device)
+        self.splits = load_splits(cfg.data)
+        num_classes = self.splits.num_train_classes
+        self.model = build_model(cfg, num_classes=num_classes, in_channels=self.splits.channels).to(self.device)
+        train_tf, test_tf = build_transforms(cfg.data, self.model.backbone.data_config, self.splits.channels)
+        self.train_set = self.splits.train.with_transform(train_tf)
+        self.eval_sets = {
+            name: s.with_transform(test_tf)
+            for name, s in (("train", self.splits.train), ("val", self.splits.val), ("test", self.splits.test),
+                            ("query", self.splits.query))
+            if s is not None
+        }
+        ctx = {"num_classes": num_classes, "embedding_dim": self.model.embedding_dim}
+        miner = build_component(cfg.miner, "miner", "miner", **ctx) if cfg.miner else None
+        synthesis = build_component(cfg.synthesis, "synthesis", "synthesis", **ctx) if cfg.synthesis else None
+        self.loss = build_component(cfg.loss, "loss", "loss", miner=miner, synthesis=synthesis, **ctx).to(self.device)
+        self.regularizers = nn.ModuleList(
+            build_component(r, "regularizer", f"regularizers.{i}", **ctx) for i, r in enumerate(cfg.regularizers)
+        ).to(self.device)
+        groups = param_groups(self.model, [self.loss, self.regularizers], cfg)
+        self.optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
+        self.scheduler = (
+            build_component(cfg.scheduler, "scheduler", "scheduler", optimizer=self.optimizer, epochs=cfg.train.epochs)
+            if cfg.scheduler else None
+        )
+        self.sampler = PKSampler(self.splits.train.labels, cfg.sampler.p, cfg.sampler.k,
+                                 cfg.sampler.batches_per_epoch, seed=cfg.seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    # -- one optimisation step ------------------------------------------------------------------
+    def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.autocast(self.device.type, enabled=self.amp):
+            out: ModelOutput = self.model(images, labels)
+        parts = out.parts if out.parts is not None else [out.embeddings]
+        metric_outputs: list[LossOutput] = [self.loss(p.float(), labels) for p in parts]
+        total = sum(o.value for o in metric_outputs)
+        stats: dict[str, float] = {"loss/metric": _scalar(total)}
+        for o in metric_outputs:
+            for k, v in o.stats.items():
+                stats[f"loss/{k}"] = stats.get(f"loss/{k}", 0.0) + _scalar(v) / len(metric_outputs)
+        for i, reg in enumerate(self.regularizers):
+            r = reg(out.embeddings.float(), labels)
+            total = total + r.value
+            stats[f"reg{i}/value"] = _scalar(r.value)
+            stats.update({f"reg{i}/{k}": _scalar(v) for k, v in r.stats.items()})
+        for name, value in out.aux_losses.items():
+            total = total + value
+            stats[f"aux/{name}"] = _scalar(value)
+        stats.update({f"model/{k}": _scalar(v) for k, v in out.stats.items()})
+        return total, stats
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        self.loss.train()
+        self.regularizers.train()
+        warm = epoch < self.cfg.train.warmup_epochs
+        for p in self.model.backbone.parameters():
+            p.requires_grad_(not warm)
+        self.sampler.set_epoch(epoch)
+        sums: dict[str, float] = defaultdict(float)
+        n = 0
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False, disable=None)
+        for step, (images, labels) in enumerate(bar):
+            images = images.to(self.device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
+            total, stats = self.objective(images, labels)
+            if not torch.isfinite(total):
+                raise NonFiniteLossError(
+                    f"loss became {total.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"(components: {', '.join(f'{k}={v:.4g}' for k, v in stats.items())}); "
+                    "try a lower optimizer.lr or train.grad_clip"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            if self.cfg.train.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_value_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.train.grad_clip
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stats["loss"] = _scalar(total)
+            for k, v in stats.items():
+                sums[k] += v
+            n += 1
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Retrieval metrics of ``split`` (val or test; test searches query → gallery when a query set exists)."""
+        ev = self.cfg.eval
+
+        def emb(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return embed(self.model, self.eval_sets[name], ev.batch_size, self.device, self.cfg.data.num_workers,
+                         desc=f"embed {name}")
+
+        gallery, g_labels = emb(split)
+        query, q_labels = emb("query") if split == "test" and "query" in self.eval_sets else (None, None)
+        if ev.whitening is not None:
+            train_emb, train_labels = emb("train")
+            whiten = build_component(ev.whitening, "whitening", "eval.whitening").fit(train_emb, train_labels)
+            gallery = whiten(gallery)
+            query = whiten(query) if query is not None else None
+        return retrieval_metrics(gallery, g_labels, ks=tuple(ev.ks), query_embeddings=query, query_labels=q_labels,
+                                 distance=ev.distance, backend=ev.backend, nmi=ev.nmi)
+
+    def epoch_diagnostics(self) -> tuple[dict[str, float], dict[str, Any]]:
+        """Collect ``epoch_diagnostics()`` of every component: scalars for the history, the rest as records."""
+        scalars: dict[str, float] = {}
+        records: dict[str, Any] = {}
+        for root in (self.model, self.loss, self.regularizers):
+            for name, m in root.named_modules():
+                if not hasattr(m, "epoch_diagnostics"):
+                    continue
+                source = type(m).__name__
+                for k, v in m.epoch_diagnostics().items():
+                    v = v.detach().cpu().tolist() if isinstance(v, torch.Tensor) else v
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        scalars[f"diag/{k}"] = float(v)
+                    else:
+                        records[f"{source}/{k}"] = v
+        return scalars, records
+
+    def state(self) -> dict[str, Any]:
+        return copy.deepcopy({"model": self.model.state_dict(), "loss": self.loss.state_dict(),
+                              "regularizers": self.regularizers.state_dict()})
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.regularizers.load_state_dict(state["regularizers"])
+
+
+def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
+    """Train and evaluate ``config``. ``reporter(epoch, val_metrics)`` is called after every validation
+    and may raise (e.g. optuna.TrialPruned) to stop the run."""
+    cfg = config
+    t0 = time.perf_counter()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    tr = _Trainer(cfg)
+    has_val = "val" in tr.eval_sets
+    selection = cfg.train.selection_metric
+    history: list[dict[str, Any]] = []
+    diagnostics: list[dict[str, Any]] = []
+    best_score, best_epoch, best_state, best_val = -math.inf, cfg.train.epochs, None, {}
+    train_time = eval_time = 0.0
+    log.info("run %s: %d train / %s val / %d test images, %d train classes, device %s", cfg.name,
+             len(tr.train_set), len(tr.eval_sets["val"]) if has_val else 0, len(tr.eval_sets["test"]),
+             tr.splits.num_train_classes, tr.device)
+    for epoch in tqdm(range(cfg.train.epochs), desc=f"{cfg.name}", disable=None):
+        t = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"]}
+        row.update(tr.train_epoch(epoch))
+        train_time += time.perf_counter() - t
+        scalars, records = tr.epoch_diagnostics()
+        row.update(scalars)
+        if records:
+            diagnostics.append({"epoch": epoch + 1, **records})
+        last = epoch + 1 == cfg.train.epochs
+        if has_val and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+            t = time.perf_counter()
+            val = tr.evaluate("val")
+            eval_time += time.perf_counter() - t
+            row.update({f"val/{k}": v for k, v in val.items()})
+            if selection not in val:
+                raise TrainingError(f"train.selection_metric {selection!r} is not a metric (have {sorted(val)})")
+            if val[selection] > best_score:
+                best_score, best_epoch, best_state, best_val = val[selection], epoch + 1, tr.state(), val
+            log.info("epoch %d: loss %.4f, val %s %.4f", epoch + 1, row["train/loss"], selection, val[selection])
+            if reporter is not None:
+                reporter(epoch + 1, val)
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+    t = time.perf_counter()
+    metrics = {f"val/{k}": v for k, v in best_val.items()}
+    last_test = tr.evaluate("test")
+    metrics.update({f"test_last/{k}": v for k, v in last_test.items()})
+    if best_state is not None and best_epoch != cfg.train.epochs:
+        tr.load_state(best_state)
+        metrics.update({f"test/{k}": v for k, v in tr.evaluate("test").items()})
+    else:
+        metrics.update({f"test/{k}": v for k, v in last_test.items()})
+    eval_time += time.perf_counter() - t
+    timings = {"total_s": time.perf_counter() - t0, "train_s": train_time, "eval_s": eval_time}
+    return RunResult(config=cfg.to_dict(), run_key=cfg.run_key(), metrics=metrics, best_epoch=best_epoch,
+                     history=history, diagnostics=diagnostics, timings=timings,
+                     checkpoint=best_state if best_state is not None else tr.state())
