@@ -23,7 +23,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     cfg = config.load(args.config, args.overrides)
     result = train.run(cfg)
     out = Path(args.results) / "runs" / (args.name or cfg.name)
-    write_run(result, out)
+    write_run(result, out, save_checkpoint=cfg.train.save_checkpoint)
     print(format_metrics(result))
     print(f"run written to {out}")
 

@@ -71,6 +71,7 @@ class TrainSection(_Section):
     head_lr_mult: float = Field(1.0, ge=0)
     loss_lr_mult: float = Field(1.0, ge=0)
     selection_metric: str = "recall@1"
+    save_checkpoint: bool = False
     threads: int | None = Field(None, ge=1)
 
 
@@ -114,20 +115,7 @@ class RunConfig(_Section):
 
     def components(self) -> list[tuple[str, str, Component]]:
         """(kind, dotted path, spec) for every component field that is set."""
-        out: list[tuple[str, str, Component | None]] = [
-            ("dataset", "data.dataset", self.data.dataset),
-            ("backbone", "backbone", self.backbone),
-            ("pooling", "pooling", self.pooling),
-            ("model", "model", self.model),
-            ("loss", "loss", self.loss),
-            ("miner", "miner", self.miner),
-            ("synthesis", "synthesis", self.synthesis),
-            ("optimizer", "optimizer", self.optimizer),
-            ("scheduler", "scheduler", self.scheduler),
-            ("whitening", "eval.whitening", self.eval.whitening),
-        ]
-        out += [("regularizer", f"regularizers.{i}", r) for i, r in enumerate(self.regularizers)]
-        return [(k, p, s) for k, p, s in out if s is not None]
+        return _components(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -136,6 +124,29 @@ class RunConfig(_Section):
         """Short stable hash of the canonical resolved config (what identifies a run)."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: (kind, dotted path) of every single-component field of a RunConfig.
+COMPONENT_FIELDS = (
+    ("dataset", "data.dataset"), ("backbone", "backbone"), ("pooling", "pooling"), ("model", "model"),
+    ("loss", "loss"), ("miner", "miner"), ("synthesis", "synthesis"), ("optimizer", "optimizer"),
+    ("scheduler", "scheduler"), ("whitening", "eval.whitening"),
+)
+
+
+def _components(raw: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(kind, path, spec) of every component present in a (possibly invalid) config dict."""
+    out = []
+    for kind, path in COMPONENT_FIELDS:
+        node: Any = raw
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if _component(node) is not None:
+            out.append((kind, path, _component(node)))
+    regs = raw.get("regularizers") if isinstance(raw, dict) else None
+    if isinstance(regs, list):
+        out += [("regularizer", f"regularizers.{i}", _component(r)) for i, r in enumerate(regs)]
+    return out
 
 
 def split_params(spec: Component) -> tuple[str, dict[str, Any]]:
@@ -155,15 +166,14 @@ def _pydantic_problems(e: pydantic.ValidationError) -> list[str]:
     return problems
 
 
-def _component_problems(cfg: RunConfig) -> list[str]:
+def _component_problems(raw: dict[str, Any]) -> list[str]:
     problems = []
-    for kind, path, spec in cfg.components():
+    for kind, path, spec in _components(raw):
         if not isinstance(spec, dict) or "name" not in spec:
             problems.append(f"{path}: a component needs a 'name' (got {spec!r})")
             continue
         name, params = split_params(spec)
         problems += registry.validate_params(kind, name, params, path)
-    problems += _compatibility_problems(cfg)
     return problems
 
 
@@ -199,11 +209,12 @@ def _fill_defaults(spec: Component, kind: str) -> Component:
 
 def validate(raw: dict[str, Any]) -> RunConfig:
     """Parse ``raw`` into a resolved RunConfig or raise ConfigError listing every problem."""
+    problems = _component_problems(raw)
     try:
         cfg = RunConfig.model_validate(raw)
     except pydantic.ValidationError as e:
-        raise ConfigError(_pydantic_problems(e)) from e
-    problems = _component_problems(cfg)
+        raise ConfigError(_pydantic_problems(e) + problems) from e
+    problems += _compatibility_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return resolve(cfg)

@@ -1,0 +1,65 @@
+"""Registry: registration, schemas from signatures, context injection and the error messages."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+
+from harness import registry
+from harness.errors import ConfigError, UnknownComponentError
+from harness.registry import Registry, build, register, validate_params
+
+
+class Widget:
+    """A test component."""
+
+    def __init__(self, *, size: int = 3, mode: Literal["a", "b"] = "a", num_classes: int):
+        self.size, self.mode, self.num_classes = size, mode, num_classes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _widget() -> None:
+    register("testkind", "widget")(Widget)
+
+
+def test_schema_separates_hyperparameters_from_context() -> None:
+    entry = registry.registry("testkind").get("widget")
+    assert list(entry.params) == ["size", "mode"]
+    assert entry.context == {"num_classes"}
+    assert entry.summary == "A test component."
+
+
+def test_build_passes_only_requested_context() -> None:
+    w = build("testkind", "widget", context={"num_classes": 7, "embedding_dim": 5}, size=4)
+    assert (w.size, w.mode, w.num_classes) == (4, "a", 7)
+
+
+def test_duplicate_name_is_an_error_unless_replace() -> None:
+    reg = Registry("k")
+    reg.add("x", Widget)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add("x", Widget)
+    reg.add("x", Widget, replace=True)
+
+
+def test_unknown_name_suggests_close_matches() -> None:
+    with pytest.raises(UnknownComponentError) as e:
+        registry.registry("testkind").get("widgit", "model.name")
+    msg = str(e.value)
+    assert "model.name" in msg and "'widget'" in msg and "did you mean" in msg
+
+
+def test_unknown_and_illtyped_parameters_all_reported() -> None:
+    problems = validate_params("testkind", "widget", {"sise": 2, "mode": "c"}, "loss")
+    assert len(problems) == 2
+    assert "loss.sise" in problems[0] and "'size'" in problems[0]
+    assert "loss.mode" in problems[1] and "'c'" in problems[1]
+    assert validate_params("testkind", "widget", {"size": "x"}, "p")[0].startswith("p.size")
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        build("testkind", "widget", context={"num_classes": 1}, path="loss", sise=2)
+
+
+def test_describe_lists_parameters_and_defaults() -> None:
+    text = registry.describe(["testkind"])
+    assert "widget" in text and "size: int = 3" in text and "mode: Literal['a', 'b'] = 'a'" in text
