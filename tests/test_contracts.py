@@ -1,0 +1,27 @@
+"""Contract tests generated from the registry: every registered component is built from its
+defaults and run once (harness.testing holds the checks, reusable by plugin packages)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import registry
+from harness.testing import CHECKED_KINDS, check_component
+
+SLOW_BACKBONES = {"googlenet", "bn_inception", "resnet50"}
+
+CASES = [
+    pytest.param(kind, name, marks=[pytest.mark.slow] if name in SLOW_BACKBONES else [], id=f"{kind}:{name}")
+    for kind in CHECKED_KINDS
+    if kind in registry.kinds()
+    for name in registry.registry(kind).names()
+]
+
+
+@pytest.mark.parametrize(("kind", "name"), CASES)
+def test_component_contract(kind: str, name: str) -> None:
+    check_component(kind, name)
+
+
+def test_no_broken_builtin_plugins() -> None:
+    assert registry.broken_plugins() == {}
