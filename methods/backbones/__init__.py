@@ -1,3 +1,3 @@
 """Backbones with named stages (each module registers itself)."""
 
-from methods.backbones import small_convnet  # noqa: F401
+from methods.backbones import bn_inception, googlenet, resnet, small_convnet  # noqa: F401
