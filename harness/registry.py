@@ -40,7 +40,7 @@ CONTEXT_PARAMS = frozenset(
 )
 
 #: Engine modules that register generic components (the embedder model, optimizers, schedulers).
-_ENGINE_MODULES = ("harness.model", "harness.optim")
+_ENGINE_MODULES = ("harness.model", "harness.optim", "harness.data.datasets")
 
 _MISSING = inspect.Parameter.empty
 

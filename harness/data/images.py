@@ -1,0 +1,107 @@
+"""``ImageSet``: the one dataset class every adapter returns (in-memory arrays or image files + labels).
+
+Items are either a uint8 array ``[N, H, W]`` (grey) / ``[N, H, W, C]`` held in memory (digits,
+Fashion-MNIST, synthetic) or a list of image file paths decoded lazily with PIL and converted to
+RGB (CUB, Cars, SOP, In-Shop), optionally cropped to a bounding box ``(x1, y1, x2, y2)``.
+``__getitem__`` hands a PIL image to the transform, so the same torchvision transforms serve both.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+
+from harness.errors import DatasetError
+
+Transform = Callable[[Image.Image], Any]
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Images with int64 labels; ``channels`` is 1 for grey arrays, 3 for colour arrays and files."""
+
+    def __init__(
+        self,
+        items: np.ndarray | Sequence[str | os.PathLike[str]],
+        labels: Sequence[int] | np.ndarray,
+        *,
+        boxes: np.ndarray | None = None,
+        transform: Transform | None = None,
+    ):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if isinstance(items, np.ndarray) and items.dtype == np.uint8:
+            if items.ndim not in (3, 4) or (items.ndim == 4 and items.shape[-1] not in (1, 3)):
+                raise ValueError(f"image array must be [N,H,W] or [N,H,W,1|3] uint8, got shape {items.shape}")
+            self.items: np.ndarray = items[..., 0] if items.ndim == 4 and items.shape[-1] == 1 else items
+            self.channels = 1 if self.items.ndim == 3 else 3
+        else:
+            self.items = np.asarray([os.fspath(p) for p in items], dtype=object)
+            self.channels = 3
+        if len(self.items) != len(self.labels):
+            raise ValueError(f"{len(self.items)} images but {len(self.labels)} labels")
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float64)
+            if boxes.shape != (len(self.labels), 4) or self.in_memory:
+                raise ValueError(f"boxes must be [N, 4] (x1, y1, x2, y2) for image files, got {boxes.shape}")
+        self.boxes = boxes
+        self.transform = transform
+
+    @property
+    def in_memory(self) -> bool:
+        return self.items.dtype == np.uint8
+
+    @property
+    def num_classes(self) -> int:
+        return len(np.unique(self.labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> Image.Image:
+        """Image ``i`` as a PIL image (mode L or RGB), before any transform."""
+        if self.in_memory:
+            return Image.fromarray(self.items[i])
+        path = self.items[i]
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB")
+        except FileNotFoundError as e:
+            raise DatasetError(f"image file {path} is missing (run `dmlh data check` on the dataset)") from e
+        except (OSError, UnidentifiedImageError) as e:
+            raise DatasetError(f"image file {path} cannot be decoded: {e}") from e
+        if self.boxes is not None:
+            img = img.crop(tuple(self.boxes[i]))
+        return img
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = self.image(i)
+        x = self.transform(img) if self.transform is not None else TF.to_tensor(img)
+        return x, int(self.labels[i])
+
+    def with_transform(self, transform: Transform | None) -> ImageSet:
+        """A shallow copy (shares the image storage) that applies ``transform``."""
+        out = copy.copy(self)
+        out.transform = transform
+        return out
+
+    def subset(self, indices: Sequence[int] | np.ndarray, relabel: bool = False) -> ImageSet:
+        """The images at ``indices``; ``relabel`` maps the labels present to 0..C-1 in sorted order
+        (what proxies and softmax heads need)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = copy.copy(self)
+        out.items = self.items[idx]
+        out.labels = self.labels[idx]
+        out.boxes = self.boxes[idx] if self.boxes is not None else None
+        if relabel:
+            out.labels = np.unique(out.labels, return_inverse=True)[1].astype(np.int64)
+        return out
+
+    def missing_files(self) -> list[str]:
+        """Paths of image files that do not exist (empty for in-memory images)."""
+        return [] if self.in_memory else [p for p in self.items if not os.path.isfile(p)]

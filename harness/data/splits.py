@@ -1,0 +1,65 @@
+"""Class-disjoint train / validation / test splits: validation classes are carved out of the training
+classes, so model selection (and hyperparameter search) never looks at test classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from harness import registry
+from harness.config import split_params
+from harness.data.datasets import DatasetSplits
+from harness.data.images import ImageSet
+from harness.errors import ConfigError
+
+if TYPE_CHECKING:
+    from harness.config import DataSection
+
+
+@dataclass
+class Splits:
+    """The splits a run uses. ``train`` is labelled 0..num_train_classes-1 (proxies, softmax heads);
+    ``val`` (None when ``data.val_fraction`` is 0) holds other training-distribution classes; ``test`` is
+    searched against itself, or is the gallery searched by ``query`` (In-Shop)."""
+
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet
+    query: ImageSet | None
+    channels: int
+    num_train_classes: int
+
+
+def carve_validation(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
+    """Move ``round(fraction · C)`` of the C training classes (at least 2, leaving at least 2) to a
+    validation split, chosen by ``seed``. Returns (train relabelled 0..C'-1, val or None)."""
+    if fraction <= 0:
+        return train.subset(np.arange(len(train)), relabel=True), None
+    classes = np.unique(train.labels)
+    n_val = min(max(2, int(fraction * len(classes) + 0.5)), len(classes) - 2)
+    if n_val < 2:
+        raise ConfigError(
+            f"data.val_fraction: validation needs at least 4 training classes (2 to validate on, 2 to train "
+            f"on) but the dataset has {len(classes)}; set data.val_fraction=0"
+        )
+    val_classes = np.random.default_rng(seed).choice(classes, n_val, replace=False)
+    is_val = np.isin(train.labels, val_classes)
+    return train.subset(np.flatnonzero(~is_val), relabel=True), train.subset(np.flatnonzero(is_val))
+
+
+def load_splits(data: DataSection) -> Splits:
+    """Build ``data.dataset`` from the registry and carve validation classes out of its training classes."""
+    name, params = split_params(data.dataset)
+    ds = registry.build("dataset", name, path="data.dataset", **params)
+    assert isinstance(ds, DatasetSplits), f"dataset {name!r} returned {type(ds).__name__}, not DatasetSplits"
+    train, val = carve_validation(ds.train, data.val_fraction, data.split_seed)
+    return Splits(
+        train=train,
+        val=val,
+        test=ds.test,
+        query=ds.query,
+        channels=ds.train.channels,
+        num_train_classes=train.num_classes,
+    )
