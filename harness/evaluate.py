@@ -1,0 +1,293 @@
+"""Retrieval and clustering metrics of embeddings: Recall@K, MAP@R, R-precision, precision@1, NMI.
+
+Every metric is a fraction in [0, 1] (multiply by 100 for the percentages papers print).
+
+Protocol. Without a query set every item is a query against all *other* items (the query itself is
+excluded by index, so an exact duplicate of it still counts as a neighbour): CUB, Cars, SOP. With
+``query_embeddings``/``query_labels`` every query searches the gallery (``embeddings``) with nothing
+excluded: In-Shop. For query q, R(q) = number of gallery items with q's label (q itself not counted).
+
+Ranking. Neighbours are ranked by distance, ties broken by gallery index. The distance is the cosine
+distance 1 - cos(q, x) or the squared Euclidean distance, computed in float64 from the float32 inputs and
+rounded to float32: distances equal in float32 are ties. The faiss and torch backends only propose
+candidates; the final order is recomputed that way, so all backends and devices rank identically.
+
+* recall@K: fraction of queries for which ANY of the K nearest neighbours has the query's label (the DML
+  meaning, as in the papers: not the information-retrieval recall).
+* precision@1: fraction of queries whose nearest neighbour has the query's label (= recall@1).
+* r_precision: mean over queries of (number of same-label items among the R nearest) / R.
+* map@r: mean over queries of (1/R) * sum_{i <= R} P(i) * rel(i), where rel(i) says whether the i-th nearest
+  neighbour has the query's label and P(i) is the precision of the i nearest (Musgrave et al. 2020,
+  "A Metric Learning Reality Check"; equal to pytorch-metric-learning's ``AccuracyCalculator`` with
+  ``avg_of_avgs=False``).
+* Queries with R = 0 (no other item of their class in the gallery) cannot be answered: like
+  pytorch-metric-learning, they are left out of every retrieval metric (not counted as misses); a metric
+  is NaN when no query is left.
+* nmi: k-means (faiss, k = number of classes, 20 iterations, seed 1234 as pytorch-metric-learning) on every
+  embedding passed (gallery plus queries when given; L2-normalised for the cosine distance), scored
+  against the labels by sklearn's ``normalized_mutual_info_score``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+Distance = Literal["cosine", "euclidean"]
+Backend = Literal["auto", "faiss", "torch"]
+
+#: Largest query-chunk x gallery score block the torch backend allocates (bytes).
+TORCH_BLOCK_BYTES = 256 * 2**20
+#: Largest query-chunk x candidates x dim block of the exact distance recomputation (bytes).
+RECOMPUTE_BLOCK_BYTES = 64 * 2**20
+#: faiss-gpu answers at most this many neighbours per query; larger searches use the torch backend.
+FAISS_GPU_MAX_K = 2048
+#: Seed and iterations of the NMI k-means (pytorch-metric-learning's values).
+KMEANS_SEED = 1234
+KMEANS_NITER = 20
+
+
+def retrieval_metrics(
+    embeddings: Any,
+    labels: Any,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    query_embeddings: Any = None,
+    query_labels: Any = None,
+    distance: Distance = "cosine",
+    backend: Backend = "auto",
+    nmi: bool = True,
+) -> dict[str, float]:
+    """Recall@K for each K in ``ks``, map@r, r_precision, precision@1 and (``nmi=True``) nmi.
+
+    ``embeddings [N, D]`` and ``labels [N]`` are the gallery (torch tensors on any device or numpy arrays;
+    float16/bfloat16 are computed in float32). See the module docstring for the definitions.
+    """
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {list(ks)}")
+    if (query_embeddings is None) != (query_labels is None):
+        raise ValueError("give both query_embeddings and query_labels, or neither")
+    self_mode = query_embeddings is None
+    g_labels = _labels_numpy(labels, embeddings, "embeddings")
+    q_labels = g_labels if self_mode else _labels_numpy(query_labels, query_embeddings, "query_embeddings")
+    classes, codes = np.unique(np.concatenate([g_labels, q_labels]), return_inverse=True)
+    g_codes, q_codes = codes[: len(g_labels)], codes[len(g_labels) :]
+    relevant = np.bincount(g_codes, minlength=len(classes))[q_codes] - int(self_mode)
+
+    k = max(max(ks), int(relevant.max(initial=0)))
+    _, idx = knn(embeddings, k, query_embeddings, distance=distance, backend=backend)
+    hits = g_codes[idx.cpu().numpy()] == q_codes[:, None]
+    answerable = relevant > 0
+    metrics = _ranking_metrics(hits[answerable], relevant[answerable], ks)
+    if nmi:
+        points = embeddings if self_mode else _cat(query_embeddings, embeddings)
+        metrics["nmi"] = _nmi(
+            points, np.concatenate([g_codes] if self_mode else [q_codes, g_codes]), distance
+        )
+    return metrics
+
+
+def knn(
+    embeddings: Any,
+    k: int,
+    query_embeddings: Any = None,
+    *,
+    distance: Distance = "cosine",
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest gallery items of every query: ``(distances [Q, k'], indices [Q, k'])``.
+
+    Without ``query_embeddings`` every gallery item is a query and itself is excluded (by index). Rows are
+    sorted by (distance, index) with the exact float32-rounded distances of the module docstring;
+    k' = min(k, number of candidates). The tensors live on the device of ``embeddings``.
+    """
+    gallery = _as_float_tensor(embeddings)
+    self_mode = query_embeddings is None
+    query = gallery if self_mode else _as_float_tensor(query_embeddings).to(gallery.device)
+    if gallery.ndim != 2 or query.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"embeddings must be [N, D] with equal D, got {tuple(gallery.shape)} / {tuple(query.shape)}"
+        )
+    if not (torch.isfinite(gallery).all() and torch.isfinite(query).all()):
+        raise ValueError("embeddings contain NaN or Inf (did training diverge?)")
+    n, dim = gallery.shape
+    k = min(k, n - int(self_mode))
+    out_d = torch.empty(len(query), max(k, 0), dtype=torch.float32, device=gallery.device)
+    out_i = torch.empty(len(query), max(k, 0), dtype=torch.int64, device=gallery.device)
+    if k <= 0 or len(query) == 0:
+        return out_d, out_i
+
+    impl = _resolve_backend(backend, gallery.device)
+    search_g = _unit(gallery) if distance == "cosine" else gallery
+    search_q = search_g if self_mode else (_unit(query) if distance == "cosine" else query)
+    # Bound on |backend distance - exact distance| (float32 dot products of length dim, 2x safety).
+    tol = (dim + 8) * 2.0**-22
+    if distance == "euclidean":
+        tol = tol * (query.square().sum(1) + gallery.square().sum(1).max())
+    else:
+        tol = torch.full((len(query),), tol, device=gallery.device)
+
+    pending = torch.arange(len(query), device=gallery.device)
+    k_search = min(n, k + int(self_mode) + 4 + k // 8)
+    while len(pending):
+        first = len(pending) == len(query)  # no row gathered yet: search the tensors themselves
+        approx, cand = _search(search_q if first else search_q[pending], search_g, k_search, distance, impl)
+        exact = _exact_distances(query if first else query[pending], gallery, cand, distance)
+        if self_mode:
+            exact[cand == pending[:, None]] = torch.inf
+        order = torch.sort(cand, dim=1).indices  # indices are unique within a row
+        cand, exact = cand.gather(1, order), exact.gather(1, order)
+        order = torch.sort(exact, dim=1, stable=True).indices
+        cand, exact = cand.gather(1, order)[:, :k], exact.gather(1, order)[:, :k]
+        # Every item not proposed has backend distance >= the largest proposed one, hence an exact distance
+        # > the k-th exact one: the top k is complete. Otherwise search that row again with twice as many.
+        done = (approx.max(1).values - tol[pending] > exact[:, -1]) | (k_search == n)
+        out_d[pending[done]], out_i[pending[done]] = exact[done], cand[done]
+        pending = pending[~done]
+        k_search = min(n, 2 * k_search)
+    return out_d, out_i
+
+
+def _ranking_metrics(hits: np.ndarray, relevant: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """Recall@K, precision@1, r_precision and map@r from the [Q, k] same-label matrix of ranked neighbours."""
+    if len(hits) == 0:
+        return {**{f"recall@{kk}": float("nan") for kk in ks}, "map@r": float("nan"),
+                "r_precision": float("nan"), "precision@1": float("nan")}  # fmt: skip
+    ranks = np.arange(1, hits.shape[1] + 1)
+    in_r = hits & (ranks <= relevant[:, None])
+    precision_at_i = np.cumsum(hits, axis=1) / ranks
+    metrics = {f"recall@{kk}": float(hits[:, :kk].any(1).mean()) for kk in ks}
+    metrics["map@r"] = float(((precision_at_i * in_r).sum(1) / relevant).mean())
+    metrics["r_precision"] = float((in_r.sum(1) / relevant).mean())
+    metrics["precision@1"] = float(hits[:, 0].mean())
+    return metrics
+
+
+def _search(
+    query: torch.Tensor, gallery: torch.Tensor, k: int, distance: Distance, impl: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backend k-NN on search-ready vectors (unit vectors for cosine): (approximate distances, indices)."""
+    if impl == "faiss-gpu" and k <= FAISS_GPU_MAX_K:
+        from faiss.contrib import torch_utils  # noqa: F401  (lets faiss take torch CUDA tensors)
+
+        metric = faiss.METRIC_INNER_PRODUCT if distance == "cosine" else faiss.METRIC_L2
+        scores, idx = faiss.knn_gpu(_gpu_resources(), query, gallery, k, metric=metric)
+    elif impl == "faiss-cpu":
+        metric = faiss.METRIC_INNER_PRODUCT if distance == "cosine" else faiss.METRIC_L2
+        scores, idx = (torch.from_numpy(a) for a in faiss.knn(query.numpy(), gallery.numpy(), k, metric))
+    else:
+        scores, idx = _torch_search(query, gallery, k, distance)
+    return (1 - scores if distance == "cosine" else scores), idx
+
+
+def _torch_search(
+    query: torch.Tensor, gallery: torch.Tensor, k: int, distance: Distance
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked matmul + topk: cosine similarities (largest first) or squared distances (smallest first)."""
+    rows = max(1, TORCH_BLOCK_BYTES // (4 * len(gallery)))
+    g_sq = gallery.square().sum(1) if distance == "euclidean" else None
+    out = [_topk_block(query[s : s + rows], gallery, g_sq, k) for s in range(0, len(query), rows)]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def _topk_block(
+    query: torch.Tensor, gallery: torch.Tensor, g_sq: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k of one [chunk, N] score block (similarities if ``g_sq`` is None, else squared distances)."""
+    with _full_float32_matmul():
+        if g_sq is None:
+            return torch.topk(query @ gallery.T, k, dim=1)
+        block = torch.addmm(g_sq, query, gallery.T, alpha=-2).add_(query.square().sum(1, keepdim=True))
+        return torch.topk(block, k, dim=1, largest=False)
+
+
+def _exact_distances(
+    query: torch.Tensor, gallery: torch.Tensor, idx: torch.Tensor, distance: Distance
+) -> torch.Tensor:
+    """Float64 distances of query i to gallery items ``idx[i]``, rounded to float32, in bounded chunks."""
+    rows = max(1, RECOMPUTE_BLOCK_BYTES // (8 * idx.shape[1] * gallery.shape[1]))
+    out = torch.empty(idx.shape, dtype=torch.float32, device=gallery.device)
+    for s in range(0, len(idx), rows):
+        q = query[s : s + rows].double()
+        x = gallery[idx[s : s + rows]].double()
+        if distance == "euclidean":
+            out[s : s + rows] = (x - q[:, None]).square().sum(2)
+        else:
+            cos = torch.einsum("qd,qkd->qk", q, x) / (q.norm(dim=1, keepdim=True) * x.norm(dim=2)).clamp_min(
+                1e-300
+            )
+            out[s : s + rows] = 1 - cos
+    return out
+
+
+def _nmi(points: Any, codes: np.ndarray, distance: Distance) -> float:
+    """NMI of faiss k-means clusters (k = number of classes) against the labels."""
+    x = _as_float_tensor(points)
+    x = _unit(x) if distance == "cosine" else x
+    on_gpu = x.is_cuda and faiss.get_num_gpus() > 0
+    x_np = np.ascontiguousarray(x.cpu().numpy())
+    n_classes = len(np.unique(codes))
+    kmeans = faiss.Kmeans(
+        x_np.shape[1], n_classes, niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=on_gpu, min_points_per_centroid=1
+    )
+    kmeans.train(x_np)
+    clusters = kmeans.index.search(x_np, 1)[1].ravel()
+    return float(normalized_mutual_info_score(codes, clusters))
+
+
+def _resolve_backend(backend: Backend, device: torch.device) -> str:
+    """``faiss-gpu`` (CUDA inputs, faiss built with GPUs), ``faiss-cpu`` or ``torch``."""
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if device.type == "cuda":
+        if faiss.get_num_gpus() > 0:
+            return "faiss-gpu"
+        if backend == "auto":  # searching on the GPU with torch beats copying to the CPU for faiss
+            return "torch"
+    return "faiss-cpu"
+
+
+@functools.cache
+def _gpu_resources() -> Any:
+    return faiss.StandardGpuResources()
+
+
+@contextlib.contextmanager
+def _full_float32_matmul() -> Iterator[None]:
+    """Disable TF32 while scoring: its 10-bit mantissa would break the error bound of the search."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _as_float_tensor(x: Any) -> torch.Tensor:
+    """A contiguous float32 tensor on the input's device (zero-copy for float32 input)."""
+    return torch.as_tensor(x).float().contiguous()
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def _cat(a: Any, b: Any) -> torch.Tensor:
+    ta, tb = _as_float_tensor(a), _as_float_tensor(b)
+    return torch.cat([ta, tb.to(ta.device)])
+
+
+def _labels_numpy(labels: Any, embeddings: Any, name: str) -> np.ndarray:
+    """Labels as a 1-D numpy array (ints, or strings such as In-Shop ids), one per row of ``embeddings``."""
+    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if arr.ndim != 1 or len(arr) != len(embeddings):
+        raise ValueError(f"{name} has {len(embeddings)} rows but its labels have shape {arr.shape}")
+    return arr
