@@ -1,0 +1,201 @@
+"""ABE-M: attention-based ensemble (Kim, Goyal, Chawla, Lee, Kwon, ECCV 2018), METHODS.md §5.
+
+The backbone is split at a branching point into a spatial feature extractor S (stages through ``branch``)
+and a global embedding function G (the stages after it, then pooling, a linear layer and L2 normalisation).
+M attention modules A_m share a trunk (a separate copy of the stages after ``branch`` through
+``attention_depth``) and end in a per-learner 1×1 conv + sigmoid giving a mask of S's shape; learner m is
+``f_m(x) = G(S(x) ⊙ A_m(S(x)))``. G is shared: the M masked maps go through it as one batch of M·B.
+The metric loss is applied per learner (``ModelOutput.parts``) and summed by the engine; the divergence loss
+pushes the learners' embeddings of the same image apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import ConfigError
+from harness.model import StagedBackbone
+from harness.registry import register
+from harness.types import ModelOutput
+
+
+def divergence_loss(parts: torch.Tensor, margin: float) -> torch.Tensor:
+    """ABE's divergence loss: per image Σ_{m<n} [margin − ‖f_m(x) − f_n(x)‖²]₊, averaged over the batch.
+
+    ``parts``: [M, B, d] learner embeddings. For unit vectors ‖f_m − f_n‖² = 2 − 2·cos, so ``margin`` = 1
+    asks every two learners to keep their embeddings of an image at cosine similarity ≤ 0.5.
+    """
+    m = parts.shape[0]
+    f = parts.transpose(0, 1)  # [B, M, d]
+    sq = (f * f).sum(-1)
+    d2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * f @ f.transpose(1, 2)).clamp_min(0)  # [B, M, M]
+    i, j = torch.triu_indices(m, m, offset=1, device=parts.device)
+    return F.relu(margin - d2[:, i, j]).sum(1).mean()
+
+
+def _freeze_bn(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@register("model", "abe")
+class ABE(nn.Module):
+    """ABE-M attention-based ensemble: M attention-masked learners sharing S and G, plus a divergence loss.
+
+    Hyperparameters:
+      m: number of learners M; ``embedding_dim`` (divisible by M) is split into M unit-norm parts of
+        ``embedding_dim / M`` each, concatenated into the retrieval embedding (so the squared distance between
+        two ensemble embeddings is Σ_m ‖f_m(x) − f_m(y)‖², and cosine ranking gives the same order).
+      branch: last stage of S; None → the backbone's ``abe_defaults["branch"]`` (GoogLeNet: pool3), or the
+        stage before the final one for backbones that declare none (small convnet: block3).
+      attention_depth: last stage of the attention trunk; None → ``abe_defaults["attention_depth"]``
+        (GoogLeNet: inception4e) when it lies after ``branch``, else the final stage. An attention map whose
+        size differs from S's is resized to it (bilinear).
+      lambda_div: weight of the divergence loss (reported as aux loss "divergence"; skipped when 0 or M = 1).
+      m_div: margin of the divergence hinge on squared Euclidean distances between unit-norm learner
+        embeddings (range 0–4). The paper's value is not available to us; 1.0 = cosine similarity ≤ 0.5.
+      variant: "attention" (ABE-M) or "heads" (the paper's M-heads ensemble: no attention; every head has its
+        own copy of the stages after ``branch`` plus its own linear layer; with ``branch`` = the final stage
+        the heads are M linear layers on the shared backbone output). ``attention_depth`` is unused there.
+
+    Parameters of S and G stay under ``self.backbone`` (backbone learning rate); the attention trunk, the
+    1×1 convs, the linear layers and the heads' stage copies are head parameters. ``frozen_bn`` of the
+    backbone also freezes the BN layers of those copies. With ``variant="heads"`` and M = 1 the model is the
+    single-learner baseline (the ``embedder`` model with an L2-normalised linear head).
+    ``epoch_diagnostics()`` reports the mean cosine similarity between different learners' embeddings of the
+    same image (the paper's self-pair similarity), over the training batches of the epoch.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: StagedBackbone,
+        pooling: nn.Module,
+        m: int = 8,
+        embedding_dim: int = 512,
+        branch: str | None = None,
+        attention_depth: str | None = None,
+        lambda_div: float = 1.0,
+        m_div: float = 1.0,
+        variant: Literal["attention", "heads"] = "attention",
+    ):
+        super().__init__()
+        if m < 1:
+            raise ConfigError(f"model.m: the number of learners must be ≥ 1, got {m}")
+        if embedding_dim % m:
+            raise ConfigError(f"model.embedding_dim: {embedding_dim} is not divisible by model.m = {m}")
+        if lambda_div < 0:
+            raise ConfigError(f"model.lambda_div: must be ≥ 0, got {lambda_div}")
+        names = backbone.stage_names
+        defaults = getattr(backbone, "abe_defaults", {})
+        branch = branch or defaults.get("branch", names[max(len(names) - 2, 0)])
+        backbone.check_stage(branch, "model.branch")
+        after = backbone.stage_range(branch)
+        if variant == "attention":
+            if not after:
+                raise ConfigError(f"model.branch: {branch!r} is the final stage; G needs stages after it")
+            if attention_depth is None:
+                attention_depth = defaults.get("attention_depth")
+                attention_depth = attention_depth if attention_depth in after else names[-1]
+            backbone.check_stage(attention_depth, "model.attention_depth")
+            if attention_depth not in after:
+                raise ConfigError(
+                    f"model.attention_depth: {attention_depth!r} must come after model.branch {branch!r} "
+                    f"(one of {', '.join(after)})"
+                )
+        self.backbone = backbone
+        self.pooling = pooling
+        self.m = m
+        self.embedding_dim = embedding_dim
+        self.branch = branch
+        self.attention_depth = attention_depth if variant == "attention" else None
+        self.lambda_div = lambda_div
+        self.m_div = m_div
+        self.variant = variant
+        in_dim, part_dim = int(pooling.out_dim), embedding_dim // m
+        if variant == "attention":
+            trunk = backbone.stage_range(branch, attention_depth)
+            self.attention_trunk = nn.Sequential(*(copy.deepcopy(backbone.stages[s]) for s in trunk))
+            self.attention_masks = nn.Conv2d(
+                backbone.stage_channels[attention_depth], m * backbone.stage_channels[branch], 1
+            )
+            self.head = nn.Linear(in_dim, part_dim)
+        else:
+            self.head_stages = nn.ModuleList(
+                nn.Sequential(*(copy.deepcopy(backbone.stages[s]) for s in after)) for _ in range(m - 1)
+            )
+            self.heads = nn.ModuleList(nn.Linear(in_dim, part_dim) for _ in range(m))
+        self.register_buffer("_self_sim_sum", torch.zeros(m, m), persistent=False)
+        self.register_buffer("_self_sim_count", torch.zeros(()), persistent=False)
+
+    def train(self, mode: bool = True) -> ABE:
+        super().train(mode)
+        if mode and self.backbone.frozen_bn:
+            _freeze_bn(self)
+        return self
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """The final conv maps of the M learners, learner-major: [M·B, C, h, w]."""
+        s = self.backbone(images, end=self.branch)
+        if self.variant == "heads":
+            g = self.backbone(s, start=self.branch)
+            return torch.cat([g, *(stages(s) for stages in self.head_stages)])
+        b, c, h, w = s.shape
+        logits = self.attention_masks(self.attention_trunk(s))
+        if logits.shape[-2:] != (h, w):
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        masks = torch.sigmoid(logits).view(b, self.m, c, h, w).transpose(0, 1)  # [M, B, C, H, W]
+        return self.backbone((s.unsqueeze(0) * masks).flatten(0, 1), start=self.branch)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        b = images.shape[0]
+        pooled = self.pooling(self._features(images), None if labels is None else labels.repeat(self.m))
+        aux: dict[str, torch.Tensor] = {}
+        if isinstance(pooled, ModelOutput):
+            aux, pooled = dict(pooled.aux_losses), pooled.embeddings
+        z = pooled.view(self.m, b, -1)
+        if self.variant == "attention":
+            e = self.head(z)
+        else:
+            e = torch.stack([head(zi) for head, zi in zip(self.heads, z, strict=True)])
+        parts = F.normalize(e, dim=-1)  # [M, B, d]
+        stats: dict[str, float | torch.Tensor] = {}
+        if self.m > 1:
+            div = divergence_loss(parts, self.m_div)
+            stats["divergence_unweighted"] = div.detach()
+            if self.lambda_div > 0:
+                aux["divergence"] = self.lambda_div * div
+            if self.training:
+                self._record_self_similarity(parts.detach())
+        return ModelOutput(
+            embeddings=parts.transpose(0, 1).reshape(b, self.embedding_dim),
+            aux_losses=aux,
+            parts=list(parts.unbind(0)),
+            stats=stats,
+        )
+
+    def _record_self_similarity(self, parts: torch.Tensor) -> None:
+        f = parts.transpose(0, 1).float()  # [B, M, d]
+        self._self_sim_sum += (f @ f.transpose(1, 2)).sum(0)
+        self._self_sim_count += f.shape[0]
+
+    def epoch_diagnostics(self) -> dict[str, Any]:
+        """Mean cosine similarity between different learners' embeddings of the same training image (and the
+        M×M matrix per learner pair) over this epoch's training batches; the accumulators are then reset."""
+        if self.m < 2 or self._self_sim_count.item() == 0:
+            return {}
+        mean = self._self_sim_sum / self._self_sim_count
+        i, j = torch.triu_indices(self.m, self.m, offset=1, device=mean.device)
+        out = {
+            "learner_self_similarity": float(mean[i, j].mean()),
+            "learner_self_similarity_matrix": mean.cpu().tolist(),
+        }
+        self._self_sim_sum.zero_()
+        self._self_sim_count.zero_()
+        return out
