@@ -39,7 +39,7 @@ def check_dataset(name: str, root: str | None = None) -> str:
         total = sum(len(p) for p in parts.values())
         raise DatasetError(f"{name}: {len(missing)} of {total} image files are missing:\n{shown}{more}")
     lines = [
-        f"{name}" + (f" at {root}" if root else "") + ": OK",
+        f"{name}" + (f" ({ds.source})" if ds.source else "") + ": OK",
         f"  {'split':<8} {'images':>8} {'classes':>8}",
     ]
     lines += [f"  {split:<8} {len(part):>8} {part.num_classes:>8}" for split, part in parts.items()]

@@ -33,11 +33,12 @@ FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 @dataclass
 class DatasetSplits:
     """What a dataset adapter returns. ``query`` is set only for query→gallery protocols (In-Shop),
-    where ``test`` is the gallery."""
+    where ``test`` is the gallery; ``source`` says where the data was read from (for reports)."""
 
     train: ImageSet
     test: ImageSet
     query: ImageSet | None = None
+    source: str = ""
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def _read_table(path: Path, fields: dict[str, Callable[[str], Any]], skip: int =
     """Whitespace-separated rows after ``skip`` lines, converted per field; a malformed line is a
     DatasetError naming the file and line number. Blank lines are ignored."""
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, start=1):
             if n <= skip or not line.strip():
                 continue
@@ -100,7 +101,7 @@ def _read_table(path: Path, fields: dict[str, Callable[[str], Any]], skip: int =
 
 
 def _check_header(path: Path, line_no: int, expected: list[str]) -> None:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         lines = [f.readline() for _ in range(line_no)]
     if lines[-1].split() != expected:
         raise DatasetError(
@@ -108,8 +109,12 @@ def _check_header(path: Path, line_no: int, expected: list[str]) -> None:
         )
 
 
-def _split(images: ImageSet, is_train: np.ndarray, dataset: str, param: str) -> DatasetSplits:
+def _split(
+    images: ImageSet, is_train: np.ndarray, dataset: str, param: str, source: object = ""
+) -> DatasetSplits:
     """Train = images with ``is_train``, test = the rest; both must be non-empty."""
+    if len(images) == 0:
+        raise DatasetError(f"{dataset}: no images are listed in {source}")
     train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
     if len(train_idx) == 0 or len(test_idx) == 0:
         empty = "train" if len(train_idx) == 0 else "test"
@@ -117,7 +122,7 @@ def _split(images: ImageSet, is_train: np.ndarray, dataset: str, param: str) -> 
         raise ConfigError(
             f"data.dataset.{param}: leaves the {empty} split of {dataset} empty (class ids run {lo}..{hi})"
         )
-    return DatasetSplits(train=images.subset(train_idx), test=images.subset(test_idx))
+    return DatasetSplits(train=images.subset(train_idx), test=images.subset(test_idx), source=str(source))
 
 
 def _check_class_list(classes: tuple[int, ...], valid: range, dataset: str) -> set[int]:
@@ -261,7 +266,8 @@ def fashion_mnist(
             + "\n"
             + FASHION_HELP
         )
-    log.info("fashion_mnist: reading %s", folder)
+    if root and folder != Path(root).expanduser():
+        log.warning("fashion_mnist: %s does not hold the four IDX files; using %s", root, folder)
     parts = {k: read_idx(p, 3 if k.endswith("images") else 1) for k, p in paths.items() if p is not None}
     for split in ("train", "test"):
         if len(parts[f"{split}_images"]) != len(parts[f"{split}_labels"]):
@@ -275,7 +281,9 @@ def fashion_mnist(
         rank = np.arange(len(labels)) - np.searchsorted(labels[order], labels[order])  # position within class
         keep = np.sort(order[rank < max_per_class])
         images, labels = images[keep], labels[keep]
-    return _split(ImageSet(images, labels), np.isin(labels, list(wanted)), "fashion_mnist", "train_classes")
+    return _split(
+        ImageSet(images, labels), np.isin(labels, list(wanted)), "fashion_mnist", "train_classes", folder
+    )
 
 
 # -- the four DML benchmarks (METHODS.md §2) ------------------------------------------------------------
@@ -314,7 +322,7 @@ def cub200(*, root: str | None = None, train_classes: int = 100, bbox_crop: bool
         boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x1, y1, x2, y2)
     labels = np.array([classes[i] for i in ids], dtype=np.int64)
     images = ImageSet([base / "images" / paths[i] for i in ids], labels, boxes=boxes)
-    return _split(images, labels <= train_classes, "cub200", "train_classes")
+    return _split(images, labels <= train_classes, "cub200", "train_classes", base)
 
 
 def _check_ids(ids: list[int], table: dict[int, Any], path: Path) -> None:
@@ -358,7 +366,7 @@ def cars196(*, root: str | None = None, train_classes: int = 98, bbox_crop: bool
     labels = np.array([r[5] for r in rows], dtype=np.int64)
     boxes = np.array([r[1:5] for r in rows]).reshape(-1, 4) if bbox_crop else None
     images = ImageSet([base / r[0] for r in rows], labels, boxes=boxes)
-    return _split(images, labels <= train_classes, "cars196", "train_classes")
+    return _split(images, labels <= train_classes, "cars196", "train_classes", base)
 
 
 SOP_LAYOUT = """Stanford_Online_Products/
@@ -383,7 +391,7 @@ def sop(*, root: str | None = None) -> DatasetSplits:
         if not rows:
             raise DatasetError(f"{path}: no image rows after the header")
         splits[split] = ImageSet([base / r[3] for r in rows], [r[1] for r in rows])
-    return DatasetSplits(train=splits["train"], test=splits["test"])
+    return DatasetSplits(train=splits["train"], test=splits["test"], source=str(base))
 
 
 INSHOP_LAYOUT = """InShop/
@@ -442,4 +450,4 @@ def inshop(*, root: str | None = None) -> DatasetSplits:
     for name, part in (("train", train), ("query", query), ("gallery", gallery)):
         if len(part) == 0:
             raise DatasetError(f"{path}: no row has evaluation_status {name}")
-    return DatasetSplits(train=train, test=gallery, query=query)
+    return DatasetSplits(train=train, test=gallery, query=query, source=str(base))
