@@ -219,10 +219,9 @@ def _exact_distances(
         if distance == "euclidean":
             out[s : s + rows] = (x - q[:, None]).square().sum(2)
         else:
-            cos = torch.einsum("qd,qkd->qk", q, x) / (q.norm(dim=1, keepdim=True) * x.norm(dim=2)).clamp_min(
-                1e-300
-            )
-            out[s : s + rows] = 1 - cos
+            norms = (q.norm(dim=1, keepdim=True) * x.norm(dim=2)).clamp_min(1e-300)
+            cos = torch.einsum("qd,qkd->qk", q, x) / norms
+            out[s : s + rows] = 1 - cos.clamp(-1, 1)
     return out
 
 
