@@ -3,6 +3,8 @@ sampler and the transforms derived from a backbone's declared input convention."
 
 from __future__ import annotations
 
+from typing import Any
+
 from harness import registry
 from harness.data.datasets import DatasetSplits
 from harness.data.images import ImageSet
@@ -28,7 +30,8 @@ _SHOW_MISSING = 5
 def check_dataset(name: str, root: str | None = None) -> str:
     """Images and classes per split of dataset ``name`` (at ``root``), or a DatasetError saying exactly
     which files are missing or malformed, including image files referenced but absent."""
-    ds = registry.build("dataset", name, path="dataset", **({"root": root} if root is not None else {}))
+    params: dict[str, Any] = {"root": root} if root is not None else {}
+    ds = registry.build("dataset", name, path="dataset", **params)
     parts = {"train": ds.train, "test" if ds.query is None else "gallery": ds.test}
     if ds.query is not None:
         parts["query"] = ds.query

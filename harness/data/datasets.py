@@ -165,8 +165,8 @@ def synthetic(
     windows = np.lib.stride_tricks.sliding_window_view(templates, (size, size), axis=(2, 3))  # [C,ch,3,3,s,s]
     labels = np.repeat(np.arange(num_classes), per_class)
     dy, dx = rng.integers(0, 3, (2, len(labels)))
-    images = windows[labels, :, dy, dx] + rng.normal(0.0, 0.1, (len(labels), channels, size, size))
-    images = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    pixels = windows[labels, :, dy, dx] + rng.normal(0.0, 0.1, (len(labels), channels, size, size))
+    images = (np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
     return _split(ImageSet(images, labels), labels < n_train, "synthetic", "train_classes")
 
 
@@ -355,17 +355,16 @@ def cars196(*, root: str | None = None, train_classes: int = 98, bbox_crop: bool
     if absent:
         raise DatasetError(f"{path}: `annotations` lacks the field(s) {absent}; expected:\n{CARS_LAYOUT}")
     records = ann.ravel()
-    rows = []
+    paths, values = [], []
     for k, rec in enumerate(records, start=1):
         try:
-            rows.append(
-                (str(rec["relative_im_path"].item()), *(float(rec[f].item()) for f in CARS_FIELDS[1:]))
-            )
+            paths.append(base / str(rec["relative_im_path"].item()))
+            values.append([float(rec[f].item()) for f in CARS_FIELDS[1:]])
         except (ValueError, TypeError) as e:
             raise DatasetError(f"{path}: annotations entry {k} is malformed ({e})") from e
-    labels = np.array([r[5] for r in rows], dtype=np.int64)
-    boxes = np.array([r[1:5] for r in rows]).reshape(-1, 4) if bbox_crop else None
-    images = ImageSet([base / r[0] for r in rows], labels, boxes=boxes)
+    table = np.array(values).reshape(-1, 5)  # x1, y1, x2, y2, class
+    labels = table[:, 4].astype(np.int64)
+    images = ImageSet(paths, labels, boxes=table[:, :4] if bbox_crop else None)
     return _split(images, labels <= train_classes, "cars196", "train_classes", base)
 
 

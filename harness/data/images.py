@@ -35,9 +35,15 @@ class ImageSet(torch.utils.data.Dataset):
         transform: Transform | None = None,
     ):
         self.labels = np.asarray(labels, dtype=np.int64)
-        if isinstance(items, np.ndarray) and items.dtype == np.uint8:
-            if items.ndim not in (3, 4) or (items.ndim == 4 and items.shape[-1] not in (1, 3)):
-                raise ValueError(f"image array must be [N,H,W] or [N,H,W,1|3] uint8, got shape {items.shape}")
+        if isinstance(items, np.ndarray) and items.dtype.kind not in "OUS":  # pixels, not paths
+            if (
+                items.dtype != np.uint8
+                or items.ndim not in (3, 4)
+                or (items.ndim == 4 and items.shape[-1] not in (1, 3))
+            ):
+                raise ValueError(
+                    f"image array must be uint8 [N,H,W] or [N,H,W,1|3], got {items.dtype} {items.shape}"
+                )
             self.items: np.ndarray = items[..., 0] if items.ndim == 4 and items.shape[-1] == 1 else items
             self.channels = 1 if self.items.ndim == 3 else 3
         else:
