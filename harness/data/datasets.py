@@ -419,20 +419,14 @@ def inshop(*, root: str | None = None) -> DatasetSplits:
     base = _find_root(
         root, "inshop", ("InShop", "inshop", "In-shop"), "list_eval_partition.txt", INSHOP_LAYOUT
     )
-    path = next(
-        (
-            p
-            for p in (base / "list_eval_partition.txt", base / "Eval" / "list_eval_partition.txt")
-            if p.is_file()
-        ),
-        None,
-    )
+    candidates = [base / "list_eval_partition.txt", base / "Eval" / "list_eval_partition.txt"]
+    path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise DatasetError(
-            f"inshop: missing {base / 'list_eval_partition.txt'} (also looked for "
-            f"{base / 'Eval' / 'list_eval_partition.txt'}); expected layout:\n{INSHOP_LAYOUT}"
+            f"inshop: missing {candidates[0]} (also looked for {candidates[1]}); "
+            f"expected layout:\n{INSHOP_LAYOUT}"
         )
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         first = f.readline()
     try:
         declared = int(first)
