@@ -28,9 +28,10 @@ class ToyCenterLoss(torch.nn.Module):
         self.weight = weight
 
     def forward(self, embeddings, labels):
-        onehot = torch.nn.functional.one_hot(labels).float()
+        _, inverse = labels.unique(return_inverse=True)
+        onehot = torch.nn.functional.one_hot(inverse).float()
         means = (onehot.T @ embeddings) / onehot.sum(0, keepdim=True).T
-        value = self.weight * ((embeddings - means[labels]) ** 2).sum(1).mean()
+        value = self.weight * ((embeddings - means[inverse]) ** 2).sum(1).mean()
         return LossOutput(value, {"spread": value.detach()})
 '''
 
@@ -85,7 +86,7 @@ def test_plugin_listed_and_broken_plugin_reported(plugin_site: Path) -> None:
 def test_plugin_used_from_yaml(plugin_site: Path, tmp_path: Path) -> None:
     cfg = {
         "name": "toy",
-        "data": {"dataset": {"name": "synthetic", "num_classes": 8, "per_class": 6, "size": 8}},
+        "data": {"dataset": {"name": "synthetic", "num_classes": 16, "per_class": 6, "size": 8}},
         "sampler": {"p": 3, "k": 2, "batches_per_epoch": 2},
         "backbone": {"name": "small_convnet", "width": 4, "input_size": 8},
         "model": {"name": "embedder", "embedding_dim": 8},
