@@ -1,0 +1,186 @@
+"""Symmetrical Synthesis (Gu & Ko, AAAI 2020): hard negatives from reflections of same-class pairs.
+
+Given two embeddings a, b of one class, the synthetic point ``b' = beta * (alpha * proj_a(b) - b)`` is
+(for alpha=2, beta=1) the mirror image of b across the line through the origin spanned by a: it keeps
+b's norm and its similarity to a (``aᵀb' = aᵀb``), so the positive side of a loss is unchanged, while
+the negatives it creates are often harder. Synthetics are computed inside the loss from the
+gradient-carrying embeddings and are never added as labelled samples.
+
+Two ways a loss uses it:
+
+* pair-based losses over the whole batch (triplet, contrastive, lifted, multi-similarity) call
+  :meth:`SymmetricalSynthesis.hardest_negatives` and use its matrix in place of their plain negative
+  distances / similarities (the paper's rule: per negative, the hardest of the original and its
+  reflections about the other members of its class);
+* N-pair-layout losses (n-pair, angular) call :meth:`SymmetricalSynthesis.pooled_logits`, the official
+  code's element-wise max of the logit matrices over pairings of (A, P, S1, S2).
+
+Both record how often a synthetic point was the hardest (``epoch_diagnostics``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.registry import register
+
+Metric = Literal["euclidean", "sqeuclidean", "cosine", "dot"]
+
+#: +1: a distance (smaller is harder), -1: a similarity (larger is harder).
+_HARDNESS_SIGN = {"euclidean": 1.0, "sqeuclidean": 1.0, "cosine": -1.0, "dot": -1.0}
+
+#: Index of each point set in ``pooled_logits``: anchors, positives, S1 = P reflected about A,
+#: S2 = A reflected about P.
+_A, _P, _S1, _S2 = range(4)
+_ORIGINAL = {_A, _P}
+
+
+def pairwise(x: Tensor, y: Tensor, metric: Metric) -> Tensor:
+    """[N, M] matrix of ``metric`` between the rows of x [N, D] and y [M, D].
+
+    Euclidean clamps the squared distance at 1e-12 before the square root so that a zero distance
+    (an embedding with itself) has a finite (zero) gradient.
+    """
+    if metric in ("euclidean", "sqeuclidean"):
+        sq = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1)[None, :] - 2 * x @ y.T).clamp_min(0)
+        return sq.clamp_min(1e-12).sqrt() if metric == "euclidean" else sq
+    if metric == "cosine":
+        return F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+    if metric == "dot":
+        return x @ y.T
+    raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(_HARDNESS_SIGN)}")
+
+
+@register("synthesis", "symmetrical")
+class SymmetricalSynthesis(nn.Module):
+    """Symmetrical synthesis (Gu & Ko 2020): reflect same-class pairs about each other, mine the hardest.
+
+    alpha, beta: ``b' = beta * (alpha * proj_a(b) - b)``; the defaults (2, 1) give the mirror image.
+    norm: rescale b' to the length of its axis a (the official ``symm_norm`` flag, off by default).
+    pairing: for N-pair-layout losses, "official" uses the pairings of the official code (n-pair: the 6
+        unordered combinations of {A, P, S1, S2}; angular: the 12 ordered pairs of distinct sets);
+        "all" uses all 16 ordered pairings (an ablation; a pairing of a set with itself contributes
+        only off-diagonal entries, since a point paired with itself is not a positive pair).
+        ``hardest_negatives`` always uses every reflection, so ``pairing`` does not affect it.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        norm: bool = False,
+        pairing: Literal["official", "all"] = "official",
+    ):
+        super().__init__()
+        self.alpha = alpha
+        self.beta = beta
+        self.norm = norm
+        self.pairing = pairing
+        # synthetic winners / negative entries, synthetic selections / selections (see epoch_diagnostics)
+        self.register_buffer("counts", torch.zeros(4, dtype=torch.long), persistent=False)
+
+    def reflect(self, axis: Tensor, point: Tensor) -> Tensor:
+        """Reflect ``point`` about ``axis`` (broadcasting over leading dimensions, last dim = features)."""
+        unit = F.normalize(axis, dim=-1)
+        out = self.beta * (self.alpha * (point * unit).sum(-1, keepdim=True) * unit - point)
+        if self.norm:
+            out = F.normalize(out, dim=-1) * axis.norm(dim=-1, keepdim=True)
+        return out
+
+    def hardest_negatives(self, embeddings: Tensor, labels: Tensor, metric: Metric) -> Tensor:
+        """[B, B] matrix of ``metric``; for y_i != y_k the hardest value over x_k and its reflections.
+
+        Entry (i, k) with y_i != y_k is the smallest distance (largest similarity) from x_i to any of
+        x_k and reflect(x_k about x_l) for every other member l of x_k's class; entries with y_i == y_k
+        are the plain metric(x_i, x_k). The reflections form a [B, K-1, D] tensor (K = largest class
+        count in the batch) and the candidate metrics a [B, B, K-1] tensor.
+        """
+        sign = _HARDNESS_SIGN.get(metric)
+        if sign is None:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(_HARDNESS_SIGN)}")
+        b = len(labels)
+        same = labels[:, None] == labels[None, :]
+        others = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
+        original = sign * pairwise(embeddings, embeddings, metric)  # hardness order: smaller = harder
+        n_other = int(others.sum(1).max()) if b else 0
+        best_synthetic = torch.full_like(original, float("inf"))
+        if n_other:
+            # members l != k of k's class first in each row, then padding (masked below)
+            order = others.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :n_other]
+            valid = others.gather(1, order)  # [B, K-1]
+            synthetic = self.reflect(embeddings[order], embeddings[:, None, :])  # [k, j]: x_k about x_l(j)
+            cand = sign * pairwise(embeddings, synthetic.flatten(0, 1), metric).view(b, b, n_other)
+            best_synthetic = cand.masked_fill(~valid[None], float("inf")).amin(-1)
+        self._record(original, best_synthetic, labels, ~same)
+        won = ~same & (best_synthetic < original)
+        return sign * torch.where(won, best_synthetic, original)
+
+    def pooled_logits(
+        self,
+        anchors: Tensor,
+        positives: Tensor,
+        logits: Callable[[Tensor, Tensor], Tensor],
+        official: Sequence[tuple[int, int]],
+    ) -> Tensor:
+        """Element-wise max of ``logits(X, Y)`` [N, N] over pairings of (A, P, S1, S2).
+
+        anchors, positives: [N, D], row i of both from class i. S1 = P reflected about A, S2 = A
+        reflected about P. ``official`` lists the loss's official pairings as index pairs into
+        (A, P, S1, S2); with ``pairing="all"`` every ordered pairing is used, self-pairings only off the
+        diagonal. The diagonal (positive) entries take part in the max too, as in the official code.
+        """
+        sets = (anchors, positives, self.reflect(anchors, positives), self.reflect(positives, anchors))
+        pairs = list(official) if self.pairing == "official" else list(itertools.product(range(4), repeat=2))
+        mats = torch.stack([logits(sets[x], sets[y]) for x, y in pairs], dim=-1)  # [N, N, pairings]
+        self_pair = torch.tensor([x == y for x, y in pairs], device=mats.device)
+        eye = torch.eye(len(anchors), dtype=torch.bool, device=mats.device)
+        pooled, winner = mats.masked_fill(eye[..., None] & self_pair, float("-inf")).max(-1)
+        with torch.no_grad():
+            synthetic_pairing = torch.tensor([not {x, y} <= _ORIGINAL for x, y in pairs], device=mats.device)
+            won = synthetic_pairing[winner][~eye].sum()  # one entry per (anchor class, negative class)
+            n = won.new_tensor(len(anchors) * (len(anchors) - 1))
+            self.counts += torch.stack([won, n, won, n])
+        return pooled
+
+    @torch.no_grad()
+    def _record(self, original: Tensor, best_synthetic: Tensor, labels: Tensor, negative: Tensor) -> None:
+        """Count synthetic winners per negative entry (i, k) and per (anchor i, negative class c).
+
+        Both inputs are in hardness order (smaller = harder). The hardest negative of class c for
+        anchor i is synthetic when the best synthetic over c's members beats the best original.
+        """
+        b = len(labels)
+        classes = torch.unique(labels, return_inverse=True)[1]
+        n_classes = int(classes.max()) + 1 if b else 0
+        per_class = original.new_full((b, n_classes), float("inf"))
+        index = classes[None, :].expand(b, b)
+        orig_c = per_class.scatter_reduce(1, index, original, "amin")
+        synth_c = per_class.scatter_reduce(1, index, best_synthetic, "amin")
+        neg_c = classes[:, None] != torch.arange(n_classes, device=labels.device)[None, :]
+        entry_won = negative & (best_synthetic < original)
+        class_won = neg_c & (synth_c < orig_c)
+        self.counts += torch.stack([entry_won.sum(), negative.sum(), class_won.sum(), neg_c.sum()]).long()
+
+    def epoch_diagnostics(self) -> dict[str, float]:
+        """Fractions of synthetic hard negatives since the last call (then reset).
+
+        synthetic_hard_fraction: over (anchor, negative class), how often the hardest candidate of that
+            class (originals and synthetics) was synthetic — the negative the loss actually selects.
+        synthetic_entry_fraction: over negative entries (i, k), how often a reflection of x_k beat x_k.
+        Empty when nothing was recorded.
+        """
+        entry_won, entries, class_won, selections = self.counts.tolist()
+        self.counts.zero_()
+        if not entries:
+            return {}
+        return {
+            "synthetic_hard_fraction": class_won / selections,
+            "synthetic_entry_fraction": entry_won / entries,
+        }

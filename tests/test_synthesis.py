@@ -1,0 +1,139 @@
+"""Symmetrical synthesis: reflection identities (METHODS 4.1), hardest-candidate selection against a
+naive loop, hand-made cases where the synthetic / the original is harder, diagnostics, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness import registry
+from methods.synthesis import SymmetricalSynthesis, pairwise
+
+METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
+
+
+def _unit(deg: float) -> torch.Tensor:
+    return torch.tensor([math.cos(math.radians(deg)), math.sin(math.radians(deg))], dtype=torch.float64)
+
+
+def test_registered_with_defaults() -> None:
+    synth = registry.build("synthesis", "symmetrical")
+    assert isinstance(synth, SymmetricalSynthesis)
+    assert (synth.alpha, synth.beta, synth.norm, synth.pairing) == (2.0, 1.0, False, "official")
+
+
+def test_reflection_identities() -> None:
+    a, b = torch.randn(2, 5, 7, dtype=torch.float64)
+    s = SymmetricalSynthesis()
+    b_ref = s.reflect(a, b)  # b about a
+    a_ref = s.reflect(b, a)  # a about b
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    cos = (a * b).sum(1) / (na * nb)
+    theta = torch.acos(cos)
+    torch.testing.assert_close(b_ref.norm(dim=1), nb)
+    torch.testing.assert_close((a * b_ref).sum(1), (a * b).sum(1))
+    torch.testing.assert_close((a * a_ref).sum(1), na**2 * torch.cos(2 * theta))
+    torch.testing.assert_close((b * b_ref).sum(1), nb**2 * torch.cos(2 * theta))
+    torch.testing.assert_close((a_ref * b_ref).sum(1), na * nb * torch.cos(3 * theta))
+
+
+def test_reflection_alpha_beta_and_norm() -> None:
+    a, b = torch.randn(2, 4, 6, dtype=torch.float64)
+    s = SymmetricalSynthesis(alpha=1.5, beta=0.5)
+    proj = ((a * b).sum(1, keepdim=True) / (a * a).sum(1, keepdim=True)) * a
+    torch.testing.assert_close(s.reflect(a, b), 0.5 * (1.5 * proj - b))
+    normed = SymmetricalSynthesis(alpha=1.5, beta=0.5, norm=True).reflect(a, b)
+    torch.testing.assert_close(normed.norm(dim=1), a.norm(dim=1))
+    # the official form a + ((b - a)ᵀû)û of the projection is the same point
+    u = a / a.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(a + ((b - a) * u).sum(1, keepdim=True) * u, proj)
+
+
+def _naive_hardest(x: torch.Tensor, labels: torch.Tensor, metric: str, s: SymmetricalSynthesis):
+    """Loop over (i, k): the hardest candidate among x_k and its reflections; per (i, class) winners."""
+    is_distance = metric in ("euclidean", "sqeuclidean")
+    harder = (lambda u, v: u < v) if is_distance else (lambda u, v: u > v)
+    b = len(labels)
+    out = pairwise(x, x, metric).clone()
+    entry_won = 0
+    best_per_class: dict[tuple[int, int], tuple[float, bool]] = {}
+    for i in range(b):
+        for k in range(b):
+            if labels[i] == labels[k]:
+                continue
+            best, synthetic = out[i, k].item(), False
+            for m in range(b):
+                if labels[m] == labels[k] and m != k:
+                    v = pairwise(x[i : i + 1], s.reflect(x[m], x[k])[None], metric).item()
+                    if harder(v, best):
+                        best, synthetic = v, True
+            out[i, k] = best
+            entry_won += synthetic
+            key = (i, int(labels[k]))
+            if key not in best_per_class or harder(best, best_per_class[key][0]):
+                best_per_class[key] = (best, synthetic)
+    class_won = sum(w for _, w in best_per_class.values())
+    n_neg = int((labels[:, None] != labels[None, :]).sum())
+    return out, entry_won / n_neg, class_won / len(best_per_class)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_hardest_negatives_matches_naive_loop(metric: str) -> None:
+    labels = torch.tensor([3, 0, 3, 1, 0, 3, 2, 1, 0])  # classes of 3, 3, 2 and a single image (class 2)
+    x = torch.randn(len(labels), 3, dtype=torch.float64)
+    s = SymmetricalSynthesis()
+    got = s.hardest_negatives(x, labels, metric)
+    want, entry_frac, class_frac = _naive_hardest(x, labels, metric, s)
+    torch.testing.assert_close(got, want)
+    diag = s.epoch_diagnostics()
+    assert diag["synthetic_entry_fraction"] == pytest.approx(entry_frac)
+    assert diag["synthetic_hard_fraction"] == pytest.approx(class_frac)
+    assert 0 < class_frac < 1  # the data exercise both outcomes
+    assert s.epoch_diagnostics() == {}  # reset after reading
+
+
+def test_hand_made_synthetic_harder_and_original_harder() -> None:
+    # anchor 0 at 0°; class 1 has points at 60° and 35°. Reflecting 60° about 35° gives 10° (harder than
+    # both originals); reflecting 35° about 60° gives 85° (easier than 35°, so the original stays).
+    x = torch.stack([_unit(0), _unit(-90), _unit(60), _unit(35)])
+    labels = torch.tensor([0, 0, 1, 1])
+    s = SymmetricalSynthesis()
+    sim = s.hardest_negatives(x, labels, "cosine")
+    assert sim[0, 2].item() == pytest.approx(math.cos(math.radians(10)))  # synthetic wins
+    assert sim[0, 3].item() == pytest.approx(math.cos(math.radians(35)))  # original wins
+    assert sim[0, 1].item() == pytest.approx(0.0, abs=1e-12)  # same class: plain value
+    dist = s.hardest_negatives(x, labels, "euclidean")
+    assert dist[0, 2].item() == pytest.approx(2 * math.sin(math.radians(5)))
+    assert dist[0, 3].item() == pytest.approx(2 * math.sin(math.radians(17.5)))
+
+
+def test_no_class_with_two_images_gives_plain_matrix() -> None:
+    x, labels = torch.randn(4, 5), torch.arange(4)
+    s = SymmetricalSynthesis()
+    torch.testing.assert_close(s.hardest_negatives(x, labels, "sqeuclidean"), pairwise(x, x, "sqeuclidean"))
+    assert s.epoch_diagnostics()["synthetic_hard_fraction"] == 0.0
+
+
+def test_gradients_reach_reflection_axis() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    s = SymmetricalSynthesis()
+    neg = labels[:, None] != labels[None, :]
+    assert torch.autograd.gradcheck(lambda e: s.hardest_negatives(e, labels, "euclidean")[neg], (x,))
+    assert torch.autograd.gradcheck(lambda e: s.hardest_negatives(e, labels, "cosine")[neg], (x,))
+
+
+def test_unknown_metric_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+        SymmetricalSynthesis().hardest_negatives(torch.randn(2, 2), torch.tensor([0, 1]), "manhattan")  # type: ignore[arg-type]
+
+
+def test_bf16_autocast() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.randn(6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = SymmetricalSynthesis().hardest_negatives(x, labels, "euclidean")
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
