@@ -74,9 +74,9 @@ class MDR(nn.Module):
     ):
         super().__init__()
         if len(levels) < 1:
-            raise ConfigError("regularizers.mdr.levels: need at least one level, e.g. [-3, 0, 3]")
+            raise ConfigError("mdr: levels must hold at least one value, e.g. [-3, 0, 3]")
         if not 0.0 <= momentum <= 1.0:
-            raise ConfigError(f"regularizers.mdr.momentum: {momentum} is not in [0, 1]")
+            raise ConfigError(f"mdr: momentum {momentum} is not in [0, 1]")
         self.levels = nn.Parameter(torch.tensor([float(s) for s in levels]))
         self.weight = weight
         self.level_l2 = level_l2

@@ -39,14 +39,14 @@ def cholesky_with_jitter(s: torch.Tensor) -> torch.Tensor:
 class _LinearWhitening:
     """Shared fit/apply: subclasses learn the projection rows (most important first) from the data."""
 
-    def __init__(self, *, dim: int | None = None, shrinkage: float = 0.0, eps: float = 1e-9):
+    def __init__(self, *, dim: int | None = None, shrinkage: float = 0.0):
         if dim is not None and dim < 1:
             raise ConfigError(
                 f"eval.whitening.dim: must be a positive number of dimensions or null (got {dim})"
             )
         if not 0.0 <= shrinkage <= 1.0:
             raise ConfigError(f"eval.whitening.shrinkage: must lie in [0, 1] (got {shrinkage})")
-        self.dim, self.shrinkage, self.eps = dim, shrinkage, eps
+        self.dim, self.shrinkage = dim, shrinkage
         self.mean: torch.Tensor | None = None
         self.projection: torch.Tensor | None = None
 
@@ -82,33 +82,40 @@ class _LinearWhitening:
         return l2n(self.project(x))
 
 
-@register("whitening", "pca")
-class PCAWhitening(_LinearWhitening):
-    """PCA-whitening (cirtorch ``pcawhitenlearn``): P = Λ^(−1/2) Eᵀ, top ``dim`` components (all if null).
+class _SpectralWhitening(_LinearWhitening):
+    """Whitening from the eigendecomposition of the (shrunk) covariance, ``eps`` added to its eigenvalues."""
 
-    C = (X − m)ᵀ(X − m)/N (symmetrised, optionally shrunk); ``eps`` is added to the eigenvalues.
-    """
+    def __init__(self, *, dim: int | None = None, shrinkage: float = 0.0, eps: float = 1e-9):
+        super().__init__(dim=dim, shrinkage=shrinkage)
+        self.eps = eps
 
-    def learn(self, x: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    def spectrum(self, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``dim`` (all if null) eigenvalues + ``eps`` and eigenvectors of C = (X − m)ᵀ(X − m)/N."""
         xc = x - mean
         values, vectors = _descending_eigh(self.shrink(xc.T @ xc / len(x)))
-        proj = (vectors / (values.clamp_min(0) + self.eps).sqrt()).T
-        return proj[: self.dim]
+        return values[: self.dim].clamp_min(0) + self.eps, vectors[:, : self.dim]
+
+
+@register("whitening", "pca")
+class PCAWhitening(_SpectralWhitening):
+    """PCA-whitening (cirtorch ``pcawhitenlearn``): P = Λ^(−1/2) Eᵀ, top ``dim`` components (all if null)."""
+
+    def learn(self, x: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        values, vectors = self.spectrum(x, mean)
+        return (vectors / values.sqrt()).T
 
 
 @register("whitening", "zca")
-class ZCAWhitening(_LinearWhitening):
+class ZCAWhitening(_SpectralWhitening):
     """ZCA-whitening: P = E Λ^(−1/2) Eᵀ (whitened, then rotated back to the original axes).
 
     With ``dim`` only the top ``dim`` principal directions are kept (P = E_d Λ_d^(−1/2) E_dᵀ, output still
-    D-dimensional); ``eps`` is added to the eigenvalues.
+    D-dimensional).
     """
 
     def learn(self, x: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        xc = x - mean
-        values, vectors = _descending_eigh(self.shrink(xc.T @ xc / len(x)))
-        values, vectors = values[: self.dim], vectors[:, : self.dim]
-        return (vectors / (values.clamp_min(0) + self.eps).sqrt()) @ vectors.T
+        values, vectors = self.spectrum(x, mean)
+        return (vectors / values.sqrt()) @ vectors.T
 
 
 @register("whitening", "lw")
@@ -119,7 +126,7 @@ class LwWhitening(_LinearWhitening):
     P₁ = chol(S)⁻¹ (jitter αI added until S + αI is positive definite); then a rotation: the eigenvectors E
     (descending) of the covariance of P₁(X − m), P = Eᵀ P₁, top ``dim`` rows. Every pair of the train split
     is used, summed in closed form per class: Σ_{i<j in c} (x_i − x_j)(x_i − x_j)ᵀ = n_c · Σ_{i in c}
-    (x_i − μ_c)(x_i − μ_c)ᵀ. ``eps`` is unused.
+    (x_i − μ_c)(x_i − μ_c)ᵀ.
     """
 
     def learn(self, x: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
