@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, TrainingError
 from harness.registry import register
 from methods.pooling import l2n
 
@@ -27,13 +27,15 @@ def _descending_eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cholesky_with_jitter(s: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor of S + αI with the smallest α in {0, 1e-10, 1e-9, ...} that works (cirtorch)."""
-    alpha = 0.0
     eye = torch.eye(len(s), dtype=s.dtype, device=s.device)
-    while True:
+    for alpha in [0.0] + [10.0**e for e in range(-10, 21)]:
         factor, info = torch.linalg.cholesky_ex(s + alpha * eye)
         if info == 0:
             return factor
-        alpha = 1e-10 if alpha == 0 else 10 * alpha
+    raise TrainingError(
+        "whitening: the pair covariance is not positive definite even with 1e20·I added "
+        "(are the embeddings finite?)"
+    )
 
 
 class _LinearWhitening:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness import registry
-from harness.errors import ConfigError
+from harness.errors import ConfigError, TrainingError
 from methods.whitening import cholesky_with_jitter
 
 
@@ -86,6 +86,8 @@ def test_cholesky_jitter_and_errors() -> None:
     factor = cholesky_with_jitter(singular)
     assert torch.isfinite(factor).all()
     torch.testing.assert_close(factor @ factor.T, singular, atol=1e-6, rtol=0)
+    with pytest.raises(TrainingError, match="not positive definite"):
+        cholesky_with_jitter(torch.full((2, 2), float("nan"), dtype=torch.float64))
     with pytest.raises(ConfigError, match="two train embeddings"):
         whitening("lw").fit(torch.randn(4, 3), torch.arange(4))
     with pytest.raises(ConfigError, match="larger than"):
