@@ -3,4 +3,4 @@
 The order is fixed so that registration (and `dmlh list`) is deterministic.
 """
 
-from methods import abe, backbones, losses, mdr, pooling, synthesis, whitening  # noqa: F401
+from methods import abe, backbones, losses, mdr, miners, pooling, synthesis, whitening  # noqa: F401

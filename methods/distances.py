@@ -1,0 +1,136 @@
+"""Pairwise distances, label masks and masked reductions shared by the pair-based losses and miners.
+
+Everything here works on a whole batch at once ([B, B] matrices, boolean masks): no Python loop over
+pairs or triplets. Distances are computed in float32 (float64 inputs stay float64, for gradcheck) with
+autocast disabled, because bfloat16 distances lose the small differences the losses are made of.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Distances a loss or miner can rank with. "cosine" is the cosine distance 1 - cos(x, y).
+Distance = Literal["euclidean", "sqeuclidean", "cosine"]
+
+#: Squared distances are clamped at this value before the square root, so that the distance of an
+#: embedding to itself (or to a duplicate) has a finite, zero gradient instead of NaN.
+SQRT_CLAMP = 1e-12
+
+_T = TypeVar("_T")
+
+
+class HardNegativeSource(Protocol):
+    """What the pair-based losses need from a synthesis (methods/synthesis.py): a [B, B] matrix of
+    ``metric`` whose negative entries are the hardest over the original negative and its synthetics."""
+
+    def hardest_negatives(self, embeddings: Tensor, labels: Tensor, metric: str) -> Tensor: ...
+
+
+def full_precision(forward: Callable[..., _T]) -> Callable[..., _T]:
+    """Decorator for ``forward(self, embeddings, labels, ...)``: autocast off, half inputs upcast to float32.
+
+    The loss value comes out in float32; autograd casts the gradient back to the input's dtype.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self: Any, embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> _T:
+        if embeddings.dtype in (torch.float16, torch.bfloat16):
+            embeddings = embeddings.float()
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return forward(self, embeddings, labels, *args, **kwargs)
+
+    return wrapper
+
+
+def squared_euclidean(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """[N, M] squared Euclidean distances ``|x_i|² + |y_j|² - 2 x_iᵀy_j``, clamped at 0 (one matmul)."""
+    y = x if y is None else y
+    xx = x.pow(2).sum(1)
+    yy = xx if y is x else y.pow(2).sum(1)
+    return torch.addmm(xx[:, None] + yy[None, :], x, y.T, alpha=-2.0).clamp_min(0.0)
+
+
+def cosine_similarity(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """[N, M] cosine similarities of the rows of x and y."""
+    xn = F.normalize(x, dim=1)
+    return xn @ (xn if y is None else F.normalize(y, dim=1)).T
+
+
+def pairwise_distance(x: Tensor, metric: Distance, y: Tensor | None = None) -> Tensor:
+    """[N, M] matrix of ``metric`` between the rows of x (and y, default x).
+
+    euclidean: ``sqrt(max(d², 1e-12))`` (finite gradient at zero distance); sqeuclidean: d²;
+    cosine: ``1 - cos``.
+    """
+    if metric == "euclidean":
+        return squared_euclidean(x, y).clamp_min(SQRT_CLAMP).sqrt()
+    if metric == "sqeuclidean":
+        return squared_euclidean(x, y)
+    if metric == "cosine":
+        return 1.0 - cosine_similarity(x, y)
+    raise ValueError(f"unknown distance {metric!r}; expected euclidean, sqeuclidean or cosine")
+
+
+def distance_matrix(
+    embeddings: Tensor, labels: Tensor, metric: Distance, synthesis: HardNegativeSource | None = None
+) -> Tensor:
+    """[B, B] distances; with a synthesis, each negative entry is the hardest over its synthetics.
+
+    The synthesis speaks of similarities for "cosine", so its matrix is turned into ``1 - cos``.
+    """
+    if synthesis is None:
+        return pairwise_distance(embeddings, metric)
+    out = synthesis.hardest_negatives(embeddings, labels, metric).float()
+    return 1.0 - out if metric == "cosine" else out
+
+
+def similarity_matrix(
+    embeddings: Tensor, labels: Tensor, synthesis: HardNegativeSource | None = None
+) -> Tensor:
+    """[B, B] cosine similarities; with a synthesis, negatives are the hardest (largest) over synthetics."""
+    if synthesis is None:
+        return cosine_similarity(embeddings)
+    return synthesis.hardest_negatives(embeddings, labels, "cosine").float()
+
+
+def label_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Boolean [B, B] masks: positives (same label, not the same image) and negatives (other label)."""
+    same = labels[:, None] == labels[None, :]
+    return same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device), ~same
+
+
+def pair_masks(indices: tuple[Tensor, ...], size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Boolean [size, size] positive / negative masks from a miner's pairs ``(a1, p, a2, n)``."""
+    a1, p, a2, n = indices
+    pos = torch.zeros(size, size, dtype=torch.bool, device=device)
+    neg = torch.zeros_like(pos)
+    pos[a1, p] = True
+    neg[a2, n] = True
+    return pos, neg
+
+
+def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = 1, add_one: bool = False) -> Tensor:
+    """``log Σ_{mask} exp(x)`` along ``dim`` (``log(1 + Σ ...)`` with add_one); 0 where the mask is empty.
+
+    Stable (max subtracted) and NaN-free in value and gradient for empty rows.
+    """
+    x = x.masked_fill(~mask, float("-inf"))
+    top = x.amax(dim, keepdim=True).detach()
+    top = top.clamp_min(0.0) if add_one else torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(x - top).sum(dim, keepdim=True)
+    if add_one:
+        return (torch.log(total + torch.exp(-top)) + top).squeeze(dim)
+    nonempty = mask.any(dim, keepdim=True)
+    out = torch.log(torch.where(nonempty, total, torch.ones_like(total))) + top
+    return torch.where(nonempty, out, torch.zeros_like(out)).squeeze(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over ``mask`` (0 for an empty mask; keeps the graph, so the gradient is then zero)."""
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp_min(1)

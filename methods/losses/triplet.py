@@ -1,0 +1,130 @@
+"""Triplet loss with batch-all, batch-hard, FaceNet semi-hard and random mining (or an external miner).
+
+Per triplet ``ℓ(a, p, n) = [D_ap - D_an + margin]_+`` or, with ``soft``, ``softplus(D_ap - D_an)``
+(Hermans' soft margin: no margin). Mining (METHODS.md 3.2):
+
+* ``all`` — every valid triplet (Hermans' batch-all); default reduction: mean over the active
+  (ℓ > 0) triplets ("BA≠0"), ``reduction="mean"`` averages over all valid triplets ("BA"). Computed as a
+  [positive pairs × B] matrix, never a B×B×B tensor.
+* ``batch_hard`` — per anchor the furthest positive and the closest negative; mean over anchors.
+* ``semi_hard`` — per positive pair the closest negative farther than the positive, else the farthest
+  negative (TF ``triplet_semihard_loss``, which uses squared distances: ``distance="sqeuclidean"``);
+  mean over positive pairs. Not PML's TripletMarginMiner("semihard"), see methods/miners.py.
+* ``random`` — per positive pair one uniformly drawn negative; mean over positive pairs.
+
+Anchors without a positive or a negative in the batch take no part. PML equivalents: batch-all =
+``TripletMarginLoss`` (AvgNonZero reducer = ``mean_nonzero``); batch-hard = ``BatchHardMiner`` +
+``TripletMarginLoss(reducer=MeanReducer())`` (PML's default AvgNonZero averages over active anchors
+only, which ``reduction="mean_nonzero"`` reproduces); soft = ``smooth_loss=True, margin=0``; PML
+normalises embeddings by default (``normalize=True`` here).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.registry import register
+from harness.types import LossOutput
+from methods.distances import (
+    Distance,
+    HardNegativeSource,
+    distance_matrix,
+    full_precision,
+    label_masks,
+    masked_mean,
+)
+from methods.miners import (
+    batch_hard_triplets,
+    positive_pairs,
+    random_triplets,
+    semi_hard_triplets,
+)
+
+Mining = Literal["all", "batch_hard", "semi_hard", "random"]
+
+#: Built-in per-pair / per-anchor selections: (distances, positive mask, negative mask) -> (a, p, n).
+_SELECT = {
+    "batch_hard": batch_hard_triplets,
+    "semi_hard": semi_hard_triplets,
+    "random": lambda _dist, pos, neg: random_triplets(pos, neg),
+}
+
+
+@register("loss", "triplet")
+class TripletLoss(nn.Module):
+    """Triplet loss (hinge or soft margin) with batch-all / batch-hard / semi-hard / random mining.
+
+    margin: the hinge margin (ignored with ``soft``). soft: ``softplus(D_ap - D_an)`` (Hermans).
+    mining: the built-in triplet selection; an external ``miner`` (producing triplets) replaces it.
+    distance: euclidean (Hermans, MDR), sqeuclidean (FaceNet/TF), cosine (``1 - cos``).
+    reduction: "auto" = mean over active triplets for ``all``, mean over all selected triplets otherwise;
+        "mean" / "mean_nonzero" force one of the two.
+    normalize: L2-normalise the embeddings first (FaceNet; PML's default).
+    synthesis: negatives are the hardest over their synthetics (symmetrical synthesis).
+    """
+
+    accepts_miner: ClassVar[tuple[str, ...]] = ("triplets",)
+
+    def __init__(
+        self,
+        *,
+        margin: float = 0.2,
+        soft: bool = False,
+        mining: Mining = "batch_hard",
+        distance: Distance = "euclidean",
+        reduction: Literal["auto", "mean", "mean_nonzero"] = "auto",
+        normalize: bool = False,
+        miner: nn.Module | None,
+        synthesis: HardNegativeSource | None,
+    ):
+        super().__init__()
+        self.margin = margin
+        self.soft = soft
+        self.mining = mining
+        self.distance = distance
+        self.reduction = reduction
+        self.normalize = normalize
+        self.miner = miner
+        self.synthesis = synthesis
+
+    def violation(self, d_ap: Tensor, d_an: Tensor) -> Tensor:
+        """Per-triplet loss from anchor-positive and anchor-negative distances (broadcasting)."""
+        diff = d_ap - d_an
+        return F.softplus(diff) if self.soft else F.relu(diff + self.margin)
+
+    @full_precision
+    def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        if self.normalize:
+            embeddings = F.normalize(embeddings, dim=1)
+        dist = distance_matrix(embeddings, labels, self.distance, self.synthesis)
+        pos, neg = label_masks(labels)
+        if self.miner is None and self.mining == "all":
+            a, p = positive_pairs(pos, neg)
+            d_ap, d_an, valid = dist[a, p][:, None], dist[a], neg[a]  # [pairs, 1], [pairs, B], [pairs, B]
+        else:
+            with torch.no_grad():
+                if self.miner is not None:
+                    a, p, n = self.miner(embeddings, labels)
+                else:
+                    a, p, n = _SELECT[self.mining](dist.detach(), pos, neg)
+            d_ap, d_an = dist[a, p], dist[a, n]
+            valid = torch.ones_like(d_an, dtype=torch.bool)
+        losses = self.violation(d_ap, d_an)
+        active = valid & (losses > 0)
+        batch_all = self.miner is None and self.mining == "all"
+        nonzero = self.reduction == "mean_nonzero" or (self.reduction == "auto" and batch_all)
+        value = masked_mean(losses, active if nonzero else valid)
+        n_valid = valid.sum()
+        return LossOutput(
+            value,
+            {
+                "triplets": n_valid.detach().float(),
+                "active_fraction": (active.sum() / n_valid.clamp_min(1)).detach(),
+                "pos_dist": d_ap.detach().mean() if d_ap.numel() else torch.zeros(()),
+                "neg_dist": masked_mean(d_an.detach(), valid),
+            },
+        )
