@@ -282,3 +282,27 @@ def test_epoch_diagnostics_report_the_learners_self_similarity() -> None:
     assert matrix.shape == (3, 3)
     torch.testing.assert_close(matrix.diagonal(), torch.ones(3))
     assert abe.epoch_diagnostics() == {}  # reset after reporting
+
+
+# -- end to end ----------------------------------------------------------------------------------------------
+
+
+def test_abe_trains_end_to_end_and_records_its_diagnostics() -> None:
+    from harness import config
+    from harness.train import run
+
+    cfg = config.validate({
+        "name": "abe-e2e",
+        "data": {"dataset": {"name": "synthetic", "num_classes": 12, "per_class": 8, "size": 8}},
+        "sampler": {"p": 3, "k": 4, "batches_per_epoch": 2},
+        "backbone": {"name": "small_convnet", "width": 4, "input_size": 8},
+        "model": {"name": "abe", "m": 2, "embedding_dim": 8, "branch": "block2", "lambda_div": 0.5},
+        "loss": {"name": "contrastive"},
+        "train": {"epochs": 1},
+        "eval": {"nmi": False, "ks": [1, 2]},
+    })  # fmt: skip
+    result = run(cfg)
+    assert 0.0 <= result.metrics["test/recall@1"] <= 1.0
+    row = result.history[0]
+    assert row["train/aux/divergence"] > 0 and -1.0 <= row["diag/learner_self_similarity"] <= 1.0
+    assert len(result.diagnostics[0]["ABE/learner_self_similarity_matrix"]) == 2
