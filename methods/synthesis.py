@@ -29,32 +29,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.registry import register
+from methods.distances import cosine_similarity, pairwise_distance
 
 Metric = Literal["euclidean", "sqeuclidean", "cosine", "dot"]
 
 #: +1: a distance (smaller is harder), -1: a similarity (larger is harder).
 _HARDNESS_SIGN = {"euclidean": 1.0, "sqeuclidean": 1.0, "cosine": -1.0, "dot": -1.0}
 
-#: Index of each point set in ``pooled_logits``: anchors, positives, S1 = P reflected about A,
-#: S2 = A reflected about P.
-_A, _P, _S1, _S2 = range(4)
-_ORIGINAL = {_A, _P}
+#: Indices of the original point sets (A, P) in ``pooled_logits``' (A, P, S1, S2).
+_ORIGINAL = {0, 1}
 
 
-def pairwise(x: Tensor, y: Tensor, metric: Metric) -> Tensor:
-    """[N, M] matrix of ``metric`` between the rows of x [N, D] and y [M, D].
-
-    Euclidean clamps the squared distance at 1e-12 before the square root so that a zero distance
-    (an embedding with itself) has a finite (zero) gradient.
-    """
-    if metric in ("euclidean", "sqeuclidean"):
-        sq = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1)[None, :] - 2 * x @ y.T).clamp_min(0)
-        return sq.clamp_min(1e-12).sqrt() if metric == "euclidean" else sq
+def metric_matrix(x: Tensor, y: Tensor, metric: Metric) -> Tensor:
+    """[N, M] matrix of ``metric`` between the rows of x and y ("cosine" and "dot" are similarities)."""
     if metric == "cosine":
-        return F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+        return cosine_similarity(x, y)
     if metric == "dot":
         return x @ y.T
-    raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(_HARDNESS_SIGN)}")
+    return pairwise_distance(x, metric, y)
 
 
 @register("synthesis", "symmetrical")
@@ -108,7 +100,7 @@ class SymmetricalSynthesis(nn.Module):
         b = len(labels)
         same = labels[:, None] == labels[None, :]
         others = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
-        original = sign * pairwise(embeddings, embeddings, metric)  # hardness order: smaller = harder
+        original = sign * metric_matrix(embeddings, embeddings, metric)  # hardness order: smaller = harder
         n_other = int(others.sum(1).max()) if b else 0
         best_synthetic = torch.full_like(original, float("inf"))
         if n_other:
@@ -116,7 +108,7 @@ class SymmetricalSynthesis(nn.Module):
             order = others.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :n_other]
             valid = others.gather(1, order)  # [B, K-1]
             synthetic = self.reflect(embeddings[order], embeddings[:, None, :])  # [k, j]: x_k about x_l(j)
-            cand = sign * pairwise(embeddings, synthetic.flatten(0, 1), metric).view(b, b, n_other)
+            cand = sign * metric_matrix(embeddings, synthetic.flatten(0, 1), metric).view(b, b, n_other)
             best_synthetic = cand.masked_fill(~valid[None], float("inf")).amin(-1)
         self._record(original, best_synthetic, labels, ~same)
         won = ~same & (best_synthetic < original)

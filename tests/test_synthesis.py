@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import registry
-from methods.synthesis import SymmetricalSynthesis, pairwise
+from methods.synthesis import SymmetricalSynthesis, metric_matrix
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
 
@@ -56,7 +56,7 @@ def _naive_hardest(x: torch.Tensor, labels: torch.Tensor, metric: str, s: Symmet
     is_distance = metric in ("euclidean", "sqeuclidean")
     harder = (lambda u, v: u < v) if is_distance else (lambda u, v: u > v)
     b = len(labels)
-    out = pairwise(x, x, metric).clone()
+    out = metric_matrix(x, x, metric).clone()
     entry_won = 0
     best_per_class: dict[tuple[int, int], tuple[float, bool]] = {}
     for i in range(b):
@@ -66,7 +66,7 @@ def _naive_hardest(x: torch.Tensor, labels: torch.Tensor, metric: str, s: Symmet
             best, synthetic = out[i, k].item(), False
             for m in range(b):
                 if labels[m] == labels[k] and m != k:
-                    v = pairwise(x[i : i + 1], s.reflect(x[m], x[k])[None], metric).item()
+                    v = metric_matrix(x[i : i + 1], s.reflect(x[m], x[k])[None], metric).item()
                     if harder(v, best):
                         best, synthetic = v, True
             out[i, k] = best
@@ -112,7 +112,9 @@ def test_hand_made_synthetic_harder_and_original_harder() -> None:
 def test_no_class_with_two_images_gives_plain_matrix() -> None:
     x, labels = torch.randn(4, 5), torch.arange(4)
     s = SymmetricalSynthesis()
-    torch.testing.assert_close(s.hardest_negatives(x, labels, "sqeuclidean"), pairwise(x, x, "sqeuclidean"))
+    torch.testing.assert_close(
+        s.hardest_negatives(x, labels, "sqeuclidean"), metric_matrix(x, x, "sqeuclidean")
+    )
     assert s.epoch_diagnostics()["synthetic_hard_fraction"] == 0.0
 
 

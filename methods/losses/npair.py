@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from harness.registry import register
 from harness.types import LossOutput
+from methods.distances import full_precision
 from methods.synthesis import SymmetricalSynthesis
 
 
@@ -53,6 +54,7 @@ class PairSoftmaxLoss(nn.Module):
             return self.pair_logits(a, p)
         return self.synthesis.pooled_logits(a, p, self.pair_logits, self.official_pairings)
 
+    @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         a_idx, p_idx = first_two_per_class(labels)
         n = len(a_idx)

@@ -16,18 +16,13 @@ from torch import Tensor, nn
 from harness.errors import ConfigError
 from harness.registry import register
 from harness.types import LossOutput
+from methods.distances import full_precision, masked_logsumexp
 
 
 def _proxies(num_classes: int, embedding_dim: int, lr_mult: float) -> nn.Parameter:
     proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
     proxies.lr_mult = lr_mult  # type: ignore[attr-defined]
     return proxies
-
-
-def _log1p_sum_exp(z: Tensor, mask: Tensor, dim: int) -> Tensor:
-    """``log(1 + Σ_{mask} exp(z))`` along ``dim``, stable; 0 (with zero gradient) where the mask is empty."""
-    z = z.masked_fill(~mask, float("-inf"))
-    return torch.logsumexp(torch.cat([z, torch.zeros_like(z.narrow(dim, 0, 1))], dim=dim), dim=dim)
 
 
 @register("loss", "proxy_nca")
@@ -65,6 +60,7 @@ class ProxyNCALoss(nn.Module):
         self.proxies = _proxies(num_classes, embedding_dim, proxy_lr_mult)
         nn.init.normal_(self.proxies)
 
+    @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         x = F.normalize(embeddings, dim=1)
         p = F.normalize(self.proxies, dim=1).to(x.dtype)
@@ -111,14 +107,17 @@ class ProxyAnchorLoss(nn.Module):
         self.proxies = _proxies(num_classes, embedding_dim, proxy_lr_mult)
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
+    @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         cos = (
             F.normalize(embeddings, dim=1) @ F.normalize(self.proxies, dim=1).to(embeddings.dtype).T
         )  # [B, C]
         positive = F.one_hot(labels, len(self.proxies)).bool()
         with_pos = positive.any(0)
-        pos_term = _log1p_sum_exp(-self.alpha * (cos - self.delta), positive, dim=0).sum() / with_pos.sum()
-        neg_term = _log1p_sum_exp(self.alpha * (cos + self.delta), ~positive, dim=0).sum() / len(self.proxies)
+        pos_term = masked_logsumexp(-self.alpha * (cos - self.delta), positive, dim=0, add_one=True)
+        neg_term = masked_logsumexp(self.alpha * (cos + self.delta), ~positive, dim=0, add_one=True)
+        pos_term = pos_term.sum() / with_pos.sum()  # over the proxies of classes in the batch
+        neg_term = neg_term.sum() / len(self.proxies)  # over all proxies
         with torch.no_grad():
             stats = {
                 "pos_term": pos_term.detach(),

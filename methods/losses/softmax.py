@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from harness.registry import register
 from harness.types import LossOutput
+from methods.distances import full_precision
 
 
 @register("loss", "normalized_softmax")
@@ -40,6 +41,7 @@ class NormalizedSoftmaxLoss(nn.Module):
         nn.init.uniform_(self.weight, -1 / math.sqrt(embedding_dim), 1 / math.sqrt(embedding_dim))
         self.weight.lr_mult = weight_lr_mult  # type: ignore[attr-defined]
 
+    @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         x = F.normalize(embeddings, dim=1) if self.normalize else embeddings
         logits = x @ F.normalize(self.weight, dim=1).to(x.dtype).T / self.temperature
