@@ -123,6 +123,9 @@ def test_gradients_reach_reflection_axis() -> None:
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     s = SymmetricalSynthesis()
     neg = labels[:, None] != labels[None, :]
+    for metric in ("euclidean", "cosine"):  # some negatives come from reflections in both metrics
+        s.hardest_negatives(x, labels, metric)
+        assert s.epoch_diagnostics()["synthetic_entry_fraction"] > 0
     assert torch.autograd.gradcheck(lambda e: s.hardest_negatives(e, labels, "euclidean")[neg], (x,))
     assert torch.autograd.gradcheck(lambda e: s.hardest_negatives(e, labels, "cosine")[neg], (x,))
 
