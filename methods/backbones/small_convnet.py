@@ -29,7 +29,12 @@ class SmallConvNet(StagedBackbone):
     A 28×28 input gives a 7×7 map, an 8×8 input a 2×2 map. No pretrained weights exist for it.
     """
 
-    def __init__(self, *, in_channels: int, width: int = 32, input_size: int = 28, frozen_bn: bool = False):
+    #: ABE's default split: S = block1..block2, attention trunk = block3 (mask upsampled to S's size).
+    abe_defaults = {"branch": "block2", "attention_depth": "block3"}
+
+    def __init__(
+        self, *, in_channels: int, width: int = 32, input_size: int = 28, frozen_bn: bool = False
+    ) -> None:
         widths = [width, 2 * width, 4 * width, 8 * width]
         pools = [False, True, True, False]
         stages: OrderedDict[str, nn.Module] = OrderedDict()
@@ -38,8 +43,8 @@ class SmallConvNet(StagedBackbone):
             stages[f"block{i}"] = _block(cin, w, pool)
             cin = w
         channels = {f"block{i}": w for i, w in enumerate(widths, start=1)}
+        grey = (0.5,) * in_channels
         data_config = DataConfig(
-            input_size=input_size, resize_size=input_size, mean=(0.5,) * in_channels, std=(0.5,) * in_channels,
-            in_channels=in_channels,
+            input_size=input_size, resize_size=input_size, mean=grey, std=grey, in_channels=in_channels
         )
         super().__init__(stages, channels, data_config, frozen_bn=frozen_bn)
