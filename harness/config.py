@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,7 +204,7 @@ def _fill_defaults(spec: Component, kind: str) -> Component:
     entry = registry.registry(kind).get(name)
     full = {"name": name}
     for p in entry.params.values():
-        full[p.name] = params.get(p.name, None if p.required else copy.deepcopy(p.default))
+        full[p.name] = registry.coerce(p, params[p.name]) if p.name in params else copy.deepcopy(p.default)
     return json.loads(json.dumps(full, default=list))  # tuples → lists: canonical JSON form
 
 
@@ -250,7 +251,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             continue
         keys = key.strip().split(".")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
+            parsed = parse_yaml(value) if value.strip() else None
             node: Any = out
             for k in keys[:-1]:
                 if isinstance(node, list):
@@ -267,12 +268,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as every DML config writes learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with the harness's loader (see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = parse_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -280,6 +297,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def name_default_components(raw: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``raw`` with every default component it leaves out written as ``{name: <default>}``, so an
+    override such as ``optimizer.lr=0.01`` applies to the default optimizer."""
+    out = copy.deepcopy(raw)
+    defaults = RunConfig().to_dict()
+    for _, path in COMPONENT_FIELDS:
+        keys = path.split(".")
+        node, default = out, defaults
+        for key in keys[:-1]:
+            node, default = node.setdefault(key, {}), default[key]
+        if keys[-1] not in node and isinstance(default[keys[-1]], dict):
+            node[keys[-1]] = {"name": default[keys[-1]]["name"]}
+    return out
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a RunConfig from YAML, apply dotted overrides, validate and resolve."""
-    return validate(apply_overrides(load_yaml(path), overrides or []))
+    return validate(apply_overrides(name_default_components(load_yaml(path)), overrides or []))

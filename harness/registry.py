@@ -208,6 +208,16 @@ def _type_check(param: Param, value: Any, path: str) -> str | None:
     return None
 
 
+def coerce(param: Param, value: Any) -> Any:
+    """``value`` converted to the parameter's type (e.g. the int 1 for a float parameter → 1.0)."""
+    if param.annotation is Any or value is None:
+        return value
+    try:
+        return pydantic.TypeAdapter(param.annotation).validate_python(value, strict=False)
+    except Exception:  # validated before; annotations pydantic cannot handle are left as they are
+        return value
+
+
 def validate_params(kind: str, name: str, params: Mapping[str, Any], path: str) -> list[str]:
     """All problems with ``params`` for component ``kind/name`` (unknown, missing, ill-typed)."""
     try:

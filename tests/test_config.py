@@ -51,6 +51,13 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     assert any(p.startswith("optimizer.name") and "'adam'" in p for p in problems)
 
 
+def test_override_reaches_a_default_component_and_floats_parse(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, {}), ["optimizer.lr=1e-4", "data.dataset.train_classes=[0, 1, 2, 3, 4, 5]"])
+    assert cfg.optimizer == {**cfg.optimizer, "name": "adam", "lr": 1e-4}
+    assert cfg.data.dataset["name"] == "digits" and cfg.data.dataset["train_classes"] == [0, 1, 2, 3, 4, 5]
+    assert config.load(_write(tmp_path, {"optimizer": {"name": "sgd", "lr": 1}})).optimizer["lr"] == 1.0
+
+
 def test_bad_override_and_bad_yaml(tmp_path: Path) -> None:
     path = _write(tmp_path, {})
     with pytest.raises(ConfigError, match="expected dotted.path=value"):

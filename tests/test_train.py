@@ -27,7 +27,7 @@ TINY = {
 
 
 def tiny(*overrides: str) -> config.RunConfig:
-    return config.validate(config.apply_overrides(TINY, list(overrides)))
+    return config.validate(config.apply_overrides(config.name_default_components(TINY), list(overrides)))
 
 
 def test_same_config_and_seed_give_identical_results() -> None:
