@@ -46,10 +46,16 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
 def _cmd_study_run(args: argparse.Namespace) -> None:
     from harness import study
 
-    study.run_study(
-        args.study, storage=args.storage, workers=args.workers, name=args.name, results=args.results,
+    out = study.run_study(
+        args.study,
+        storage=args.storage,
+        workers=args.workers,
+        name=args.name,
+        results=args.results,
         overrides=args.overrides,
     )
+    if out is not None:
+        print(f"tables: {out / 'tables'}\nplots: {out / 'plots'}\noverview: {out / 'report.md'}")
 
 
 def _cmd_study_status(args: argparse.Namespace) -> None:
@@ -72,7 +78,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dmlh", description="Deep metric learning benchmarking and ablation harness")
+    p = argparse.ArgumentParser(
+        prog="dmlh", description="Deep metric learning benchmarking and ablation harness"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--results", default="results", help="results folder (default: ./results)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    dc = dsub.add_parser("check", help="check a dataset folder: images and classes per split, or what is missing")
+    dc = dsub.add_parser(
+        "check", help="check a dataset folder: images and classes per split, or what is missing"
+    )
     dc.add_argument("name")
     dc.add_argument("--root", default=None)
     dc.set_defaults(func=_cmd_data_check)
@@ -98,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = s.add_subparsers(dest="study_command", required=True)
     sr = ssub.add_parser("run", help="run (or resume) a study")
     sr.add_argument("study", help="study YAML")
-    sr.add_argument("overrides", nargs="*", help="dotted overrides of the study YAML, e.g. base.train.epochs=1")
-    sr.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file in results/<study>/)")
+    sr.add_argument(
+        "overrides", nargs="*", help="dotted overrides of the study YAML, e.g. base.train.epochs=1"
+    )
+    sr.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: journal file in results/<study>/)"
+    )
     sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     sr.add_argument("--name", default=None, help="study name (default: from the YAML)")
     sr.set_defaults(func=_cmd_study_run)
@@ -124,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         args.func(args)

@@ -129,9 +129,16 @@ class RunConfig(_Section):
 
 #: (kind, dotted path) of every single-component field of a RunConfig.
 COMPONENT_FIELDS = (
-    ("dataset", "data.dataset"), ("backbone", "backbone"), ("pooling", "pooling"), ("model", "model"),
-    ("loss", "loss"), ("miner", "miner"), ("synthesis", "synthesis"), ("optimizer", "optimizer"),
-    ("scheduler", "scheduler"), ("whitening", "eval.whitening"),
+    ("dataset", "data.dataset"),
+    ("backbone", "backbone"),
+    ("pooling", "pooling"),
+    ("model", "model"),
+    ("loss", "loss"),
+    ("miner", "miner"),
+    ("synthesis", "synthesis"),
+    ("optimizer", "optimizer"),
+    ("scheduler", "scheduler"),
+    ("whitening", "eval.whitening"),
 )
 
 
@@ -188,7 +195,11 @@ def _compatibility_problems(cfg: RunConfig) -> list[str]:
     for kind, spec in (("miner", cfg.miner), ("synthesis", cfg.synthesis)):
         if spec is not None and kind not in loss.context:
             problems.append(f"{kind}: loss {loss_name!r} cannot take a {kind} (it would be a silent no-op)")
-    if cfg.miner is not None and "miner" in loss.context and cfg.miner.get("name") in registry.registry("miner"):
+    if (
+        cfg.miner is not None
+        and "miner" in loss.context
+        and cfg.miner.get("name") in registry.registry("miner")
+    ):
         miner = registry.registry("miner").get(cfg.miner["name"])
         produces = getattr(miner.obj, "produces", None)
         accepts = getattr(loss.obj, "accepts_miner", ())

@@ -60,7 +60,8 @@ class StagedBackbone(nn.Module):
     def check_stage(self, name: str, what: str = "stage") -> None:
         if name not in self.stages:
             raise ConfigError(
-                f"{what} {name!r} is not a stage of {type(self).__name__} (stages: {', '.join(self.stage_names)})"
+                f"{what} {name!r} is not a stage of {type(self).__name__} "
+                f"(stages: {', '.join(self.stage_names)})"
             )
 
     def stage_range(self, start: str | None = None, end: str | None = None) -> list[str]:
@@ -138,7 +139,9 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int = 3) -> nn.Mo
     backbone = build_component(cfg.backbone, "backbone", "backbone", in_channels=in_channels)
     if not isinstance(backbone, StagedBackbone):
         raise ConfigError(f"backbone: {cfg.backbone['name']!r} does not build a StagedBackbone")
-    pooling = build_component(cfg.pooling, "pooling", "pooling", in_channels=backbone.out_channels,
-                              num_classes=num_classes)
-    return build_component(cfg.model, "model", "model", backbone=backbone, pooling=pooling,
-                           num_classes=num_classes)
+    pooling = build_component(
+        cfg.pooling, "pooling", "pooling", in_channels=backbone.out_channels, num_classes=num_classes
+    )
+    return build_component(
+        cfg.model, "model", "model", backbone=backbone, pooling=pooling, num_classes=num_classes
+    )

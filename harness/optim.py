@@ -17,22 +17,38 @@ ParamGroups = list[dict[str, Any]]
 
 
 @register("optimizer", "adam")
-def adam(*, params: ParamGroups, lr: float = 1e-3, weight_decay: float = 0.0,
-         betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def adam(
+    *,
+    params: ParamGroups,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
     """Adam (weight decay as L2 in the gradient, as the DML papers' code does)."""
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
 
 @register("optimizer", "adamw")
-def adamw(*, params: ParamGroups, lr: float = 1e-3, weight_decay: float = 1e-4,
-          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def adamw(
+    *,
+    params: ParamGroups,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay; Proxy-Anchor's optimizer)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
 
 @register("optimizer", "sgd")
-def sgd(*, params: ParamGroups, lr: float = 0.01, weight_decay: float = 0.0, momentum: float = 0.9,
-        nesterov: bool = False) -> torch.optim.Optimizer:
+def sgd(
+    *,
+    params: ParamGroups,
+    lr: float = 0.01,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
     """SGD with momentum."""
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
 
@@ -44,8 +60,12 @@ def step(*, optimizer: torch.optim.Optimizer, step_size: int = 10, gamma: float 
 
 
 @register("scheduler", "multistep")
-def multistep(*, optimizer: torch.optim.Optimizer, milestones: list[int] = [40, 60, 80],  # noqa: B006
-              gamma: float = 0.2) -> Any:
+def multistep(
+    *,
+    optimizer: torch.optim.Optimizer,
+    milestones: list[int] = [40, 60, 80],  # noqa: B006
+    gamma: float = 0.2,
+) -> Any:
     """Multiply the learning rate by gamma at each milestone epoch (MDR: 40/60/80, ×0.2)."""
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
 
@@ -54,7 +74,9 @@ def multistep(*, optimizer: torch.optim.Optimizer, milestones: list[int] = [40, 
 def cosine(*, optimizer: torch.optim.Optimizer, epochs: int, min_lr_ratio: float = 0.0) -> Any:
     """Cosine annealing over the run's epochs down to min_lr_ratio × the initial learning rate."""
     base = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=base * min_lr_ratio)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(epochs, 1), eta_min=base * min_lr_ratio
+    )
 
 
 @register("scheduler", "exponential")

@@ -34,8 +34,16 @@ ENTRY_POINT_GROUP = "dmlh.plugins"
 #: these names and *no default* is context; with a default it is an ordinary hyperparameter.
 CONTEXT_PARAMS = frozenset(
     {
-        "num_classes", "embedding_dim", "in_channels", "backbone", "pooling", "miner", "synthesis",
-        "optimizer", "epochs", "params",
+        "num_classes",
+        "embedding_dim",
+        "in_channels",
+        "backbone",
+        "pooling",
+        "miner",
+        "synthesis",
+        "optimizer",
+        "epochs",
+        "params",
     }
 )
 
@@ -125,7 +133,9 @@ class Registry:
         close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         where = f"{path}: " if path else ""
-        return f"{where}unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries)) or 'none'})"
+        return (
+            f"{where}unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries)) or 'none'})"
+        )
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -241,7 +251,9 @@ def validate_params(kind: str, name: str, params: Mapping[str, Any], path: str) 
     return problems
 
 
-def build(kind: str, name: str, /, context: Mapping[str, Any] | None = None, path: str = "", **params: Any) -> Any:
+def build(
+    kind: str, name: str, /, context: Mapping[str, Any] | None = None, path: str = "", **params: Any
+) -> Any:
     """Build component ``kind/name`` from user ``params`` plus the ``context`` entries it asks for.
 
     Raises ConfigError naming ``path`` for an unknown name or unknown / ill-typed parameters.

@@ -28,13 +28,17 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_run(result: RunResult, directory: str | Path, *, save_checkpoint: bool = False) -> Path:
-    """Write config.yaml, metrics.json, history.csv, diagnostics.json (and checkpoint.pt) into ``directory``."""
+    """Write config.yaml, metrics.json, history.csv, diagnostics.json (and checkpoint.pt) to ``directory``."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     (tmp / "config.yaml").write_text(yaml.safe_dump(result.config, sort_keys=False))
-    summary = {"run_key": result.run_key, "best_epoch": result.best_epoch, "metrics": result.metrics,
-               "timings": result.timings}
+    summary = {
+        "run_key": result.run_key,
+        "best_epoch": result.best_epoch,
+        "metrics": result.metrics,
+        "timings": result.timings,
+    }
     (tmp / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2))
     pd.DataFrame(result.history).to_csv(tmp / "history.csv", index=False)
     (tmp / "diagnostics.json").write_text(json.dumps(_json_safe(result.diagnostics)))
@@ -58,6 +62,7 @@ def format_metrics(result: RunResult) -> str:
     for key, value in result.metrics.items():
         split, _, metric = key.partition("/")
         rows.setdefault(metric, {})[split] = value
-    df = pd.DataFrame(rows).T.reindex(columns=[c for c in ("val", "test", "test_last") if any(
-        c in r for r in rows.values())])
+    df = pd.DataFrame(rows).T.reindex(
+        columns=[c for c in ("val", "test", "test_last") if any(c in r for r in rows.values())]
+    )
     return f"best epoch {result.best_epoch}\n" + df.to_string(float_format=lambda v: f"{v:.4f}")

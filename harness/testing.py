@@ -28,7 +28,13 @@ def pk_labels(p: int = 4, k: int = 4) -> torch.Tensor:
 
 
 def _context(dim: int, num_classes: int) -> dict[str, Any]:
-    return {"num_classes": num_classes, "embedding_dim": dim, "in_channels": 8, "miner": None, "synthesis": None}
+    return {
+        "num_classes": num_classes,
+        "embedding_dim": dim,
+        "in_channels": 8,
+        "miner": None,
+        "synthesis": None,
+    }
 
 
 def _build(kind: str, name: str, **context: Any) -> Any:
@@ -111,8 +117,12 @@ def check_model(name: str) -> None:
     """A model built on the small convnet maps images to ModelOutput with embedding_dim columns."""
     backbone = _build("backbone", "small_convnet", in_channels=1)
     pooling = _build("pooling", "avg", in_channels=backbone.out_channels)
-    model = registry.build("model", name, context={"backbone": backbone, "pooling": pooling, "num_classes": 4},
-                           path=f"model:{name}")
+    model = registry.build(
+        "model",
+        name,
+        context={"backbone": backbone, "pooling": pooling, "num_classes": 4},
+        path=f"model:{name}",
+    )
     model.train()
     labels = pk_labels(4, 2)
     out = model(torch.randn(len(labels), 1, 28, 28), labels)

@@ -75,7 +75,11 @@ def param_groups(model: nn.Module, loss_modules: Iterable[nn.Module], cfg: RunCo
     backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
     groups: dict[tuple[str, float, bool], list[nn.Parameter]] = defaultdict(list)
-    mults = {"backbone": cfg.train.backbone_lr_mult, "head": cfg.train.head_lr_mult, "loss": cfg.train.loss_lr_mult}
+    mults = {
+        "backbone": cfg.train.backbone_lr_mult,
+        "head": cfg.train.head_lr_mult,
+        "loss": cfg.train.loss_lr_mult,
+    }
     sources = [("model", model)] + [("loss", m) for m in loss_modules]
     seen: set[int] = set()
     for source, module in sources:
@@ -87,18 +91,30 @@ def param_groups(model: nn.Module, loss_modules: Iterable[nn.Module], cfg: RunCo
             key = (group, float(getattr(p, "lr_mult", 1.0)), bool(getattr(p, "no_weight_decay", False)))
             groups[key].append(p)
     return [
-        {"params": ps, "lr": base_lr * mults[g] * mult, "weight_decay": 0.0 if no_wd else base_wd,
-         "name": f"{g}" + (f"×{mult:g}" if mult != 1.0 else "") + ("/no_wd" if no_wd else "")}
+        {
+            "params": ps,
+            "lr": base_lr * mults[g] * mult,
+            "weight_decay": 0.0 if no_wd else base_wd,
+            "name": f"{g}" + (f"×{mult:g}" if mult != 1.0 else "") + ("/no_wd" if no_wd else ""),
+        }
         for (g, mult, no_wd), ps in groups.items()
     ]
 
 
 @torch.no_grad()
-def embed(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int, device: torch.device,
-          num_workers: int = 0, desc: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
+def embed(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    desc: str = "embed",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (float32, CPU) and labels of a whole split, in order."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
     embs, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
         out: ModelOutput = model(x.to(device, non_blocking=True))
@@ -115,32 +131,51 @@ class _Trainer:
         self.device = pick_device(cfg.train.device)
         self.splits = load_splits(cfg.data)
         num_classes = self.splits.num_train_classes
-        self.model = build_model(cfg, num_classes=num_classes, in_channels=self.splits.channels).to(self.device)
+        self.model = build_model(cfg, num_classes=num_classes, in_channels=self.splits.channels).to(
+            self.device
+        )
         train_tf, test_tf = build_transforms(cfg.data, self.model.backbone.data_config, self.splits.channels)
         self.train_set = self.splits.train.with_transform(train_tf)
         self.eval_sets = {
             name: s.with_transform(test_tf)
-            for name, s in (("train", self.splits.train), ("val", self.splits.val), ("test", self.splits.test),
-                            ("query", self.splits.query))
+            for name, s in (
+                ("train", self.splits.train),
+                ("val", self.splits.val),
+                ("test", self.splits.test),
+                ("query", self.splits.query),
+            )
             if s is not None
         }
         ctx = {"num_classes": num_classes, "embedding_dim": self.model.embedding_dim}
         miner = build_component(cfg.miner, "miner", "miner", **ctx) if cfg.miner else None
         synthesis = build_component(cfg.synthesis, "synthesis", "synthesis", **ctx) if cfg.synthesis else None
-        self.loss = build_component(cfg.loss, "loss", "loss", miner=miner, synthesis=synthesis, **ctx).to(self.device)
+        self.loss = build_component(cfg.loss, "loss", "loss", miner=miner, synthesis=synthesis, **ctx).to(
+            self.device
+        )
         self.regularizers = nn.ModuleList(
-            build_component(r, "regularizer", f"regularizers.{i}", **ctx) for i, r in enumerate(cfg.regularizers)
+            build_component(r, "regularizer", f"regularizers.{i}", **ctx)
+            for i, r in enumerate(cfg.regularizers)
         ).to(self.device)
         groups = param_groups(self.model, [self.loss, self.regularizers], cfg)
         self.optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
         self.scheduler = (
-            build_component(cfg.scheduler, "scheduler", "scheduler", optimizer=self.optimizer, epochs=cfg.train.epochs)
-            if cfg.scheduler else None
+            build_component(
+                cfg.scheduler, "scheduler", "scheduler", optimizer=self.optimizer, epochs=cfg.train.epochs
+            )
+            if cfg.scheduler
+            else None
         )
-        self.sampler = PKSampler(self.splits.train.labels, cfg.sampler.p, cfg.sampler.k,
-                                 cfg.sampler.batches_per_epoch, seed=cfg.seed)
+        self.sampler = PKSampler(
+            self.splits.train.labels,
+            cfg.sampler.p,
+            cfg.sampler.k,
+            cfg.sampler.batches_per_epoch,
+            seed=cfg.seed,
+        )
         self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
+            self.train_set,
+            batch_sampler=self.sampler,
+            num_workers=cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
         self.amp = cfg.train.amp and self.device.type == "cuda"
@@ -209,12 +244,18 @@ class _Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
-        """Retrieval metrics of ``split`` (val or test; test searches query → gallery when a query set exists)."""
+        """Retrieval metrics of ``split`` (val or test; In-Shop test searches query → gallery)."""
         ev = self.cfg.eval
 
         def emb(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            return embed(self.model, self.eval_sets[name], ev.batch_size, self.device, self.cfg.data.num_workers,
-                         desc=f"embed {name}")
+            return embed(
+                self.model,
+                self.eval_sets[name],
+                ev.batch_size,
+                self.device,
+                self.cfg.data.num_workers,
+                desc=f"embed {name}",
+            )
 
         gallery, g_labels = emb(split)
         query, q_labels = emb("query") if split == "test" and "query" in self.eval_sets else (None, None)
@@ -223,15 +264,23 @@ class _Trainer:
             whiten = build_component(ev.whitening, "whitening", "eval.whitening").fit(train_emb, train_labels)
             gallery = whiten(gallery)
             query = whiten(query) if query is not None else None
-        return retrieval_metrics(gallery, g_labels, ks=tuple(ev.ks), query_embeddings=query, query_labels=q_labels,
-                                 distance=ev.distance, backend=ev.backend, nmi=ev.nmi)
+        return retrieval_metrics(
+            gallery,
+            g_labels,
+            ks=tuple(ev.ks),
+            query_embeddings=query,
+            query_labels=q_labels,
+            distance=ev.distance,
+            backend=ev.backend,
+            nmi=ev.nmi,
+        )
 
     def epoch_diagnostics(self) -> tuple[dict[str, float], dict[str, Any]]:
-        """Collect ``epoch_diagnostics()`` of every component: scalars for the history, the rest as records."""
+        """Collect every component's ``epoch_diagnostics()``: scalars for the history, the rest as records."""
         scalars: dict[str, float] = {}
         records: dict[str, Any] = {}
         for root in (self.model, self.loss, self.regularizers):
-            for name, m in root.named_modules():
+            for m in root.modules():
                 if not hasattr(m, "epoch_diagnostics"):
                     continue
                 source = type(m).__name__
@@ -244,8 +293,13 @@ class _Trainer:
         return scalars, records
 
     def state(self) -> dict[str, Any]:
-        return copy.deepcopy({"model": self.model.state_dict(), "loss": self.loss.state_dict(),
-                              "regularizers": self.regularizers.state_dict()})
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "loss": self.loss.state_dict(),
+                "regularizers": self.regularizers.state_dict(),
+            }
+        )
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -268,9 +322,15 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     diagnostics: list[dict[str, Any]] = []
     best_score, best_epoch, best_state, best_val = -math.inf, cfg.train.epochs, None, {}
     train_time = eval_time = 0.0
-    log.info("run %s: %d train / %s val / %d test images, %d train classes, device %s", cfg.name,
-             len(tr.train_set), len(tr.eval_sets["val"]) if has_val else 0, len(tr.eval_sets["test"]),
-             tr.splits.num_train_classes, tr.device)
+    log.info(
+        "run %s: %d train / %s val / %d test images, %d train classes, device %s",
+        cfg.name,
+        len(tr.train_set),
+        len(tr.eval_sets["val"]) if has_val else 0,
+        len(tr.eval_sets["test"]),
+        tr.splits.num_train_classes,
+        tr.device,
+    )
     for epoch in tqdm(range(cfg.train.epochs), desc=f"{cfg.name}", disable=None):
         t = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"]}
@@ -287,10 +347,14 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
             eval_time += time.perf_counter() - t
             row.update({f"val/{k}": v for k, v in val.items()})
             if selection not in val:
-                raise TrainingError(f"train.selection_metric {selection!r} is not a metric (have {sorted(val)})")
+                raise TrainingError(
+                    f"train.selection_metric {selection!r} is not a metric (have {sorted(val)})"
+                )
             if val[selection] > best_score:
                 best_score, best_epoch, best_state, best_val = val[selection], epoch + 1, tr.state(), val
-            log.info("epoch %d: loss %.4f, val %s %.4f", epoch + 1, row["train/loss"], selection, val[selection])
+            log.info(
+                "epoch %d: loss %.4f, val %s %.4f", epoch + 1, row["train/loss"], selection, val[selection]
+            )
             if reporter is not None:
                 reporter(epoch + 1, val)
         row["seconds"] = time.perf_counter() - t0
@@ -306,6 +370,13 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         metrics.update({f"test/{k}": v for k, v in last_test.items()})
     eval_time += time.perf_counter() - t
     timings = {"total_s": time.perf_counter() - t0, "train_s": train_time, "eval_s": eval_time}
-    return RunResult(config=cfg.to_dict(), run_key=cfg.run_key(), metrics=metrics, best_epoch=best_epoch,
-                     history=history, diagnostics=diagnostics, timings=timings,
-                     checkpoint=best_state if best_state is not None else tr.state())
+    return RunResult(
+        config=cfg.to_dict(),
+        run_key=cfg.run_key(),
+        metrics=metrics,
+        best_epoch=best_epoch,
+        history=history,
+        diagnostics=diagnostics,
+        timings=timings,
+        checkpoint=best_state if best_state is not None else tr.state(),
+    )

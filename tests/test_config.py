@@ -26,8 +26,9 @@ def test_defaults_are_resolved_and_saved(tmp_path: Path) -> None:
 
 def test_dotted_overrides(tmp_path: Path) -> None:
     path = _write(tmp_path, {"backbone": "small_convnet", "optimizer": {"name": "adam"}})
-    cfg = config.load(path, ["optimizer.lr=0.01", "train.epochs=3", "backbone.width=8", "eval.ks=[1, 10]",
-                             "optimizer=sgd"])
+    cfg = config.load(
+        path, ["optimizer.lr=0.01", "train.epochs=3", "backbone.width=8", "eval.ks=[1, 10]", "optimizer=sgd"]
+    )
     assert cfg.optimizer["name"] == "sgd" and cfg.optimizer["momentum"] == 0.9
     cfg = config.load(path, ["optimizer.lr=0.01", "train.epochs=3", "backbone.width=8", "eval.ks=[1, 10]"])
     assert cfg.optimizer["lr"] == 0.01 and cfg.train.epochs == 3 and cfg.backbone["width"] == 8
@@ -35,12 +36,15 @@ def test_dotted_overrides(tmp_path: Path) -> None:
 
 
 def test_every_problem_reported_at_once(tmp_path: Path) -> None:
-    path = _write(tmp_path, {
-        "trian": {"epochs": 2},                        # typo of a section
-        "train": {"epochs": "many"},                   # ill-typed
-        "backbone": {"name": "small_convnet", "widht": 8},  # unknown parameter
-        "optimizer": {"name": "adamm"},                # unknown component
-    })
+    path = _write(
+        tmp_path,
+        {
+            "trian": {"epochs": 2},  # typo of a section
+            "train": {"epochs": "many"},  # ill-typed
+            "backbone": {"name": "small_convnet", "widht": 8},  # unknown parameter
+            "optimizer": {"name": "adamm"},  # unknown component
+        },
+    )
     with pytest.raises(ConfigError) as e:
         config.load(path)
     problems = e.value.problems
@@ -52,7 +56,9 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_override_reaches_a_default_component_and_floats_parse(tmp_path: Path) -> None:
-    cfg = config.load(_write(tmp_path, {}), ["optimizer.lr=1e-4", "data.dataset.train_classes=[0, 1, 2, 3, 4, 5]"])
+    cfg = config.load(
+        _write(tmp_path, {}), ["optimizer.lr=1e-4", "data.dataset.train_classes=[0, 1, 2, 3, 4, 5]"]
+    )
     assert cfg.optimizer == {**cfg.optimizer, "name": "adam", "lr": 1e-4}
     assert cfg.data.dataset["name"] == "digits" and cfg.data.dataset["train_classes"] == [0, 1, 2, 3, 4, 5]
     assert config.load(_write(tmp_path, {"optimizer": {"name": "sgd", "lr": 1}})).optimizer["lr"] == 1.0

@@ -57,11 +57,17 @@ METHODS = {
         "regularizers": [{"name": "mdr", "levels": [-3, 0, 3], "weight": 0.6}],
         "eval": {"nmi": False, "ks": [1, 2], "distance": "euclidean"},
     },
-    "abe": {"model": {"name": "abe", "m": 2, "embedding_dim": 16, "lambda_div": 1.0}, "loss": {"name": "contrastive"}},
+    "abe": {
+        "model": {"name": "abe", "m": 2, "embedding_dim": 16, "lambda_div": 1.0},
+        "loss": {"name": "contrastive"},
+    },
     "abe_heads": {"model": {"name": "abe", "m": 2, "embedding_dim": 16, "variant": "heads"}},
     "gem": {"pooling": {"name": "gem"}},
     "rmac": {"pooling": {"name": "rmac"}},
-    "cgd": {"pooling": {"name": "cgd", "descriptors": "SG", "dim": 16}, "model": {"name": "embedder", "head": False}},
+    "cgd": {
+        "pooling": {"name": "cgd", "descriptors": "SG", "dim": 16},
+        "model": {"name": "embedder", "head": False},
+    },
     "pca_whitening": {"eval": {"nmi": False, "ks": [1, 2], "whitening": {"name": "pca"}}},
     "distance_weighted_miner": {"loss": {"name": "triplet"}, "miner": {"name": "distance_weighted"}},
 }
@@ -80,13 +86,19 @@ def test_big_backbones_take_a_step_on_cub_layout(tmp_path: Path, backbone: str) 
     from tests.fixtures import make_cub200
 
     root = make_cub200(tmp_path / "CUB_200_2011")
-    cfg = config.validate({
-        "data": {"dataset": {"name": "cub200", "root": str(root), "train_classes": 2}, "val_fraction": 0.0,
-                 "input_size": 64, "resize_size": 72},
-        "sampler": {"p": 2, "k": 2, "batches_per_epoch": 1},
-        "backbone": {"name": backbone, "pretrained": False},
-        "model": {"name": "embedder", "embedding_dim": 8},
-        "train": {"epochs": 1},
-        "eval": {"nmi": False, "ks": [1], "batch_size": 4},
-    })
+    cfg = config.validate(
+        {
+            "data": {
+                "dataset": {"name": "cub200", "root": str(root), "train_classes": 2},
+                "val_fraction": 0.0,
+                "input_size": 64,
+                "resize_size": 72,
+            },
+            "sampler": {"p": 2, "k": 2, "batches_per_epoch": 1},
+            "backbone": {"name": backbone, "pretrained": False},
+            "model": {"name": "embedder", "embedding_dim": 8},
+            "train": {"epochs": 1},
+            "eval": {"nmi": False, "ks": [1], "batch_size": 4},
+        }
+    )
     _check(run(cfg))

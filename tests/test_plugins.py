@@ -40,7 +40,8 @@ def _make_package(root: Path, name: str, module_source: str) -> Path:
     pkg = root / name
     (pkg / name).mkdir(parents=True)
     (pkg / name / "__init__.py").write_text(module_source)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent(f'''
+    (pkg / "pyproject.toml").write_text(
+        textwrap.dedent(f'''
         [build-system]
         requires = ["setuptools>=61"]
         build-backend = "setuptools.build_meta"
@@ -51,7 +52,8 @@ def _make_package(root: Path, name: str, module_source: str) -> Path:
         {name} = "{name}"
         [tool.setuptools]
         packages = ["{name}"]
-    '''))
+    ''')
+    )
     return pkg
 
 
@@ -63,17 +65,29 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, src in (("dmlh_toy", PLUGIN), ("dmlh_broken", "raise ImportError('missing dependency foo')\n")):
         pkg = _make_package(root, name, src)
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-             str(site), str(pkg)],
-            check=True, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "--target",
+                str(site),
+                str(pkg),
+            ],
+            check=True,
+            capture_output=True,
         )
     return site
 
 
 def _dmlh(site: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(site), "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
 
 
 def test_plugin_listed_and_broken_plugin_reported(plugin_site: Path) -> None:

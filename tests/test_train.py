@@ -78,7 +78,9 @@ def test_cli_run_writes_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "recall@1" in out
     run_dir = tmp_path / "res" / "runs" / "r1"
-    assert {"config.yaml", "metrics.json", "history.csv", "diagnostics.json"} <= {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "metrics.json", "history.csv", "diagnostics.json"} <= {
+        p.name for p in run_dir.iterdir()
+    }
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 1
     assert json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/recall@1"] >= 0
