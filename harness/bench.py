@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 
 def main(what: str, options: list[str]) -> None:
@@ -17,15 +20,386 @@ def main(what: str, options: list[str]) -> None:
 
 
 def bench_eval(options: list[str]) -> None:
-    raise NotImplementedError
+    """Seconds of our retrieval metrics vs pytorch-metric-learning and a raw faiss search; peak memory."""
+    import argparse
+    import subprocess
+    import sys
+
+    import faiss
+    import pandas as pd
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    from harness.evaluate import retrieval_metrics
+
+    parser = argparse.ArgumentParser(prog="dmlh bench eval")
+    parser.add_argument("--n", type=int, default=30_000, help="number of embeddings (self-retrieval)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--k", type=int, default=8, help="largest K of Recall@K (ks = 1, 2, 4, ..., k)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    parser.add_argument("--memory-n", type=int, default=60_000)
+    parser.add_argument("--memory-dim", type=int, default=512)
+    args = parser.parse_args(options)
+
+    x, y = _eval_data(args.n, args.dim, args.seed)
+    ks = tuple(2**i for i in range(args.k.bit_length()) if 2**i <= args.k)
+    k_raw = max(max(ks), int(np.bincount(y).max()) - 1) + 1  # what the metrics need, self included
+    pml = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+    )
+    raw_name = f"raw faiss IndexFlatIP, k={k_raw}"
+
+    def raw_faiss() -> None:
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(x)
+        index.search(x, k_raw)
+
+    runs = {
+        "ours (faiss, no NMI)": lambda: retrieval_metrics(x, y, ks, backend="faiss", nmi=False),
+        "ours (faiss, with NMI)": lambda: retrieval_metrics(x, y, ks, backend="faiss", nmi=True),
+        "ours (torch, no NMI)": lambda: retrieval_metrics(x, y, ks, backend="torch", nmi=False),
+        "PML AccuracyCalculator": lambda: pml.get_accuracy(torch.from_numpy(x), torch.from_numpy(y)),
+        raw_name: raw_faiss,
+    }
+    seconds, results = dict.fromkeys(runs, float("inf")), {}
+    for _ in range(args.repeats):  # round-robin, best of each: robust to load from other processes
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    ours, pml_s, raw_s = seconds["ours (faiss, no NMI)"], seconds["PML AccuracyCalculator"], seconds[raw_name]
+    table = pd.DataFrame({"seconds": seconds})
+    table["ours (faiss, no NMI) / row"] = ours / table["seconds"]
+    threads = faiss.omp_get_max_threads()
+    print(f"N={args.n}, D={args.dim}, {y.max() + 1} classes, ks={ks}, faiss threads={threads}")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"ours/PML = {ours / pml_s:.3f} (<= 0.5 wanted), ours/raw faiss = {ours / raw_s:.3f} (<= 1.3)")
+    ref, got = results["PML AccuracyCalculator"], results["ours (faiss, no NMI)"]
+    print(
+        f"check: precision@1 {got['precision@1']:.6f} (PML {ref['precision_at_1']:.6f}), "
+        f"map@r {got['map@r']:.6f} (PML {ref['mean_average_precision_at_r']:.6f})"
+    )
+
+    child = f"import harness.bench as b; b._eval_peak_memory({args.memory_n}, {args.memory_dim}, {args.seed})"
+    out = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout
+    embeddings_mib, peak_mib, run_s = (float(v) for v in out.split())
+    print(
+        f"memory: N={args.memory_n}, D={args.memory_dim} (embeddings {embeddings_mib:.0f} MiB, metrics w/o"
+        f" NMI in {run_s:.1f} s): peak RSS above the embeddings {peak_mib:.0f} MiB (target < 2048 MiB)"
+    )
+
+
+def _eval_data(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised embeddings of ~n/5 classes of SOP-like sizes (2-8 images) around class centres."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.repeat(np.arange(n // 2), rng.integers(2, 9, size=n // 2))[:n])
+    y = np.unique(y, return_inverse=True)[1]
+    centres = rng.standard_normal((y.max() + 1, dim), dtype=np.float32)
+    x = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, 8192):  # in blocks: no float64 or full-size temporaries
+        rows = slice(s, s + 8192)
+        block = centres[y[rows]] + 1.2 * rng.standard_normal((len(y[rows]), dim), dtype=np.float32)
+        x[rows] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return x, y
+
+
+def _eval_peak_memory(n: int, dim: int, seed: int) -> None:
+    """(Run in a fresh process.) Print embeddings MiB, peak RSS MiB above them, seconds of the metrics."""
+    from harness.evaluate import retrieval_metrics
+
+    def status_mib(key: str) -> float:
+        line = next(r for r in open("/proc/self/status").read().splitlines() if r.startswith(key + ":"))
+        return int(line.split()[1]) / 1024
+
+    x, y = _eval_data(n, dim, seed)
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+        f.write("5")
+    base = status_mib("VmRSS")
+    start = time.perf_counter()
+    retrieval_metrics(x, y, backend="faiss", nmi=False)
+    print(x.nbytes / 2**20, status_mib("VmHWM") - base, time.perf_counter() - start)
 
 
 def bench_losses(options: list[str]) -> None:
-    raise NotImplementedError
+    """Forward + backward ms of every registered loss vs its pytorch-metric-learning equivalent.
+
+    Same inputs for both (random embeddings, P×K labels with K=4), interleaved repeats after a warm-up,
+    median reported. Targets: ours/PML <= 1.0 everywhere, < 0.7 for batch-all triplet and multi-similarity.
+    A loss without an entry in ``_pml_loss_equivalents`` is timed alone.
+    """
+    import argparse
+
+    import pandas as pd
+    import torch
+
+    from harness import registry
+
+    parser = argparse.ArgumentParser(prog="dmlh bench losses")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512], help="batch sizes (P×4)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per loss and size (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", nargs="+", default=None, help="loss names to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on shared machines)")
+    parser.add_argument(
+        "--pml-max-gib",
+        type=float,
+        default=3.0,
+        help="skip a PML run whose estimated peak memory is larger (PML lifted structure)",
+    )
+    args = parser.parse_args(options)
+
+    torch.set_num_threads(args.threads)
+    names = registry.registry("loss").names()
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        parser.error(f"unknown loss {', '.join(unknown)} (registered: {', '.join(names)})")
+    equivalents = _pml_loss_equivalents()
+    rows = []
+    for name in args.only or names:
+        for case in equivalents.get(name, [_PmlEquivalent("", {}, None)]):
+            for b in args.sizes:
+                gen = torch.Generator().manual_seed(args.seed)
+                labels = torch.arange(b // 4).repeat_interleave(4)[torch.randperm(b // 4 * 4, generator=gen)]
+                emb = torch.randn(len(labels), args.dim, generator=gen)
+                context = {"num_classes": b // 4, "embedding_dim": args.dim, "miner": None, "synthesis": None}
+                ours = registry.build("loss", name, context=context, **case.params)
+                pml, note = None, case.note
+                if case.build is not None and case.gib is not None and case.gib(b) > args.pml_max_gib:
+                    note = f"PML skipped: needs ~{case.gib(b):.0f} GiB > --pml-max-gib"
+                elif case.build is not None:
+                    pml = _losses_timer(case.build(b // 4, args.dim), emb, labels)
+                ours_run = _losses_timer(lambda e, y, f=ours: f(e, y).value, emb, labels)
+                ours_ms, pml_ms = _losses_interleaved(ours_run, pml, args.warmup, args.repeats)
+                ratio = ours_ms / pml_ms if pml_ms else float("nan")
+                ok = ratio < case.target if case.target < 1 else ratio <= case.target
+                target = f"<{case.target}" if case.target < 1 else f"<={case.target}"
+                rows.append(
+                    {
+                        "loss": name,
+                        "variant": case.variant,
+                        "B": len(labels),
+                        "ours ms": ours_ms,
+                        "PML ms": pml_ms or float("nan"),
+                        "ours/PML": ratio,
+                        "target": target if pml_ms else "",
+                        "ok": ("yes" if ok else "NO") if pml_ms else "",
+                        "note": note,
+                    }
+                )
+    threads = torch.get_num_threads()
+    print(f"D={args.dim}, K=4, {threads} threads, median of {args.repeats} forward+backward runs (ms)")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
+
+
+@dataclass(frozen=True)
+class _PmlEquivalent:
+    """One row of the loss benchmark: our params and the PML loss configured to the same semantics.
+
+    build(num_classes, dim) -> fn(embeddings, labels) -> PML loss tensor; gib(B): PML's estimated peak
+    memory in GiB where it grows faster than B² (so the benchmark can skip it on small machines).
+    """
+
+    variant: str
+    params: dict[str, Any]
+    build: Callable[[int, int], Callable[[Any, Any], Any]] | None
+    target: float = 1.0
+    note: str = ""
+    gib: Callable[[int], float] | None = None
+
+
+def _pml_loss_equivalents() -> dict[str, list[_PmlEquivalent]]:
+    """Our loss name -> its variants benchmarked against PML (set to the same semantics unless noted)."""
+    from pytorch_metric_learning import losses, miners
+    from pytorch_metric_learning.distances import DotProductSimilarity, LpDistance
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    def raw() -> dict[str, Any]:
+        return {"distance": LpDistance(normalize_embeddings=False)}
+
+    def mined(loss: Any, miner: Any) -> Callable[[Any, Any], Any]:
+        return lambda e, y: loss(e, y, miner(e, y))
+
+    def plain(loss: Any) -> Callable[[Any, Any], Any]:
+        return lambda e, y: loss(e, y)
+
+    def lifted_gib(b: int) -> float:  # PML materialises [positive pairs × negative pairs] float tensors
+        return 6 * (b * 3) * (b * (b - 4)) * 4 / 2**30
+
+    return {
+        "contrastive": [
+            _PmlEquivalent("pml", {"variant": "pml"}, build=lambda c, d: plain(losses.ContrastiveLoss()))
+        ],
+        "triplet": [
+            _PmlEquivalent(
+                "batch_all",
+                {"mining": "all"},
+                target=0.7,
+                build=lambda c, d: plain(losses.TripletMarginLoss(margin=0.2, **raw())),
+            ),
+            _PmlEquivalent(
+                "batch_hard",
+                {"mining": "batch_hard"},
+                build=lambda c, d: mined(
+                    losses.TripletMarginLoss(margin=0.2, reducer=MeanReducer(), **raw()),
+                    miners.BatchHardMiner(**raw()),
+                ),
+            ),
+            _PmlEquivalent(
+                "semi_hard",
+                {"mining": "semi_hard"},
+                note="PML semihard miner: other semantics",
+                build=lambda c, d: mined(
+                    losses.TripletMarginLoss(margin=0.2, reducer=MeanReducer(), **raw()),
+                    miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard", **raw()),
+                ),
+            ),
+        ],
+        "multi_similarity": [
+            _PmlEquivalent(
+                "",
+                {},
+                target=0.7,
+                build=lambda c, d: mined(
+                    losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
+                    miners.MultiSimilarityMiner(epsilon=0.1),
+                ),
+            )
+        ],
+        "lifted_structured": [
+            _PmlEquivalent(
+                "",
+                {},
+                gib=lifted_gib,
+                build=lambda c, d: plain(losses.LiftedStructureLoss(neg_margin=1, pos_margin=0, **raw())),
+            )
+        ],
+        "generalized_lifted_structured": [
+            _PmlEquivalent(
+                "",
+                {},
+                build=lambda c, d: plain(
+                    losses.GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0, **raw())
+                ),
+            )
+        ],
+        "npair": [
+            _PmlEquivalent(
+                "",
+                {},
+                build=lambda c, d: plain(
+                    losses.NPairsLoss(distance=DotProductSimilarity(normalize_embeddings=False))
+                ),
+            )
+        ],
+        "angular": [_PmlEquivalent("", {}, build=lambda c, d: plain(losses.AngularLoss(alpha=45)))],
+        "proxy_nca": [_PmlEquivalent("", {}, build=lambda c, d: plain(losses.ProxyNCALoss(c, d)))],
+        "proxy_anchor": [
+            _PmlEquivalent(
+                "", {}, build=lambda c, d: plain(losses.ProxyAnchorLoss(c, d, margin=0.1, alpha=32))
+            )
+        ],
+        "normalized_softmax": [
+            _PmlEquivalent(
+                "", {}, build=lambda c, d: plain(losses.NormalizedSoftmaxLoss(c, d, temperature=0.05))
+            )
+        ],
+    }
+
+
+def _losses_timer(loss: Callable[[Any, Any], Any], emb: Any, labels: Any) -> Callable[[], float]:
+    """A function that runs forward + backward of ``loss`` on a fresh leaf copy of emb; returns seconds."""
+
+    def once() -> float:
+        x = emb.detach().clone().requires_grad_(True)
+        start = time.perf_counter()
+        loss(x, labels).backward()
+        return time.perf_counter() - start
+
+    return once
+
+
+def _losses_interleaved(
+    ours: Callable[[], float], pml: Callable[[], float] | None, warmup: int, repeats: int
+) -> tuple[float, float | None]:
+    """Median ms of ours and PML, runs interleaved so that load changes hit both alike."""
+    runs = [f for f in (ours, pml) if f is not None]
+    for _ in range(warmup):
+        for f in runs:
+            f()
+    times = [[f() for f in runs] for _ in range(repeats)]
+    medians = [1000 * float(np.median([t[i] for t in times])) for i in range(len(runs))]
+    return medians[0], (medians[1] if pml is not None else None)
 
 
 def bench_study(options: list[str]) -> None:
-    raise NotImplementedError
+    """The study runner's overhead (study wall time / sum of trial times, target <= 1.10) and the throughput
+    of --workers 2 against --workers 1 (target >= 1.6x on 2 cores), on a study of tiny synthetic trials."""
+    import argparse
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    from harness import store, study
+
+    parser = argparse.ArgumentParser(prog="dmlh bench study")
+    parser.add_argument("--trials", type=int, default=20, help="trials per study (one arm, this many seeds)")
+    parser.add_argument("--batches", type=int, default=40, help="training batches per trial (its length)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
+    args = parser.parse_args(options)
+    logging.getLogger("harness").setLevel(logging.WARNING)
+    spec = {
+        "name": "bench",
+        "base": {
+            "data": {"dataset": {"name": "synthetic", "num_classes": 16, "per_class": 10, "size": 8}},
+            "sampler": {"p": 4, "k": 4, "batches_per_epoch": args.batches},
+            "backbone": {"name": "small_convnet", "width": 8, "input_size": 8},
+            "model": {"name": "embedder", "embedding_dim": 16},
+            "loss": {"name": "triplet", "mining": "batch_hard"},
+            "train": {"epochs": 1},
+            "eval": {"nmi": False},
+        },
+        "final": {"seeds": list(range(args.trials))},
+    }
+    from harness import registry, train  # noqa: F401  (import time is not the runner's overhead)
+
+    registry.load_plugins()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dmlh-bench-study-") as tmp:
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        for workers in args.workers:
+            results = Path(tmp) / f"workers{workers}"
+            t0 = time.perf_counter()
+            study.run_study(path, workers=workers, results=results, report=False)
+            wall = time.perf_counter() - t0
+            df = store.load("bench", results=results)
+            busy = (df.datetime_complete.max() - df.datetime_start.min()).total_seconds()
+            rows.append(
+                {
+                    "workers": workers,
+                    "trials": len(df),
+                    "wall_s": wall,
+                    "sum_trial_s": df.duration.sum(),
+                    "overhead": wall / df.duration.sum(),
+                    "trials/min": 60 * len(df) / wall,
+                    "trials/min (first start→last end)": 60 * len(df) / busy,
+                }
+            )
+    table = pd.DataFrame(rows).set_index("workers")
+    base = table.iloc[0]
+    table["speedup"] = table["trials/min"] / base["trials/min"]
+    steady = "trials/min (first start→last end)"
+    table["speedup (first start→last end)"] = table[steady] / base[steady]
+    print(table.to_string(float_format=lambda v: f"{v:.2f}"))
+    print("targets: overhead <= 1.10 with 1 worker; speedup >= 1.6 with 2 workers on 2 cores")
 
 
 def bench_methods(options: list[str]) -> None:
