@@ -1,0 +1,192 @@
+"""The results store: Optuna storages as the index of trials, and one pandas DataFrame of all runs.
+
+A study ``NAME`` lives in one Optuna storage as a root study ``NAME`` (the final-stage trials, plus the
+study spec in its user attributes) and one study ``NAME/tune/<arm>`` per arm with a tune stage. The
+per-run files under ``results/NAME/runs/<run_key>/`` are the record; ``load`` joins both views.
+
+Storages: the default is Optuna's journal file at ``results/NAME/journal.log`` (safe for several worker
+processes, also on NFS); ``sqlite:///…`` for one worker; ``postgresql://…`` (any SQLAlchemy URL) for
+many machines, with Optuna's heartbeats so that a dead worker's trial is detected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.errors import ConfigError, HarnessError
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two heartbeats of a running trial, and after which a silent trial counts as lost.
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 60
+TUNE_INFIX = "/tune/"
+JOURNAL = "journal.log"
+
+
+def tune_study_name(name: str, arm: str) -> str:
+    return f"{name}{TUNE_INFIX}{arm}"
+
+
+def journal_path(name: str, results: str | Path) -> Path:
+    return Path(results) / name / JOURNAL
+
+
+def open_storage(
+    url: str | None,
+    name: str,
+    results: str | Path,
+    *,
+    workers: int = 1,
+    create: bool = False,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> BaseStorage:
+    """The storage of study ``name``: ``url`` (an SQLAlchemy URL) or the journal file under ``results``.
+
+    ``on_stale(study, trial)`` is called (RDB storages) for a trial whose worker stopped beating, by the one
+    process that failed it.
+
+    SQLite is refused for more than one worker: it locks the whole database file and concurrent
+    Optuna writes fail (optuna#820, #6036).
+    """
+    if url is None:
+        path = journal_path(name, results)
+        if not create and not path.is_file():
+            raise HarnessError(
+                f"no study {name!r}: {path} not found (run `dmlh study run STUDY.yaml` first, or pass "
+                "--storage and --results where the study lives)"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite") and workers > 1:
+        raise ConfigError(
+            f"--storage {url}: SQLite supports one worker only (it locks the whole file; parallel Optuna "
+            "writes fail). Use the default journal storage (omit --storage) or a PostgreSQL URL "
+            "for --workers > 1"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=HEARTBEAT_GRACE_S,
+                heartbeat_stale_trial_callback=on_stale,
+            )
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"--storage {url}: cannot open it ({type(e).__name__}: {e})") from e
+        except Exception as e:  # SQLAlchemy's OperationalError etc.: report the URL, keep the cause
+            raise HarnessError(f"--storage {url}: cannot connect ({type(e).__name__}: {e})") from e
+
+
+def resolve(
+    study_name_or_path: str | Path, storage: str | None = None, results: str | Path = "results"
+) -> tuple[str, Path, BaseStorage]:
+    """(study name, study folder, storage) from a study name, a study folder or its journal file."""
+    p = Path(study_name_or_path)
+    if storage is None and (p.name == JOURNAL and p.is_file() or (p / JOURNAL).is_file()):
+        folder = p.parent if p.name == JOURNAL else p
+        return folder.name, folder, open_storage(None, folder.name, folder.parent)
+    name = str(study_name_or_path)
+    return name, Path(results) / name, open_storage(storage, name, results)
+
+
+def study_names(storage: BaseStorage, name: str) -> list[str]:
+    """The root study (if it exists) and its tune studies, root first."""
+    names = [s.study_name for s in storage.get_all_studies()]
+    tune = sorted(n for n in names if n.startswith(name + TUNE_INFIX))
+    return ([name] if name in names else []) + tune
+
+
+def load_meta(storage: BaseStorage, name: str) -> dict[str, Any]:
+    """The study's spec as the runner stored it (arms, factors, objective, baseline, ...)."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError as e:
+        raise HarnessError(
+            f"no study {name!r} in this storage (it has: "
+            f"{', '.join(s.study_name for s in storage.get_all_studies()) or 'none'})"
+        ) from e
+    return dict(storage.get_study_user_attrs(study_id).get("meta", {}))
+
+
+def lost_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials whose worker died (re-run as a retry) — not failures of the config."""
+    return {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+
+
+def _row(t: FrozenTrial, study: str, results_dir: Path, lost: set[int]) -> dict[str, Any]:
+    ua = t.user_attrs
+    run_key = ua.get("run_key")
+    row: dict[str, Any] = {
+        "study": study,
+        "number": t.number,
+        "state": t.state.name,
+        "stage": ua.get("stage"),
+        "arm": ua.get("arm"),
+        "seed": ua.get("seed"),
+        "slot": ua.get("slot"),
+        "run_key": run_key,
+        "run_dir": str(results_dir / "runs" / run_key) if run_key else None,
+        "value": t.value if t.state == TrialState.COMPLETE else None,
+        "duration": ua.get("duration", t.duration.total_seconds() if t.duration else math.nan),
+        "datetime_start": t.datetime_start,
+        "datetime_complete": t.datetime_complete,
+        "best_epoch": ua.get("best_epoch"),
+        "lost": t.number in lost,
+        "reason": ua.get("reason"),
+        "traceback": ua.get("traceback"),
+        "reused_from": ua.get("reused_from"),
+        "retry_of": ua.get("retry_of"),
+    }
+    row.update(ua.get("arm_display", {}))
+    row.update(ua.get("tuned", {}))
+    row.update(ua.get("metrics", {}))
+    return row
+
+
+def load(
+    study_name_or_path: str | Path, storage: str | None = None, results: str | Path = "results"
+) -> pd.DataFrame:
+    """One row per run (trial) of a study: stage, arm, seed, arm factors and tuned parameters (as dotted-path
+    columns), metrics (``val/…``, ``test/…``, ``test_last/…``), state, duration, run_key and run folder.
+
+    Queued (WAITING) trials and concurrently claimed duplicates are left out. ``df.attrs["meta"]`` holds the
+    study spec (arms, factors, objective, baseline).
+    """
+    name, folder, store = resolve(study_name_or_path, storage, results)
+    rows = []
+    for sname in study_names(store, name):
+        trials = optuna.load_study(study_name=sname, storage=store).get_trials(deepcopy=False)
+        lost = lost_numbers(trials)
+        rows += [
+            _row(t, sname, folder, lost)
+            for t in trials
+            if t.state != TrialState.WAITING and not t.user_attrs.get("duplicate")
+        ]
+    df = pd.DataFrame(rows)
+    for col in ("seed", "slot", "best_epoch", "retry_of"):
+        if col in df:
+            df[col] = df[col].astype("Int64")
+    df.attrs["meta"] = load_meta(store, name)
+    df.attrs["name"] = name
+    df.attrs["folder"] = str(folder)
+    return df
+
+
+def read_history(run_dir: str | Path) -> pd.DataFrame | None:
+    """A run's per-epoch history (None when its folder is not on this machine)."""
+    path = Path(run_dir) / "history.csv"
+    return pd.read_csv(path) if path.is_file() else None

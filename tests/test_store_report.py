@@ -1,0 +1,169 @@
+"""The results store's DataFrame and the report files (tables parse back and match the stored runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from test_study import tiny_study, write
+
+from harness import report, store, study
+from harness.cli import main
+from harness.errors import HarnessError
+
+ARMS = [
+    "mining=batch_hard, synthesis=none",
+    "mining=batch_hard, synthesis=symmetrical",
+    "mining=all, synthesis=none",
+    "mining=all, synthesis=symmetrical",
+]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2 × 2 study (loss.mining × synthesis), two seeds, its report written by the runner."""
+    tmp = tmp_path_factory.mktemp("grid")
+    spec = tiny_study(
+        "grid",
+        arms={"loss.mining": ["batch_hard", "all"], "synthesis": [None, "symmetrical"]},
+        baseline={"loss.mining": "batch_hard", "synthesis": None},
+    )
+    out = study.run_study(write(tmp, spec), results=tmp)
+    assert out == tmp / "grid"
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished study with a numeric factor and a tune stage (for importances and factor plots)."""
+    tmp = tmp_path_factory.mktemp("tuned")
+    spec = tiny_study(
+        "tuned",
+        arms={"model.embedding_dim": [4, 8]},
+        final={"seeds": [0]},
+        tune={"n_trials": 3, "params": {"optimizer.lr": {"low": 1e-3, "high": 1e-1, "log": True}}},
+    )
+    study.run_study(write(tmp, spec), results=tmp, report=False)
+    return tmp
+
+
+def test_the_store_has_one_row_per_run_with_factors_metrics_and_files(grid: Path) -> None:
+    df = store.load("grid", results=grid)
+    assert len(df) == 8 and set(df.state) == {"COMPLETE"} and set(df.stage) == {"final"}
+    assert sorted(df.arm.unique()) == sorted(ARMS) and sorted(df.seed) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert set(df["loss.mining"]) == {"batch_hard", "all"} and set(df["synthesis"]) == {"none", "symmetrical"}
+    assert (df.duration > 0).all() and df.run_key.is_unique
+    for _, row in df.iterrows():
+        run_dir = Path(row["run_dir"])
+        stored = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+        assert {k: row[k] for k in stored} == stored
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == row["seed"]
+    # the same DataFrame from the study folder or its journal file
+    assert store.load(grid / "grid").equals(df) and store.load(grid / "grid" / "journal.log").equals(df)
+    assert df.attrs["meta"]["factors"] == ["loss.mining", "synthesis"]
+
+
+def test_comparison_table_parses_back_and_equals_the_stored_runs(grid: Path) -> None:
+    df = store.load("grid", results=grid)
+    table = pd.read_csv(grid / "grid/tables/comparison.csv", index_col="arm")
+    assert list(table.index) == ARMS  # study order
+    assert (table.runs == 2).all()
+    for metric in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"):
+        stats = df.groupby("arm")[f"test/{metric}"].agg(["mean", "std"]).loc[ARMS]
+        np.testing.assert_allclose(table[f"{metric}_mean"], stats["mean"], rtol=1e-12)
+        np.testing.assert_allclose(table[f"{metric}_std"], stats["std"], rtol=1e-12)  # sample std over seeds
+        assert table[f"{metric}_best"].tolist() == np.isclose(stats["mean"], stats["mean"].max()).tolist()
+    md = (grid / "grid/tables/comparison.md").read_text()
+    best = table["recall@1_mean"].idxmax()
+    row = next(line for line in md.splitlines() if line.startswith(f"| {best} |"))
+    assert f"**{100 * table.loc[best, 'recall@1_mean']:.1f} ± " in row
+    tex = (grid / "grid/tables/comparison.tex").read_text()
+    assert "\\toprule" in tex and "\\textbf{" in tex and "mining=batch\\_hard" in tex
+
+
+def test_ablation_tables_give_deltas_against_the_baseline(grid: Path) -> None:
+    table = pd.read_csv(grid / "grid/tables/comparison.csv", index_col="arm")
+    base = table.loc["mining=batch_hard, synthesis=none"]
+    for factor, other in (
+        ("loss.mining", "mining=all, synthesis=none"),
+        ("synthesis", "mining=batch_hard, synthesis=symmetrical"),
+    ):
+        ab = pd.read_csv(grid / f"grid/tables/ablation_{factor.replace('.', '_')}.csv", index_col="arm")
+        assert list(ab.index) == ["mining=batch_hard, synthesis=none", other]
+        assert ab.loc[other, "recall@1_delta"] == pytest.approx(
+            table.loc[other, "recall@1_mean"] - base["recall@1_mean"]
+        )
+        assert ab.iloc[0]["map@r_delta"] == 0
+        assert (grid / f"grid/tables/ablation_{factor.replace('.', '_')}.md").read_text().count("(+0.0)") >= 6
+
+
+def test_plots_and_overview_are_written(grid: Path) -> None:
+    plots = grid / "grid/plots"
+    for stem in ("recall_1_per_arm", "heatmap_loss_mining_x_synthesis", "learning_curves", "diagnostics"):
+        assert (plots / f"{stem}.png").stat().st_size > 1000 and (plots / f"{stem}.svg").is_file()
+    overview = (grid / "grid/report.md").read_text()
+    assert (
+        "8 of 8 final runs complete" in overview
+        and "![learning_curves](plots/learning_curves.png)" in overview
+    )
+
+
+def test_report_is_idempotent_and_takes_a_baseline_option(
+    grid: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (grid / "grid/tables/comparison.csv").read_text()
+    assert (
+        main(["--results", str(grid), "report", "grid", "--baseline", "synthesis=symmetrical, mining=all"])
+        == 0
+    )
+    assert "written to" in capsys.readouterr().out
+    assert (grid / "grid/tables/comparison.csv").read_text() == before
+    ab = pd.read_csv(grid / "grid/tables/ablation_synthesis.csv", index_col="arm")
+    assert ab.loc["mining=all, synthesis=symmetrical", "recall@1_delta"] == 0
+    with pytest.raises(HarnessError, match="matches no arm"):
+        report.write_report("grid", results=grid, baseline="mining=semi_hard")
+
+
+def test_status_shows_counts_best_arms_and_time(grid: Path) -> None:
+    text = study.status("grid", results=grid)
+    assert "COMPLETE" in text and "test/recall@1 mean" in text and "time:" in text
+    assert all(arm in text for arm in ARMS)
+
+
+def test_numeric_factor_and_importance_plots(tuned: Path) -> None:
+    folder = report.write_report("tuned", results=tuned)
+    assert (folder / "plots/recall_1_vs_model_embedding_dim.png").is_file()
+    imp = pd.read_csv(folder / "tables/param_importances.csv")
+    assert set(imp.arm) == {"embedding_dim=4", "embedding_dim=8"} and set(imp.param) == {"optimizer.lr"}
+    assert (folder / "plots/param_importances.svg").is_file()
+    df = store.load("tuned", results=tuned)
+    assert sorted(df.stage.value_counts().items()) == [("final", 2), ("tune", 6)]
+    assert df[df.stage == "final"].reused_from.notna().all()  # seed 0 is the best tune run itself
+
+
+def test_report_mid_study_and_of_an_unknown_study(tmp_path: Path) -> None:
+    spec = study.parse_study(tiny_study("fresh"))
+    study._prepare(store.open_storage(None, "fresh", tmp_path, create=True), spec)
+    folder = report.write_report("fresh", results=tmp_path)
+    assert "No final run has completed yet" in (folder / "report.md").read_text()
+    assert "0 trials" in study.status("fresh", results=tmp_path)
+    with pytest.raises(HarnessError, match="no study 'nope'"):
+        report.write_report("nope", results=tmp_path)
+
+
+def test_list_valued_factors_are_numeric_by_length() -> None:
+    meta = {
+        "arms": [
+            {"values": {"levels": [1, 2], "m": 2, "loss": "a"}},
+            {"values": {"levels": [1, 2, 3], "m": 4.0, "loss": None}},
+        ]
+    }
+    assert [report._factor_kind(meta, f) for f in ("levels", "m", "loss")] == [
+        "length",
+        "numeric",
+        "categorical",
+    ]

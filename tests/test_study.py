@@ -1,0 +1,286 @@
+"""The study runner: search space, validation, resume after a killed worker, failures, parallel workers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FixedTrial, TrialState
+
+from harness import store, study, train
+from harness.errors import ConfigError, TrainingError
+
+TINY_BASE: dict[str, Any] = {
+    "data": {"dataset": {"name": "synthetic", "num_classes": 12, "per_class": 8, "size": 8}},
+    "sampler": {"p": 3, "k": 4, "batches_per_epoch": 2},
+    "backbone": {"name": "small_convnet", "width": 4, "input_size": 8},
+    "model": {"name": "embedder", "embedding_dim": 8},
+    "loss": {"name": "triplet", "mining": "batch_hard"},
+    "train": {"epochs": 1, "threads": 1},
+    "eval": {"nmi": False},
+}
+
+
+def tiny_study(name: str = "tiny", **sections: Any) -> dict[str, Any]:
+    return {"name": name, "base": copy.deepcopy(TINY_BASE), "final": {"seeds": [0, 1]}, **sections}
+
+
+def write(tmp_path: Path, spec: dict[str, Any]) -> Path:
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def trials_by_study(name: str, results: Path) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    _, _, storage = store.resolve(name, None, results)
+    return {
+        s: optuna.load_study(study_name=s, storage=storage).get_trials()
+        for s in store.study_names(storage, name)
+    }
+
+
+def complete_units(trials: list[optuna.trial.FrozenTrial]) -> Counter[str]:
+    return Counter(t.user_attrs["unit"] for t in trials if t.state == TrialState.COMPLETE)
+
+
+# -- the search space --------------------------------------------------------------------------------------
+
+
+def test_arms_are_the_product_of_the_factors_with_readable_labels() -> None:
+    spec = study.parse_study(
+        tiny_study(
+            arms={
+                "loss": [
+                    {"name": "triplet", "mining": "batch_hard"},
+                    {"name": "triplet", "mining": "all"},
+                    {"name": "multi_similarity"},
+                ],
+                "synthesis": [None, "symmetrical"],
+            }
+        )
+    )
+    labels = [a.label for a in spec.arms]
+    assert len(labels) == 6 == len(set(labels))
+    assert labels[0] == "loss=triplet(mining=batch_hard), synthesis=none"
+    assert "loss=multi_similarity, synthesis=symmetrical" in labels
+    cfg = spec.config(spec.arm("loss=multi_similarity, synthesis=symmetrical"), {"seed": 3})
+    assert cfg.loss["name"] == "multi_similarity" and cfg.synthesis["name"] == "symmetrical" and cfg.seed == 3
+    assert cfg.sampler.p == 3  # the base is kept
+    units = spec.units()
+    assert len(units) == 6 * 2 and all(u.attrs["stage"] == "final" for u in units)
+
+
+def test_factor_on_a_default_component_and_list_values() -> None:
+    spec = study.parse_study(tiny_study(arms={"optimizer.lr": [1e-3, 1e-2], "eval.ks": [[1, 2], [1, 2, 4]]}))
+    assert [a.label for a in spec.arms][:2] == ["lr=0.001, ks=[1,2]", "lr=0.001, ks=[1,2,4]"]
+    cfg = spec.config(spec.arms[-1], {})
+    assert cfg.optimizer == {**cfg.optimizer, "name": "adam", "lr": 1e-2} and cfg.eval.ks == [1, 2, 4]
+
+
+def test_tune_distributions_and_conditional_params() -> None:
+    spec = study.parse_study(
+        tiny_study(
+            arms={"loss": [{"name": "triplet"}, {"name": "multi_similarity"}]},
+            tune={
+                "n_trials": 3,
+                "params": {
+                    "optimizer.lr": {"low": "1e-4", "high": 1e-2, "log": True},
+                    "loss.margin": {"low": 0.05, "high": 0.5, "when": {"loss.name": "triplet"}},
+                    "sampler.k": [2, 4],
+                    "model.embedding_dim": {"low": 8, "high": 16, "step": 8},
+                },
+            },
+        )
+    )
+    dists = {p.path: p.distribution for p in spec.params}
+    assert dists["optimizer.lr"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert dists["loss.margin"] == FloatDistribution(0.05, 0.5)
+    assert dists["sampler.k"] == CategoricalDistribution([2, 4])
+    assert dists["model.embedding_dim"] == IntDistribution(8, 16, step=8)
+    values = {"optimizer.lr": 1e-3, "loss.margin": 0.3, "sampler.k": 4, "model.embedding_dim": 16}
+    triplet, ms = spec.arms
+    assert spec.suggest(FixedTrial(values), triplet) == values
+    assert spec.suggest(FixedTrial(values), ms) == {k: v for k, v in values.items() if k != "loss.margin"}
+    cfg = spec.config(triplet, values)
+    assert (cfg.loss["margin"], cfg.sampler.k, cfg.optimizer["lr"]) == (0.3, 4, 1e-3)
+    tune_units = [u for u in spec.units() if u.attrs["stage"] == "tune"]
+    assert len(tune_units) == 2 * 3 and len({u.study for u in tune_units}) == 2  # one Optuna study per arm
+
+
+def test_every_problem_is_reported_at_once_with_its_path() -> None:
+    top = tiny_study(
+        arms={"synthesis": [], "loss.mining": ["all"]},
+        timeout=-1,
+        extra_key=1,
+        tune={"n_trials": 2, "params": {"optimizer.lr": {"low": 1.0, "high": 0.1}}},
+    )
+    top["base"]["train"]["epochs"] = "many"
+    with pytest.raises(ConfigError) as err:
+        study.parse_study(top)
+    assert len(err.value.problems) == 5
+    for expected in (
+        "arms.synthesis: List should have at least 1 item",
+        "timeout:",
+        "extra_key: unknown key",
+        "tune.params.optimizer.lr: `low <= high`",
+        "base.train.epochs: Input should be a valid integer",
+    ):
+        assert any(p.startswith(expected) for p in err.value.problems), expected
+
+    arms = tiny_study(
+        arms={"loss.name": ["triplet", "tripplet"], "train.epoch": [1]},
+        tune={
+            "n_trials": 2,
+            "params": {
+                "sampler.kk": [2, 4],
+                "optimizer.lr": {"low": 1e-3, "high": 1e-2, "bad": 1},
+                "loss.margin": {"low": 0.1, "high": 0.2, "when": {"loss.name": "npair"}},
+            },
+        },
+        objective={"metric": "recall@3"},
+    )
+    with pytest.raises(ConfigError) as err:
+        study.parse_study(arms)
+    text = "\n".join(err.value.problems)
+    for expected in (
+        "arms (loss=tripplet, epoch=1): loss.name: unknown loss 'tripplet'; did you mean 'triplet'?",
+        "arms.train.epoch: unknown key",
+        "tune.params: sampler.kk: unknown key",
+        "tune.params.optimizer.lr: unknown key(s) bad",
+        "tune.params.loss.margin.when: {'loss.name': 'npair'} holds for no arm",
+        "objective.metric: 'recall@3' is not a metric",
+    ):
+        assert expected in text, expected
+
+
+# -- running ---------------------------------------------------------------------------------------------
+
+
+def test_study_runs_tunes_per_arm_and_a_rerun_skips_finished_work(tmp_path: Path) -> None:
+    spec = tiny_study(
+        arms={"loss.mining": ["batch_hard", "all"]},
+        tune={"n_trials": 2, "params": {"optimizer.lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
+    )
+    path = write(tmp_path, spec)
+    study.run_study(path, results=tmp_path, report=False)
+    trials = trials_by_study("tiny", tmp_path)
+    assert set(trials) == {"tiny", "tiny/tune/mining=batch_hard", "tiny/tune/mining=all"}
+    for sname, ts in trials.items():
+        expected = (
+            {"tune/0", "tune/1"}
+            if "/tune/" in sname
+            else {f"{a}/seed={s}" for a in ("mining=batch_hard", "mining=all") for s in (0, 1)}
+        )
+        assert complete_units(ts) == Counter(expected)
+    for t in trials["tiny"]:  # the final config is the arm's best tune config, with the seed
+        tune = trials[f"tiny/tune/{t.user_attrs['arm']}"]
+        best = max(tune, key=lambda u: u.value)
+        assert t.user_attrs["tuned"] == best.user_attrs["tuned"] == best.params
+        assert (t.user_attrs["run_key"] == best.user_attrs["run_key"]) == (t.user_attrs["seed"] == 0)
+        assert (
+            "test/recall@1" in t.user_attrs["metrics"]
+            and (tmp_path / "tiny/runs" / t.user_attrs["run_key"] / "metrics.json").is_file()
+        )
+    study.run_study(path, results=tmp_path, report=False)
+    assert {s: len(ts) for s, ts in trials_by_study("tiny", tmp_path).items()} == {
+        s: len(ts) for s, ts in trials.items()
+    }
+    # a changed base config is another study's results: refused, with the way out
+    with pytest.raises(ConfigError, match="--name"):
+        study.run_study(path, results=tmp_path, report=False, overrides=["base.train.epochs=2"])
+
+
+def test_failures_are_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
+    spec = tiny_study(
+        arms={"optimizer": [{"name": "adam", "lr": 1e-3}, {"name": "sgd", "lr": 1e30}]}, final={"seeds": [0]}
+    )
+    spec["base"]["model"]["normalize"] = "none"
+    study.run_study(write(tmp_path, spec), results=tmp_path, report=False)
+    trials = {t.user_attrs["arm"]: t for t in trials_by_study("tiny", tmp_path)["tiny"]}
+    ok, nan = trials["optimizer=adam"], trials["optimizer=sgd"]
+    assert ok.state == TrialState.COMPLETE
+    assert nan.state == TrialState.FAIL and nan.user_attrs["reason"].startswith("NonFiniteLossError")
+    assert "Traceback" in nan.user_attrs["traceback"]
+    failed = yaml.safe_load((tmp_path / "tiny/runs" / nan.user_attrs["run_key"] / "failed.json").read_text())
+    assert failed["reason"] == nan.user_attrs["reason"]
+
+
+def test_the_study_stops_when_most_trials_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(config: Any, reporter: Any = None) -> Any:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "run", oom)
+    spec = tiny_study(arms={"loss.mining": ["batch_hard", "all", "semi_hard"]})
+    with pytest.raises(TrainingError, match="4 of the 4 trials .* failed.*CUDA out of memory"):
+        study.run_study(write(tmp_path, spec), results=tmp_path, report=False)
+    states = Counter(t.state for t in trials_by_study("tiny", tmp_path)["tiny"])
+    assert states == {TrialState.FAIL: 4, TrialState.WAITING: 2}
+
+
+def test_sqlite_is_refused_for_several_workers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="one worker"):
+        study.run_study(
+            write(tmp_path, tiny_study()), storage=f"sqlite:///{tmp_path}/s.db", workers=2, results=tmp_path
+        )
+
+
+def test_sqlite_storage_with_one_worker(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    study.run_study(
+        write(tmp_path, tiny_study(final={"seeds": [0]})), storage=url, results=tmp_path, report=False
+    )
+    df = store.load("tiny", storage=url, results=tmp_path)
+    assert list(df.state) == ["COMPLETE"] and df.attrs["meta"]["arms"][0]["label"] == "base"
+
+
+def test_two_workers_on_the_journal_run_every_unit_once(tmp_path: Path) -> None:
+    spec = tiny_study(arms={"loss.mining": ["batch_hard", "all"]}, final={"seeds": [0, 1, 2]})
+    study.run_study(write(tmp_path, spec), workers=2, results=tmp_path, report=False)
+    trials = trials_by_study("tiny", tmp_path)["tiny"]
+    assert complete_units(trials) == Counter(
+        {f"{a}/seed={s}": 1 for a in ("mining=batch_hard", "mining=all") for s in (0, 1, 2)}
+    )
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert (
+        len({t.user_attrs["worker"]["pid"] for t in trials} - {os.getpid()}) >= 1
+    )  # ran in worker processes
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_detected_and_its_trial_rerun(tmp_path: Path) -> None:
+    spec = tiny_study(final={"seeds": [0]})
+    spec["base"]["sampler"]["batches_per_epoch"] = 400  # long enough to be killed mid-trial
+    path = write(tmp_path, spec)
+    cmd = [sys.executable, "-m", "harness.cli", "--results", str(tmp_path), "study", "run", str(path)]
+    worker = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    beats = tmp_path / "tiny" / "heartbeats"
+    deadline = time.time() + 60
+    while not (beats.is_dir() and any(beats.iterdir())):
+        assert worker.poll() is None and time.time() < deadline, "the worker never started its trial"
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    (lost,) = trials_by_study("tiny", tmp_path)["tiny"]
+    assert lost.state == TrialState.RUNNING  # what a dead worker leaves behind
+
+    study.run_study(path, results=tmp_path, report=False, overrides=[])
+    trials = trials_by_study("tiny", tmp_path)["tiny"]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["reason"].startswith("lost")
+    assert trials[1].user_attrs["retry_of"] == trials[0].number
+    assert trials[1].user_attrs["run_key"] == trials[0].user_attrs["run_key"]
+    df = store.load("tiny", results=tmp_path)
+    assert df.lost.tolist() == [True, False]
