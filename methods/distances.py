@@ -48,18 +48,48 @@ def full_precision(forward: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
+class _Gram(torch.autograd.Function):
+    """``x xᵀ`` whose backward is one matmul, ``(G + Gᵀ) x``, where autograd's ``x @ x.T`` needs two."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x @ x.T
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return (grad + grad.T) @ x
+
+
+class _SquaredEuclidean(torch.autograd.Function):
+    """``|x_i|² + |x_j|² - 2 x_iᵀx_j`` (unclamped) in one addmm; backward ``2 (x·rowsum(S) - S x)`` with
+    ``S = G + Gᵀ``: one matmul, where autograd would need two."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        norms = x.pow(2).sum(1)
+        return torch.addmm(norms[:, None] + norms[None, :], x, x.T, alpha=-2.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        sym = grad + grad.T
+        return torch.addmm(x * sym.sum(1, keepdim=True), sym, x, alpha=-1.0).mul_(2.0)
+
+
 def squared_euclidean(x: Tensor, y: Tensor | None = None) -> Tensor:
     """[N, M] squared Euclidean distances ``|x_i|² + |y_j|² - 2 x_iᵀy_j``, clamped at 0 (one matmul)."""
-    y = x if y is None else y
-    xx = x.pow(2).sum(1)
-    yy = xx if y is x else y.pow(2).sum(1)
-    return torch.addmm(xx[:, None] + yy[None, :], x, y.T, alpha=-2.0).clamp_min(0.0)
+    if y is None:
+        return _SquaredEuclidean.apply(x).clamp_min(0.0)
+    return torch.addmm(x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :], x, y.T, alpha=-2.0).clamp_min(0.0)
 
 
 def cosine_similarity(x: Tensor, y: Tensor | None = None) -> Tensor:
-    """[N, M] cosine similarities of the rows of x and y."""
+    """[N, M] cosine similarities of the rows of x and y (for y = None with a one-matmul backward)."""
     xn = F.normalize(x, dim=1)
-    return xn @ (xn if y is None else F.normalize(y, dim=1)).T
+    return _Gram.apply(xn) if y is None else xn @ F.normalize(y, dim=1).T
 
 
 def pairwise_distance(x: Tensor, metric: Distance, y: Tensor | None = None) -> Tensor:
@@ -77,6 +107,16 @@ def pairwise_distance(x: Tensor, metric: Distance, y: Tensor | None = None) -> T
     raise ValueError(f"unknown distance {metric!r}; expected euclidean, sqeuclidean or cosine")
 
 
+def paired_distance(x: Tensor, i: Tensor, j: Tensor, metric: Distance) -> Tensor:
+    """``metric(x_i[k], x_j[k])`` for index vectors i, j: the same values as ``pairwise_distance(x)[i, j]``
+    computed from the rows alone, so the backward costs O(pairs × D) instead of a B×B matmul."""
+    if metric == "cosine":
+        xn = F.normalize(x, dim=1)
+        return 1.0 - (xn[i] * xn[j]).sum(1)
+    sq = (x[i] - x[j]).pow(2).sum(1)
+    return sq.clamp_min(SQRT_CLAMP).sqrt() if metric == "euclidean" else sq
+
+
 def distance_matrix(
     embeddings: Tensor, labels: Tensor, metric: Distance, synthesis: HardNegativeSource | None = None
 ) -> Tensor:
@@ -86,7 +126,7 @@ def distance_matrix(
     """
     if synthesis is None:
         return pairwise_distance(embeddings, metric)
-    out = synthesis.hardest_negatives(embeddings, labels, metric).float()
+    out = synthesis.hardest_negatives(embeddings, labels, metric).to(embeddings.dtype)
     return 1.0 - out if metric == "cosine" else out
 
 
@@ -96,7 +136,7 @@ def similarity_matrix(
     """[B, B] cosine similarities; with a synthesis, negatives are the hardest (largest) over synthetics."""
     if synthesis is None:
         return cosine_similarity(embeddings)
-    return synthesis.hardest_negatives(embeddings, labels, "cosine").float()
+    return synthesis.hardest_negatives(embeddings, labels, "cosine").to(embeddings.dtype)
 
 
 def label_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,22 +155,24 @@ def pair_masks(indices: tuple[Tensor, ...], size: int, device: torch.device) -> 
     return pos, neg
 
 
+#: Additive mask value of excluded entries in ``masked_logsumexp``: ``exp(x - 1e30)`` is exactly 0 and,
+#: unlike -inf, never meets another infinity (no NaN in value or gradient, even for empty rows).
+_EXCLUDED = 1e30
+
+
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = 1, add_one: bool = False) -> Tensor:
     """``log Σ_{mask} exp(x)`` along ``dim`` (``log(1 + Σ ...)`` with add_one); 0 where the mask is empty.
 
-    Stable (max subtracted) and NaN-free in value and gradient for empty rows.
+    Masks by arithmetic (float ops are several times faster than ``where`` / ``masked_fill`` on CPU).
     """
-    x = x.masked_fill(~mask, float("-inf"))
-    top = x.amax(dim, keepdim=True).detach()
-    top = top.clamp_min(0.0) if add_one else torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.exp(x - top).sum(dim, keepdim=True)
-    if add_one:
-        return (torch.log(total + torch.exp(-top)) + top).squeeze(dim)
-    nonempty = mask.any(dim, keepdim=True)
-    out = torch.log(torch.where(nonempty, total, torch.ones_like(total))) + top
-    return torch.where(nonempty, out, torch.zeros_like(out)).squeeze(dim)
+    keep = mask.to(x.dtype)
+    nonempty = keep.amax(dim, keepdim=True)
+    exclude = (1.0 - keep).sub_(1.0 - nonempty)  # 1 = excluded; a row with nothing kept excludes nothing
+    lse = torch.logsumexp(torch.addcmul(x, exclude, x.new_tensor(-_EXCLUDED)), dim=dim)
+    return (F.softplus(lse) if add_one else lse) * nonempty.squeeze(dim)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x over ``mask`` (0 for an empty mask; keeps the graph, so the gradient is then zero)."""
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp_min(1)
+    """Mean of the finite tensor x over ``mask`` (0 for an empty mask, still attached to the graph)."""
+    keep = mask.to(x.dtype)
+    return (x * keep).sum() / keep.sum().clamp_min(1.0)

@@ -16,6 +16,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.reducers import MeanReducer
 
 from harness import registry
+from methods.distances import cosine_similarity, masked_logsumexp, paired_distance, pairwise_distance
 from methods.losses.contrastive import ContrastiveLoss
 from methods.losses.multi_similarity import MultiSimilarityLoss
 from methods.losses.triplet import TripletLoss
@@ -149,6 +150,37 @@ def naive_generalized_lifted(d: list[list[float]], y: list[int], margin: float) 
             lse_p = math.log(sum(math.exp(v) for v in pos))
             terms.append(relu(lse_p + math.log(sum(math.exp(margin - v) for v in neg))))
     return sum(terms) / len(terms) if terms else 0.0
+
+
+# ---- shared distance helpers ----
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_distance_helpers_match_loops_and_gradcheck(metric: str) -> None:
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    got = pairwise_distance(x, metric)
+    expected = torch.tensor(naive_dist(x.detach(), metric), dtype=torch.float64)
+    torch.testing.assert_close(got.fill_diagonal_(0), expected.fill_diagonal_(0))
+    i, j = torch.tensor([0, 1, 4, 2]), torch.tensor([3, 1, 0, 2])
+    torch.testing.assert_close(paired_distance(x, i, j, metric), pairwise_distance(x, metric)[i, j])
+    weights = torch.randn(5, 5, dtype=torch.float64)  # a non-symmetric upstream gradient
+    assert torch.autograd.gradcheck(lambda e: (pairwise_distance(e, metric) * weights).sum(), (x,))
+    assert torch.autograd.gradcheck(lambda e: (cosine_similarity(e) * weights).sum(), (x,))
+
+
+@pytest.mark.parametrize("add_one", [False, True])
+def test_masked_logsumexp_matches_loop_and_is_nan_free_on_empty_rows(add_one: bool) -> None:
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(4, 5) > 0.5
+    mask[2] = False
+    out = masked_logsumexp(x * 30, mask, add_one=add_one)
+    for r in range(4):
+        terms = [math.exp(30 * v) for v, m in zip(x[r].tolist(), mask[r].tolist(), strict=True) if m]
+        expected = math.log(add_one + sum(terms)) if terms else 0.0
+        assert float(out[r]) == pytest.approx(expected, rel=1e-9)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[2] == 0).all() and (x.grad[~mask] == 0).all()
+    torch.testing.assert_close(masked_logsumexp(x.T, mask.T, dim=0), masked_logsumexp(x, mask))
 
 
 # ---- against the naive loops ----

@@ -30,7 +30,6 @@ from methods.distances import (
     distance_matrix,
     full_precision,
     label_masks,
-    masked_mean,
     pair_masks,
 )
 
@@ -43,11 +42,13 @@ _VARIANTS: dict[str, tuple[bool, Reduction, float, bool]] = {
 }
 
 
-def reduce_pairs(losses: Tensor, mask: Tensor, reduction: Reduction) -> Tensor:
-    """Sum / mean / mean over non-zero entries of ``losses`` over ``mask`` (0 for an empty mask)."""
+def reduce_pairs(losses: Tensor, keep: Tensor, reduction: Reduction) -> Tensor:
+    """Sum / mean / mean over non-zero entries of ``losses`` (already zero outside the float mask keep)."""
+    total = losses.sum()
     if reduction == "sum":
-        return torch.where(mask, losses, torch.zeros_like(losses)).sum()
-    return masked_mean(losses, mask & (losses > 0) if reduction == "mean_nonzero" else mask)
+        return total
+    count = torch.count_nonzero(losses) if reduction == "mean_nonzero" else keep.sum()
+    return total / count.clamp_min(1)
 
 
 @register("loss", "contrastive")
@@ -99,18 +100,20 @@ class ContrastiveLoss(nn.Module):
         else:
             with torch.no_grad():
                 pos, neg = pair_masks(self.miner(embeddings, labels), len(labels), labels.device)
-        pos_loss = F.relu(dist - self.pos_margin)
-        neg_loss = F.relu(self.neg_margin - dist)
+        pos, neg = pos.to(dist.dtype), neg.to(dist.dtype)
+        pos_loss = F.relu(dist - self.pos_margin) * pos
+        neg_loss = F.relu(self.neg_margin - dist) * neg
         if self.squared:
-            pos_loss, neg_loss = 0.5 * pos_loss.pow(2), 0.5 * neg_loss.pow(2)
+            pos_loss, neg_loss = 0.5 * pos_loss.square(), 0.5 * neg_loss.square()
         value = reduce_pairs(pos_loss, pos, self.reduction) + reduce_pairs(neg_loss, neg, self.reduction)
         d = dist.detach()
+        n_pos, n_neg = pos.sum(), neg.sum()
         return LossOutput(
             value,
             {
-                "pos_pairs": pos.sum().float(),
-                "neg_active_fraction": ((neg_loss.detach() > 0) & neg).sum() / neg.sum().clamp_min(1),
-                "pos_dist": masked_mean(d, pos),
-                "neg_dist": masked_mean(d, neg),
+                "pos_pairs": n_pos,
+                "neg_active_fraction": torch.count_nonzero(neg_loss.detach()) / n_neg.clamp_min(1),
+                "pos_dist": (d * pos).sum() / n_pos.clamp_min(1),
+                "neg_dist": (d * neg).sum() / n_neg.clamp_min(1),
             },
         )

@@ -31,12 +31,14 @@ from methods.distances import (
     masked_logsumexp,
     masked_mean,
 )
+from methods.miners import positive_pairs
 
 
 def _stats(dist: Tensor, pos: Tensor, neg: Tensor, terms: Tensor, used: Tensor) -> dict[str, Tensor]:
+    """Fraction of non-zero terms among the used ones (float mask), mean positive / negative distance."""
     d = dist.detach()
     return {
-        "active_fraction": ((terms.detach() > 0) & used).sum() / used.sum().clamp_min(1),
+        "active_fraction": torch.count_nonzero(terms.detach() * used) / used.sum().clamp_min(1),
         "pos_dist": masked_mean(d, pos),
         "neg_dist": masked_mean(d, neg),
     }
@@ -69,11 +71,11 @@ class LiftedStructuredLoss(_LiftedBase):
     @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         dist, pos, neg = self.distances(embeddings, labels)
-        row = masked_logsumexp(self.margin - dist, neg)  # [B]; 0 (unused) for rows without negatives
-        pairs = pos & neg.any(1, keepdim=True)  # i and j share a label, so both have negatives
-        j = torch.logaddexp(row[:, None], row[None, :]) + dist
-        terms = 0.5 * F.relu(j).pow(2)
-        return LossOutput(masked_mean(terms, pairs), _stats(dist, pos, neg, terms, pairs))
+        row = masked_logsumexp(self.margin - dist, neg)  # [B] log Σ_{k∈N_i} e^{α - D_ik}
+        a, p = positive_pairs(pos, neg)  # ordered positive pairs (both ends then have negatives)
+        terms = 0.5 * F.relu(torch.logaddexp(row[a], row[p]) + dist[a, p]).square()
+        value = terms.sum() / max(len(a), 1)
+        return LossOutput(value, _stats(dist, pos, neg, terms, torch.ones_like(terms)))
 
 
 @register("loss", "generalized_lifted_structured")
@@ -90,6 +92,7 @@ class GeneralizedLiftedStructuredLoss(_LiftedBase):
     @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         dist, pos, neg = self.distances(embeddings, labels)
-        anchors = pos.any(1) & neg.any(1)
-        terms = F.relu(masked_logsumexp(dist, pos) + masked_logsumexp(self.margin - dist, neg))
-        return LossOutput(masked_mean(terms, anchors), _stats(dist, pos, neg, terms, anchors))
+        anchors = (pos.any(1) & neg.any(1)).to(dist.dtype)
+        terms = F.relu(masked_logsumexp(dist, pos) + masked_logsumexp(self.margin - dist, neg)) * anchors
+        value = terms.sum() / anchors.sum().clamp_min(1)
+        return LossOutput(value, _stats(dist, pos, neg, terms, anchors))

@@ -80,11 +80,11 @@ class MultiSimilarityLoss(nn.Module):
             else:
                 pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
             pos, neg = multi_similarity_masks(sim.detach(), pos, ~same, self.epsilon)
-        pos_loss = masked_logsumexp(-self.alpha * (sim - self.base), pos, add_one=True) / self.alpha
-        neg_loss = masked_logsumexp(self.beta * (sim - self.base), neg, add_one=True) / self.beta
+        pos_loss = masked_logsumexp((self.base - sim) * self.alpha, pos, add_one=True) / self.alpha
+        neg_loss = masked_logsumexp((sim - self.base) * self.beta, neg, add_one=True) / self.beta
         per_anchor = pos_loss + neg_loss
-        if self.variant == "official":
-            per_anchor = torch.where(pos.any(1) & neg.any(1), per_anchor, torch.zeros_like(per_anchor))
+        if self.variant == "official":  # an anchor with an empty mined side contributes nothing
+            per_anchor = per_anchor * (pos.any(1) & neg.any(1)).to(per_anchor.dtype)
         s = sim.detach()
         return LossOutput(
             per_anchor.sum() / max(len(labels), 1),

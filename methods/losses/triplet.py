@@ -35,9 +35,11 @@ from methods.distances import (
     distance_matrix,
     full_precision,
     label_masks,
-    masked_mean,
+    paired_distance,
+    pairwise_distance,
 )
 from methods.miners import (
+    Triplets,
     batch_hard_triplets,
     positive_pairs,
     random_triplets,
@@ -46,12 +48,8 @@ from methods.miners import (
 
 Mining = Literal["all", "batch_hard", "semi_hard", "random"]
 
-#: Built-in per-pair / per-anchor selections: (distances, positive mask, negative mask) -> (a, p, n).
-_SELECT = {
-    "batch_hard": batch_hard_triplets,
-    "semi_hard": semi_hard_triplets,
-    "random": lambda _dist, pos, neg: random_triplets(pos, neg),
-}
+#: Built-in selections from (distances, positive mask, negative mask) to (a, p, n).
+_SELECT = {"batch_hard": batch_hard_triplets, "semi_hard": semi_hard_triplets}
 
 
 @register("loss", "triplet")
@@ -100,31 +98,45 @@ class TripletLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         if self.normalize:
             embeddings = F.normalize(embeddings, dim=1)
-        dist = distance_matrix(embeddings, labels, self.distance, self.synthesis)
         pos, neg = label_masks(labels)
-        if self.miner is None and self.mining == "all":
-            a, p = positive_pairs(pos, neg)
-            d_ap, d_an, valid = dist[a, p][:, None], dist[a], neg[a]  # [pairs, 1], [pairs, B], [pairs, B]
-        else:
-            with torch.no_grad():
-                if self.miner is not None:
-                    a, p, n = self.miner(embeddings, labels)
-                else:
-                    a, p, n = _SELECT[self.mining](dist.detach(), pos, neg)
-            d_ap, d_an = dist[a, p], dist[a, n]
-            valid = torch.ones_like(d_an, dtype=torch.bool)
-        losses = self.violation(d_ap, d_an)
-        active = valid & (losses > 0)
         batch_all = self.miner is None and self.mining == "all"
+        dist = None  # the [B, B] matrix with gradient: only for batch-all and synthesis
+        if batch_all or self.synthesis is not None:
+            dist = distance_matrix(embeddings, labels, self.distance, self.synthesis)
+        if batch_all:
+            a, p = positive_pairs(pos, neg)
+            d_ap, d_an = dist[a, p][:, None], dist[a]  # [pairs, 1], [pairs, B]
+            valid = neg.to(dist.dtype)[a]
+            losses = self.violation(d_ap, d_an) * valid
+        else:
+            a, p, n = self.select(embeddings, labels, pos, neg, dist)
+            if dist is None:  # distances of the selected triplets only: no B×B backward
+                d_ap, d_an = (paired_distance(embeddings, a, b, self.distance) for b in (p, n))
+            else:
+                d_ap, d_an = dist[a, p], dist[a, n]
+            valid = torch.ones_like(d_an)
+            losses = self.violation(d_ap, d_an)
+        count, active = valid.sum(), torch.count_nonzero(losses)
         nonzero = self.reduction == "mean_nonzero" or (self.reduction == "auto" and batch_all)
-        value = masked_mean(losses, active if nonzero else valid)
-        n_valid = valid.sum()
+        value = losses.sum() / (active if nonzero else count).clamp_min(1)
         return LossOutput(
             value,
             {
-                "triplets": n_valid.detach().float(),
-                "active_fraction": (active.sum() / n_valid.clamp_min(1)).detach(),
+                "triplets": count.detach(),
+                "active_fraction": active / count.detach().clamp_min(1),
                 "pos_dist": d_ap.detach().mean() if d_ap.numel() else torch.zeros(()),
-                "neg_dist": masked_mean(d_an.detach(), valid),
+                "neg_dist": (d_an.detach() * valid).sum() / count.detach().clamp_min(1),
             },
         )
+
+    @torch.no_grad()
+    def select(
+        self, embeddings: Tensor, labels: Tensor, pos: Tensor, neg: Tensor, dist: Tensor | None
+    ) -> Triplets:
+        """The triplets (a, p, n) of the external miner, else of the built-in mining."""
+        if self.miner is not None:
+            return self.miner(embeddings, labels)
+        if self.mining == "random":
+            return random_triplets(pos, neg)
+        ranking = dist.detach() if dist is not None else pairwise_distance(embeddings.detach(), self.distance)
+        return _SELECT[self.mining](ranking, pos, neg)
