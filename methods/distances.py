@@ -155,21 +155,28 @@ def pair_masks(indices: tuple[Tensor, ...], size: int, device: torch.device) -> 
     return pos, neg
 
 
-#: Additive mask value of excluded entries in ``masked_logsumexp``: ``exp(x - 1e30)`` is exactly 0 and,
-#: unlike -inf, never meets another infinity (no NaN in value or gradient, even for empty rows).
-_EXCLUDED = 1e30
+#: Exponents are clamped at this value: ``exp`` of very negative numbers (denormal results) is ~10-30x
+#: slower on CPU, and a term below e^-80 relative to the row maximum changes nothing in float32 or float64.
+_MIN_EXPONENT = -80.0
 
 
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = 1, add_one: bool = False) -> Tensor:
     """``log Σ_{mask} exp(x)`` along ``dim`` (``log(1 + Σ ...)`` with add_one); 0 where the mask is empty.
 
-    Masks by arithmetic (float ops are several times faster than ``where`` / ``masked_fill`` on CPU).
+    Stable (the masked maximum is subtracted; excluded entries, possibly larger, are zeroed before exp)
+    and NaN-free in value and gradient, empty rows included.
+    Masks by arithmetic: on CPU ``where`` / ``masked_fill`` are several times slower than a multiply.
     """
     keep = mask.to(x.dtype)
     nonempty = keep.amax(dim, keepdim=True)
-    exclude = (1.0 - keep).sub_(1.0 - nonempty)  # 1 = excluded; a row with nothing kept excludes nothing
-    lse = torch.logsumexp(torch.addcmul(x, exclude, x.new_tensor(-_EXCLUDED)), dim=dim)
-    return (F.softplus(lse) if add_one else lse) * nonempty.squeeze(dim)
+    with torch.no_grad():
+        top = torch.addcmul(x, 1.0 - keep, x.new_tensor(-1e30)).amax(dim, keepdim=True) * nonempty
+        if add_one:
+            top.clamp_min_(0.0)  # the "1" is e^0
+    total = (torch.exp(((x - top) * keep).clamp_min(_MIN_EXPONENT)) * keep).sum(dim, keepdim=True)
+    if add_one:
+        total = total + torch.exp(-top)
+    return ((torch.log(total + (1.0 - nonempty)) + top) * nonempty).squeeze(dim)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -173,7 +173,7 @@ def test_masked_logsumexp_matches_loop_and_is_nan_free_on_empty_rows(add_one: bo
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(4, 5) > 0.5
     mask[2] = False
-    out = masked_logsumexp(x * 30, mask, add_one=add_one)
+    out = masked_logsumexp(torch.where(mask, x * 30, 1e4), mask, add_one=add_one)  # excluded: huge, ignored
     for r in range(4):
         terms = [math.exp(30 * v) for v, m in zip(x[r].tolist(), mask[r].tolist(), strict=True) if m]
         expected = math.log(add_one + sum(terms)) if terms else 0.0
