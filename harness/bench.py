@@ -38,9 +38,13 @@ def bench_eval(options: list[str]) -> None:
     parser.add_argument("--k", type=int, default=8, help="largest K of Recall@K (ks = 1, 2, 4, ..., k)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
-    parser.add_argument("--memory-n", type=int, default=60_000)
+    parser.add_argument("--threads", type=int, default=None, help="faiss/torch threads (default: faiss's)")
+    parser.add_argument("--memory-n", type=int, default=60_000, help="0 skips the memory measurement")
     parser.add_argument("--memory-dim", type=int, default=512)
     args = parser.parse_args(options)
+    if args.threads is not None:  # 1 thread gives stable figures on a loaded machine (no OpenMP barriers)
+        faiss.omp_set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
 
     x, y = _eval_data(args.n, args.dim, args.seed)
     ks = tuple(2**i for i in range(args.k.bit_length()) if 2**i <= args.k)
@@ -83,6 +87,8 @@ def bench_eval(options: list[str]) -> None:
         f"map@r {got['map@r']:.6f} (PML {ref['mean_average_precision_at_r']:.6f})"
     )
 
+    if args.memory_n <= 0:
+        return
     child = f"import harness.bench as b; b._eval_peak_memory({args.memory_n}, {args.memory_dim}, {args.seed})"
     out = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout
     embeddings_mib, peak_mib, run_s = (float(v) for v in out.split())

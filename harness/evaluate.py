@@ -127,7 +127,7 @@ def knn(
     impl = _resolve_backend(backend, gallery.device)
     search_g = _unit(gallery) if distance == "cosine" else gallery
     search_q = search_g if self_mode else (_unit(query) if distance == "cosine" else query)
-    # Bound on |backend distance - exact distance| (float32 dot products of length dim, 2x safety).
+    # Bound on |backend distance - exact distance|: 4x the float32 error bound of a length-dim dot product.
     tol = (dim + 8) * 2.0**-22
     if distance == "euclidean":
         tol = tol * (query.square().sum(1) + gallery.square().sum(1).max())
@@ -179,10 +179,13 @@ def _search(
         from faiss.contrib import torch_utils  # noqa: F401  (lets faiss take torch CUDA tensors)
 
         metric = faiss.METRIC_INNER_PRODUCT if distance == "cosine" else faiss.METRIC_L2
-        scores, idx = faiss.knn_gpu(_gpu_resources(), query, gallery, k, metric=metric)
+        scores, idx = faiss.knn_gpu(
+            _gpu_resources(), query, gallery, k, metric=metric, device=gallery.device.index
+        )
     elif impl == "faiss-cpu":
         metric = faiss.METRIC_INNER_PRODUCT if distance == "cosine" else faiss.METRIC_L2
-        scores, idx = (torch.from_numpy(a) for a in faiss.knn(query.numpy(), gallery.numpy(), k, metric))
+        found = faiss.knn(query.cpu().numpy(), gallery.cpu().numpy(), k, metric)
+        scores, idx = (torch.from_numpy(a).to(query.device) for a in found)
     else:
         scores, idx = _torch_search(query, gallery, k, distance)
     return (1 - scores if distance == "cosine" else scores), idx
@@ -277,7 +280,7 @@ def _full_float32_matmul() -> Iterator[None]:
 
 def _as_float_tensor(x: Any) -> torch.Tensor:
     """A contiguous float32 tensor on the input's device (zero-copy for float32 input)."""
-    return torch.as_tensor(x).float().contiguous()
+    return torch.as_tensor(x).detach().float().contiguous()
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
