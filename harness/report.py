@@ -268,11 +268,18 @@ def plot_vs_factors(final: pd.DataFrame, metric: str, meta: dict[str, Any], fold
 
 
 def plot_heatmaps(final: pd.DataFrame, metric: str, meta: dict[str, Any], folder: Path) -> list[Path]:
-    """Mean objective for every pair of categorical factors (averaged over the other factors and seeds)."""
-    cats = [f for f in meta.get("factors", []) if _factor_kind(meta, f) == "categorical"]
+    """Mean objective for every pair of factors, e.g. loss × synthesis or M × λ_div (averaged over the other
+    factors and the seeds); rows and columns in the study's order."""
+    levels = {
+        f: list(dict.fromkeys(a["display"][f] for a in meta.get("arms", []))) for f in meta.get("factors", [])
+    }
     paths = []
-    for a, b in combinations(cats, 2):
+    for a, b in combinations(levels, 2):
         grid = final.pivot_table(index=a, columns=b, values=f"test/{metric}", aggfunc="mean")
+        grid = grid.reindex(
+            index=[v for v in levels[a] if v in grid.index],
+            columns=[v for v in levels[b] if v in grid.columns],
+        )
         fig, ax = plt.subplots(figsize=(1.4 * len(grid.columns) + 3, 0.6 * len(grid) + 2))
         sns.heatmap(
             grid * 100,
@@ -405,13 +412,13 @@ def write_report(
         f"# Study `{name}`",
         "",
         f"Test-split metrics of the final stage: mean ± sample std over seeds {seeds}, in %. "
+        "Epochs were selected on validation classes"
         + (
-            "Each arm's hyperparameters were tuned on validation classes "
-            f"({meta.get('n_trials')} trials per arm); "
+            f", and each arm's hyperparameters tuned on them ({meta['n_trials']} trials per arm)"
             if meta.get("n_trials")
             else ""
         )
-        + "epochs were selected on validation classes; nothing was selected on test classes. "
+        + "; nothing was selected on test classes. "
         f"{len(final)} of {expected} final runs complete.",
         "",
     ]

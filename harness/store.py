@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -75,20 +76,29 @@ def open_storage(
             "writes fail). Use the default journal storage (omit --storage) or a PostgreSQL URL "
             "for --workers > 1"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    import sqlalchemy.exc
+
+    for attempt in range(3):
         try:
-            return RDBStorage(
-                url,
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=HEARTBEAT_GRACE_S,
-                heartbeat_stale_trial_callback=on_stale,
-            )
-        except (ImportError, ValueError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=HEARTBEAT_GRACE_S,
+                    heartbeat_stale_trial_callback=on_stale,
+                )
+        except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as e:
             raise ConfigError(f"--storage {url}: cannot open it ({type(e).__name__}: {e})") from e
-        except Exception as e:  # SQLAlchemy's OperationalError etc.: report the URL, keep the cause
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            # several machines creating the tables of a fresh database at once: the losers retry
+            if attempt == 2:
+                raise HarnessError(f"--storage {url}: cannot create Optuna's tables ({e})") from e
+            time.sleep(1.0 + attempt)
+        except sqlalchemy.exc.SQLAlchemyError as e:
             raise HarnessError(f"--storage {url}: cannot connect ({type(e).__name__}: {e})") from e
+    raise AssertionError("unreachable")
 
 
 def resolve(

@@ -250,8 +250,12 @@ def _show(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, list):
-        return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, list):  # components in a list (regularizers) show their names
+        return (
+            "["
+            + ",".join(str(v["name"]) if isinstance(v, dict) and "name" in v else _show(v) for v in value)
+            + "]"
+        )
     if isinstance(value, dict):
         return json.dumps(value, separators=(",", ":"), sort_keys=True)
     return str(value)
@@ -464,6 +468,10 @@ def parse_study(raw: dict[str, Any], name: str | None = None) -> StudySpec:
     if len({a.label for a in arms}) != len(arms):
         problems.append("arms: two arms have the same label; give the values of a factor distinct names")
     params = []
+    if model.tune is not None and not model.tune.params:
+        problems.append(
+            "tune.params: empty; list the hyperparameters to tune, or leave out tune: to skip the stage"
+        )
     for path, dist_spec in (model.tune.params if model.tune else {}).items():
         param, errs = _distribution(path, dist_spec)
         problems += errs

@@ -138,6 +138,9 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
     ):
         assert any(p.startswith(expected) for p in err.value.problems), expected
 
+    with pytest.raises(ConfigError, match="tune.params: empty"):
+        study.parse_study(tiny_study(tune={"n_trials": 2}))
+
     arms = tiny_study(
         arms={"loss.name": ["triplet", "tripplet"], "train.epoch": [1]},
         tune={
@@ -162,6 +165,15 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         "objective.metric: 'recall@3' is not a metric",
     ):
         assert expected in text, expected
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parents[1].glob("studies/*.yaml")), ids=lambda p: p.stem
+)
+def test_ready_studies_are_valid(path: Path) -> None:
+    spec = study.load_study(path)
+    assert spec.name == path.stem and spec.arms and len(spec.seeds) >= 3
+    assert all(spec.config(arm, {}).data.val_fraction > 0 for arm in spec.arms)
 
 
 # -- running ---------------------------------------------------------------------------------------------
@@ -244,6 +256,7 @@ def test_sqlite_storage_with_one_worker(tmp_path: Path) -> None:
     assert list(df.state) == ["COMPLETE"] and df.attrs["meta"]["arms"][0]["label"] == "base"
 
 
+@pytest.mark.slow
 def test_two_workers_on_the_journal_run_every_unit_once(tmp_path: Path) -> None:
     spec = tiny_study(arms={"loss.mining": ["batch_hard", "all"]}, final={"seeds": [0, 1, 2]})
     study.run_study(write(tmp_path, spec), workers=2, results=tmp_path, report=False)
