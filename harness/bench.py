@@ -357,7 +357,7 @@ def bench_study(options: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="dmlh bench study")
     parser.add_argument("--trials", type=int, default=20, help="trials per study (one arm, this many seeds)")
-    parser.add_argument("--batches", type=int, default=40, help="training batches per trial (its length)")
+    parser.add_argument("--batches", type=int, default=600, help="training batches per trial (~2 s on 2 cores)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
     args = parser.parse_args(options)
     logging.getLogger("harness").setLevel(logging.WARNING)

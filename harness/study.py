@@ -1023,6 +1023,34 @@ class _Progress:
         self.bar.close()
 
 
+def _run_workers(ctx: _Context, workers: int) -> None:
+    """``workers`` workers: this process (already warm, so it starts at once) plus ``workers - 1`` loky
+    worker processes (joblib's process pool), each with its share of the CPU threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    futures = []
+    executor = None
+    if workers > 1:
+        from joblib.externals.loky import get_reusable_executor
+
+        executor = get_reusable_executor(max_workers=workers - 1)
+        futures = [executor.submit(_work, ctx) for _ in range(workers - 1)]
+    try:
+        _work(ctx)
+        for f in futures:
+            f.result()
+    except BaseException:
+        if executor is not None:
+            executor.shutdown(wait=True, kill_workers=True)  # don't leave workers behind on an error
+            executor = None
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        if executor is not None:
+            executor.shutdown(wait=False)  # idle workers exit on their own
+
+
 def run_study(
     path: str | Path,
     storage: str | None = None,
@@ -1052,16 +1080,7 @@ def run_study(
     )
     t0 = time.perf_counter()
     with _Progress(ctx):
-        if workers == 1:
-            _work(ctx)
-        else:
-            from joblib import Parallel, delayed
-            from joblib.externals.loky import get_reusable_executor
-
-            try:
-                Parallel(n_jobs=workers, backend="loky")(delayed(_work)(ctx) for _ in range(workers))
-            finally:
-                get_reusable_executor().shutdown(wait=False)  # idle workers exit on their own
+        _run_workers(ctx, workers)
     log.info("study %s: this run took %.1fs", spec.name, time.perf_counter() - t0)
     if log.isEnabledFor(logging.INFO):
         log.info("%s", status(spec.name, storage, results))
