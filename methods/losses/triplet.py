@@ -12,6 +12,11 @@ Per triplet ``ℓ(a, p, n) = [D_ap - D_an + margin]_+`` or, with ``soft``, ``sof
   mean over positive pairs. Not PML's TripletMarginMiner("semihard"), see methods/miners.py.
 * ``random`` — per positive pair one uniformly drawn negative; mean over positive pairs.
 
+With an external miner the loss is the mean over the mined triplets (``reduction="auto"``): MDR's
+metric loss is ``triplet`` (margin 0.2) + miner ``distance_weighted`` (F.triplet_margin_loss adds 1e-6
+inside the norm; here the squared distance is clamped at 1e-12 instead). Mined triplets without a
+synthesis are scored from their rows alone (O(triplets × D) backward, no B×B matrix).
+
 Anchors without a positive or a negative in the batch take no part. PML equivalents: batch-all =
 ``TripletMarginLoss`` (AvgNonZero reducer = ``mean_nonzero``); batch-hard = ``BatchHardMiner`` +
 ``TripletMarginLoss(reducer=MeanReducer())`` (PML's default AvgNonZero averages over active anchors
