@@ -357,7 +357,9 @@ def bench_study(options: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="dmlh bench study")
     parser.add_argument("--trials", type=int, default=20, help="trials per study (one arm, this many seeds)")
-    parser.add_argument("--batches", type=int, default=600, help="training batches per trial (~2 s on 2 cores)")
+    parser.add_argument(
+        "--batches", type=int, default=600, help="training batches per trial (~2 s on 2 cores)"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
     args = parser.parse_args(options)
     logging.getLogger("harness").setLevel(logging.WARNING)
@@ -527,35 +529,17 @@ def _sync(device: Any) -> None:
 
 
 def _methods_step(cfg: Any, num_classes: int, images: Any, labels: Any) -> Callable[[], None]:
-    """One training step of ``cfg`` as the engine assembles it: model (+ aux losses, per-part metric loss)
-    + loss (+ miner, synthesis) + regularizers, backward, optimizer step."""
-    from torch import nn
+    """One training step of ``cfg`` exactly as training takes it (``Learner.objective``), backward and
+    optimizer step included."""
+    from harness.train import Learner
 
-    from harness.model import build_component, build_model
-    from harness.train import param_groups
-
-    device = images.device
-    model = build_model(cfg, num_classes=num_classes, in_channels=1).to(device).train()
-    ctx = {"num_classes": num_classes, "embedding_dim": model.embedding_dim}
-    miner = build_component(cfg.miner, "miner", "miner", **ctx) if cfg.miner else None
-    synthesis = build_component(cfg.synthesis, "synthesis", "synthesis", **ctx) if cfg.synthesis else None
-    loss = build_component(cfg.loss, "loss", "loss", miner=miner, synthesis=synthesis, **ctx)
-    regs = nn.ModuleList(
-        build_component(r, "regularizer", f"regularizers.{i}", **ctx) for i, r in enumerate(cfg.regularizers)
-    )
-    loss.to(device).train()
-    regs.to(device).train()
-    groups = param_groups(model, [loss, regs], cfg)
-    optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
+    learner = Learner.build(cfg, num_classes, in_channels=1, device=images.device)
+    learner.model.train()
 
     def step() -> None:
-        out = model(images, labels)
-        parts = out.parts if out.parts is not None else [out.embeddings]
-        total = sum(loss(p.float(), labels).value for p in parts)
-        total = total + sum(r(out.embeddings.float(), labels).value for r in regs)
-        total = total + sum(out.aux_losses.values())
-        optimizer.zero_grad(set_to_none=True)
+        total, _ = learner.objective(images, labels)
+        learner.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        optimizer.step()
+        learner.optimizer.step()
 
     return step

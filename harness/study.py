@@ -227,22 +227,6 @@ def _assign(raw: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any]:
     return config.apply_overrides(raw, [f"{p}={_yaml_value(v)}" for p, v in assignments.items()])
 
 
-def _name_default_components(raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` with the default components it leaves out written as ``{name: ...}``, so that a factor or tune
-    param such as ``optimizer.lr`` applies to the default optimizer (and a ``loss.name`` factor still
-    replaces a component without inheriting the other one's defaults)."""
-    defaults = config.RunConfig().to_dict()
-    assignments = {}
-    for _, path in config.COMPONENT_FIELDS:
-        try:
-            _lookup(raw, path)
-        except KeyError:
-            default = _lookup(defaults, path)
-            if isinstance(default, dict):
-                assignments[path] = {"name": default["name"]}
-    return _assign(raw, assignments)
-
-
 def _show(value: Any) -> str:
     if value is None:
         return "none"
@@ -460,7 +444,7 @@ def parse_study(raw: dict[str, Any], name: str | None = None) -> StudySpec:
         display = {p: shown[p][i] for p, i in zip(factors, combo, strict=True)}
         label = ", ".join(f"{short[p]}={display[p]}" for p in factors) or "base"
         try:
-            arm_raw = _assign(_name_default_components(model.base), values)
+            arm_raw = _assign(config.name_default_components(model.base), values)
         except ConfigError as e:
             problems += [f"arms ({label}): {x}" for x in e.problems]
             continue

@@ -123,6 +123,57 @@ def embed(
     return torch.cat(embs), torch.cat(labels)
 
 
+@dataclass
+class Learner:
+    """What one optimisation step needs, assembled from the config: the model, the metric loss (with its
+    miner and synthesis), the regularizers and one optimizer over all their parameters. Training and
+    ``dmlh bench methods`` both step through ``objective`` so the benchmark times the real thing."""
+
+    model: nn.Module
+    loss: nn.Module
+    regularizers: nn.ModuleList
+    optimizer: torch.optim.Optimizer
+    amp: bool
+
+    @classmethod
+    def build(cls, cfg: RunConfig, num_classes: int, in_channels: int, device: torch.device) -> Learner:
+        model = build_model(cfg, num_classes=num_classes, in_channels=in_channels).to(device)
+        ctx = {"num_classes": num_classes, "embedding_dim": model.embedding_dim}
+        miner = build_component(cfg.miner, "miner", "miner", **ctx) if cfg.miner else None
+        synthesis = build_component(cfg.synthesis, "synthesis", "synthesis", **ctx) if cfg.synthesis else None
+        loss = build_component(cfg.loss, "loss", "loss", miner=miner, synthesis=synthesis, **ctx).to(device)
+        regularizers = nn.ModuleList(
+            build_component(r, "regularizer", f"regularizers.{i}", **ctx)
+            for i, r in enumerate(cfg.regularizers)
+        ).to(device)
+        groups = param_groups(model, [loss, regularizers], cfg)
+        optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
+        return cls(model, loss, regularizers, optimizer, amp=cfg.train.amp and device.type == "cuda")
+
+    def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss of one batch (metric loss per model part + regularizers + model aux losses) and its
+        components as scalars for the history."""
+        with torch.autocast(images.device.type, enabled=self.amp):
+            out: ModelOutput = self.model(images, labels)
+        parts = out.parts if out.parts is not None else [out.embeddings]
+        metric_outputs: list[LossOutput] = [self.loss(p.float(), labels) for p in parts]
+        total = sum(o.value for o in metric_outputs)
+        stats: dict[str, float] = {"loss/metric": _scalar(total)}
+        for o in metric_outputs:
+            for k, v in o.stats.items():
+                stats[f"loss/{k}"] = stats.get(f"loss/{k}", 0.0) + _scalar(v) / len(metric_outputs)
+        for i, reg in enumerate(self.regularizers):
+            r = reg(out.embeddings.float(), labels)
+            total = total + r.value
+            stats[f"reg{i}/value"] = _scalar(r.value)
+            stats.update({f"reg{i}/{k}": _scalar(v) for k, v in r.stats.items()})
+        for name, value in out.aux_losses.items():
+            total = total + value
+            stats[f"aux/{name}"] = _scalar(value)
+        stats.update({f"model/{k}": _scalar(v) for k, v in out.stats.items()})
+        return total, stats
+
+
 class _Trainer:
     """The state of one run; ``run`` below is its only user."""
 
@@ -131,9 +182,13 @@ class _Trainer:
         self.device = pick_device(cfg.train.device)
         self.splits = load_splits(cfg.data)
         num_classes = self.splits.num_train_classes
-        self.model = build_model(cfg, num_classes=num_classes, in_channels=self.splits.channels).to(
-            self.device
+        self.learner = Learner.build(cfg, num_classes, self.splits.channels, self.device)
+        self.model, self.loss, self.regularizers = (
+            self.learner.model,
+            self.learner.loss,
+            self.learner.regularizers,
         )
+        self.optimizer = self.learner.optimizer
         train_tf, test_tf = build_transforms(cfg.data, self.model.backbone.data_config, self.splits.channels)
         self.train_set = self.splits.train.with_transform(train_tf)
         self.eval_sets = {
@@ -146,18 +201,6 @@ class _Trainer:
             )
             if s is not None
         }
-        ctx = {"num_classes": num_classes, "embedding_dim": self.model.embedding_dim}
-        miner = build_component(cfg.miner, "miner", "miner", **ctx) if cfg.miner else None
-        synthesis = build_component(cfg.synthesis, "synthesis", "synthesis", **ctx) if cfg.synthesis else None
-        self.loss = build_component(cfg.loss, "loss", "loss", miner=miner, synthesis=synthesis, **ctx).to(
-            self.device
-        )
-        self.regularizers = nn.ModuleList(
-            build_component(r, "regularizer", f"regularizers.{i}", **ctx)
-            for i, r in enumerate(cfg.regularizers)
-        ).to(self.device)
-        groups = param_groups(self.model, [self.loss, self.regularizers], cfg)
-        self.optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
         self.scheduler = (
             build_component(
                 cfg.scheduler, "scheduler", "scheduler", optimizer=self.optimizer, epochs=cfg.train.epochs
@@ -178,30 +221,7 @@ class _Trainer:
             num_workers=cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        self.amp = cfg.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-
-    # -- one optimisation step ------------------------------------------------------------------
-    def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.autocast(self.device.type, enabled=self.amp):
-            out: ModelOutput = self.model(images, labels)
-        parts = out.parts if out.parts is not None else [out.embeddings]
-        metric_outputs: list[LossOutput] = [self.loss(p.float(), labels) for p in parts]
-        total = sum(o.value for o in metric_outputs)
-        stats: dict[str, float] = {"loss/metric": _scalar(total)}
-        for o in metric_outputs:
-            for k, v in o.stats.items():
-                stats[f"loss/{k}"] = stats.get(f"loss/{k}", 0.0) + _scalar(v) / len(metric_outputs)
-        for i, reg in enumerate(self.regularizers):
-            r = reg(out.embeddings.float(), labels)
-            total = total + r.value
-            stats[f"reg{i}/value"] = _scalar(r.value)
-            stats.update({f"reg{i}/{k}": _scalar(v) for k, v in r.stats.items()})
-        for name, value in out.aux_losses.items():
-            total = total + value
-            stats[f"aux/{name}"] = _scalar(value)
-        stats.update({f"model/{k}": _scalar(v) for k, v in out.stats.items()})
-        return total, stats
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.learner.amp)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -217,7 +237,7 @@ class _Trainer:
         for step, (images, labels) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
-            total, stats = self.objective(images, labels)
+            total, stats = self.learner.objective(images, labels)
             if not torch.isfinite(total):
                 raise NonFiniteLossError(
                     f"loss became {total.item()} at epoch {epoch + 1}, step {step + 1} "
