@@ -205,6 +205,20 @@ def ablations(
     return out
 
 
+def tuned_params(df: pd.DataFrame, meta: dict[str, Any], order: Sequence[str]) -> pd.DataFrame:
+    """Per arm: the tuned value of each tune param its final runs used (NaN where a ``when`` excluded it),
+    the best validation objective of its tune trials and how many of them completed."""
+    params = [p for p in meta.get("tune_params", []) if p in df]
+    final, tune = final_runs(df), df[(df.stage == "tune") & (df.state == "COMPLETE")]
+    out = pd.DataFrame(index=pd.Index(list(order), name="arm"))
+    for p in params:
+        out[p] = final.groupby("arm")[p].first()
+    tuned = tune.groupby("arm")["value"]
+    out[f"best val {metric_title(meta.get('metric', 'recall@1'))} (%)"] = (100 * tuned.max()).round(1)
+    out["tune trials"] = tuned.size()
+    return out.fillna({"tune trials": 0})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------------------
@@ -453,6 +467,15 @@ def write_report(
                 "",
                 to_markdown(md),
             ]
+    if meta.get("tune_params"):
+        tuned = tuned_params(df, meta, order)
+        cap = f"{name}: hyperparameters tuned per arm on validation classes, as the final runs used them"
+        shown = tuned.reset_index().map(
+            lambda v: "—" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else v
+        )
+        tex = shown.map(lambda v: _tex_escape(str(v))).rename(columns=_tex_escape)
+        _write_table(tuned, shown, tex, tables / "tuned", cap)
+        lines += ["## Tuned hyperparameters", "", cap + ".", "", to_markdown(shown)]
     figures = plot_per_arm(final, metric, order, plots / f"{_slug(metric)}_per_arm")
     figures += plot_vs_factors(final, metric, meta, plots)
     figures += plot_heatmaps(final, metric, meta, plots)

@@ -444,7 +444,8 @@ def parse_study(raw: dict[str, Any], name: str | None = None) -> StudySpec:
         display = {p: shown[p][i] for p, i in zip(factors, combo, strict=True)}
         label = ", ".join(f"{short[p]}={display[p]}" for p in factors) or "base"
         try:
-            arm_raw = _assign(config.name_default_components(model.base), values)
+            base = {"name": model.name, **model.base}  # runs are named after their study unless base says
+            arm_raw = _assign(config.name_default_components(base), values)
         except ConfigError as e:
             problems += [f"arms ({label}): {x}" for x in e.problems]
             continue

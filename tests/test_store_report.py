@@ -145,6 +145,22 @@ def test_numeric_factor_and_importance_plots(tuned: Path) -> None:
     assert df[df.stage == "final"].reused_from.notna().all()  # seed 0 is the best tune run itself
 
 
+def test_tuned_table_shows_the_values_the_final_runs_used(tuned: Path) -> None:
+    folder = report.write_report("tuned", results=tuned)
+    table = pd.read_csv(folder / "tables/tuned.csv", index_col="arm")
+    df = store.load("tuned", results=tuned)
+    final, tune = df[df.stage == "final"].set_index("arm"), df[df.stage == "tune"]
+    np.testing.assert_allclose(table["optimizer.lr"], final.loc[table.index, "optimizer.lr"], rtol=1e-12)
+    best = tune.groupby("arm")["value"].max().loc[table.index]
+    np.testing.assert_allclose(table["best val Recall@1 (%)"], (100 * best).round(1))
+    assert table["tune trials"].tolist() == [3, 3]
+    # the final run reuses the arm's best tune trial, so its lr is that trial's lr
+    for arm, row in final.iterrows():
+        mine = tune[tune.arm == arm]
+        assert row["optimizer.lr"] in set(mine[mine.value == mine.value.max()]["optimizer.lr"])
+    assert "## Tuned hyperparameters" in (folder / "report.md").read_text()
+
+
 def test_report_mid_study_and_of_an_unknown_study(tmp_path: Path) -> None:
     spec = study.parse_study(tiny_study("fresh"))
     study._prepare(store.open_storage(None, "fresh", tmp_path, create=True), spec)
