@@ -66,15 +66,15 @@ class ProxyNCALoss(nn.Module):
         p = F.normalize(self.proxies, dim=1).to(x.dtype)
         dist = (2 - 2 * x @ p.T).clamp_min(0)  # ‖x̂ − p̂‖²
         logits = -self.scale * dist
-        positive = F.one_hot(labels, len(self.proxies)).bool()
-        pos_logit = logits[positive]
+        own = labels[:, None]
+        pos_logit = logits.gather(1, own).squeeze(1)
         if self.variant == "softmax_inclusive":
             losses = torch.logsumexp(logits, dim=1) - pos_logit
         else:
-            losses = torch.logsumexp(logits.masked_fill(positive, float("-inf")), dim=1) - pos_logit
+            losses = torch.logsumexp(logits.scatter(1, own, float("-inf")), dim=1) - pos_logit
         with torch.no_grad():
             stats = {
-                "pos_distance": dist[positive].mean(),
+                "pos_distance": dist.gather(1, own).mean(),
                 "accuracy": (logits.argmax(1) == labels).float().mean(),
             }
         return LossOutput(losses.mean(), stats)
