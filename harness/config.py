@@ -9,6 +9,7 @@ the saved config is complete and its hash identifies the run.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import re
@@ -163,12 +164,28 @@ def split_params(spec: Component) -> tuple[str, dict[str, Any]]:
     return str(params.pop("name", "")), params
 
 
-def _pydantic_problems(e: pydantic.ValidationError) -> list[str]:
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the section at ``loc`` of ``model`` allows (empty where ``loc`` is not a section)."""
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        kind = field.annotation if field else None
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            return []
+        model = kind
+    return list(model.model_fields)
+
+
+def _pydantic_problems(e: pydantic.ValidationError, model: type[BaseModel]) -> list[str]:
     problems = []
     for err in e.errors():
         path = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
-            problems.append(f"{path}: unknown key")
+            keys = _keys_at(model, err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), keys, n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            problems.append(
+                f"{path}: unknown key; {hint}(valid: {', '.join(keys)})" if keys else f"{path}: unknown key"
+            )
         else:
             problems.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
     return problems
@@ -225,7 +242,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(raw)
     except pydantic.ValidationError as e:
-        raise ConfigError(_pydantic_problems(e) + problems) from e
+        raise ConfigError(_pydantic_problems(e, RunConfig) + problems) from e
     problems += _compatibility_problems(cfg)
     if problems:
         raise ConfigError(problems)

@@ -420,7 +420,7 @@ def _validate_top(raw: dict[str, Any]) -> tuple[_Study, list[str]]:
     try:
         return _Study.model_validate(raw), []
     except pydantic.ValidationError as e:
-        problems = config._pydantic_problems(e)
+        problems = config._pydantic_problems(e, _Study)
         bad = {err["loc"][0] for err in e.errors() if err["loc"]}
         rest = {k: v for k, v in raw.items() if k not in bad} | ({"name": "invalid"} if "name" in bad else {})
         try:

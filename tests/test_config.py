@@ -40,7 +40,7 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
         tmp_path,
         {
             "trian": {"epochs": 2},  # typo of a section
-            "train": {"epochs": "many"},  # ill-typed
+            "train": {"epochs": "many", "eval_evry": 2},  # ill-typed, misspelt
             "backbone": {"name": "small_convnet", "widht": 8},  # unknown parameter
             "optimizer": {"name": "adamm"},  # unknown component
         },
@@ -48,8 +48,9 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         config.load(path)
     problems = e.value.problems
-    assert len(problems) == 4, problems
-    assert any(p.startswith("trian: unknown key") for p in problems)
+    assert len(problems) == 5, problems
+    assert any(p.startswith("train.eval_evry: unknown key; did you mean 'eval_every'?") for p in problems)
+    assert any(p.startswith("trian: unknown key; did you mean 'train'?") for p in problems)
     assert any(p.startswith("train.epochs") for p in problems)
     assert any(p.startswith("backbone.widht") and "'width'" in p for p in problems)
     assert any(p.startswith("optimizer.name") and "'adam'" in p for p in problems)
