@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # faiss logs which CPU build it probed on every import
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         args.func(args)
     except HarnessError as e:
