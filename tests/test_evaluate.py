@@ -132,6 +132,24 @@ def test_backends_agree_exactly_on_ties(distance, query_mode):
     assert (d_f[:, 1:] >= d_f[:, :-1]).all()
 
 
+def test_auto_on_cpu_takes_the_faster_backend_of_a_probe_for_large_searches(monkeypatch):
+    calls = []
+    search = evaluate._search
+    monkeypatch.setattr(evaluate, "_search", lambda *a: calls.append(a[-1]) or search(*a))
+    g, _ = tied_data(400, 5, 40, seed=8)
+    expected = knn(g, 10, backend="faiss")
+    assert set(calls) == {"faiss-cpu"}  # a small search does not probe
+    monkeypatch.setattr(evaluate, "AUTO_PROBE_MIN_WORK", 0)
+    monkeypatch.setattr(evaluate, "AUTO_PROBE_SIZE", 256)
+    evaluate._faster_cpu_backend.cache_clear()
+    calls.clear()
+    d, i = knn(g, 10)
+    winner = evaluate._faster_cpu_backend(5)
+    assert calls[:4] == ["faiss-cpu", "torch", "faiss-cpu", "torch"] and set(calls[4:]) == {winner}
+    assert torch.equal(i, expected[1]) and torch.equal(d, expected[0])
+    evaluate._faster_cpu_backend.cache_clear()
+
+
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_ranking_ignores_backend_rounding_and_tie_order(monkeypatch, distance):
     """A backend whose distances carry rounding noise and whose tie order is arbitrary ranks the same."""
