@@ -74,7 +74,8 @@ def test_param_groups_follow_multipliers() -> None:
 def test_cli_run_writes_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(TINY))
-    assert main(["--results", str(tmp_path / "res"), "run", str(path), "train.epochs=1", "--name", "r1"]) == 0
+    argv = ["--results", str(tmp_path / "res"), "run", str(path), "train.epochs=1", "--name", "r1", "seed=3"]
+    assert main(argv) == 0  # overrides before and after the options
     out = capsys.readouterr().out
     assert "recall@1" in out
     run_dir = tmp_path / "res" / "runs" / "r1"
@@ -82,7 +83,7 @@ def test_cli_run_writes_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFix
         p.name for p in run_dir.iterdir()
     }
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["train"]["epochs"] == 1
+    assert saved["train"]["epochs"] == 1 and saved["seed"] == 3
     assert json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/recall@1"] >= 0
 
 
@@ -92,6 +93,9 @@ def test_cli_bad_config_exits_2_with_paths(tmp_path: Path, capsys: pytest.Captur
     assert main(["run", str(path), "train.epochz=1"]) == 2
     err = capsys.readouterr().err
     assert "loss.name" in err and "'triplet'" in err and "train.epochz" in err
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--nmae", "x"])
+    assert "unrecognized arguments: --nmae x" in capsys.readouterr().err
 
 
 def test_checkpoint_restores_the_best_state(tmp_path: Path) -> None:
