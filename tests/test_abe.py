@@ -308,3 +308,23 @@ def test_abe_trains_end_to_end_and_records_its_diagnostics() -> None:
     row = result.history[0]
     assert row["train/aux/divergence"] > 0 and -1.0 <= row["diag/learner_self_similarity"] <= 1.0
     assert len(result.diagnostics[0]["ABE/learner_self_similarity_matrix"]) == 2
+
+
+def test_the_divergence_loss_alone_separates_the_learners_through_their_masks() -> None:
+    """Learners that differ only by their attention masks (shared G and head) start almost identical; the
+    divergence gradient must reach the per-learner 1×1 convs and pull the learners apart."""
+    torch.manual_seed(0)
+    abe = make_abe(small_convnet(), m=3, embedding_dim=12, branch="block2", attention_depth="block3").train()
+    x = torch.randn(16, 1, 16, 16)
+    opt = torch.optim.Adam(abe.attention_masks.parameters(), lr=0.05)  # only the per-learner masks move
+    abe(x)
+    before = abe.epoch_diagnostics()["learner_self_similarity"]
+    for _ in range(30):
+        out = abe(x)
+        opt.zero_grad()
+        out.aux_losses["divergence"].backward()
+        opt.step()
+    abe.epoch_diagnostics()
+    abe(x)
+    after = abe.epoch_diagnostics()["learner_self_similarity"]
+    assert before > 0.9 and after < before - 0.3, (before, after)
