@@ -246,13 +246,19 @@ def _factor_kind(meta: dict[str, Any], factor: str) -> str:
     return "categorical"
 
 
+def _percent(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    """A copy of ``df`` with metric column ``col`` in % (the unit of the tables)."""
+    return df.assign(**{col: 100 * df[col]})
+
+
 def plot_per_arm(final: pd.DataFrame, metric: str, order: list[str], stem: Path) -> list[Path]:
     """The objective per arm: mean with a 95% bootstrap CI over seeds, and every seed as a dot."""
     col = f"test/{metric}"
+    data = _percent(final, col)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(order) + 1.5))
-    sns.barplot(data=final, x=col, y="arm", order=order, errorbar=("ci", 95), color="#9ecae1", ax=ax)
-    sns.stripplot(data=final, x=col, y="arm", order=order, color="#08519c", size=4, ax=ax)
-    ax.set(xlabel=f"test {metric_title(metric)} (mean, 95% CI over seeds)", ylabel="")
+    sns.barplot(data=data, x=col, y="arm", order=order, errorbar=("ci", 95), color="#9ecae1", ax=ax)
+    sns.stripplot(data=data, x=col, y="arm", order=order, color="#08519c", size=4, ax=ax)
+    ax.set(xlabel=f"test {metric_title(metric)} (%; mean, 95% CI over seeds)", ylabel="")
     return _save(fig, stem)
 
 
@@ -266,7 +272,7 @@ def plot_vs_factors(final: pd.DataFrame, metric: str, meta: dict[str, Any], fold
         kind = _factor_kind(meta, f)
         if kind == "categorical":
             continue
-        data = final.copy()
+        data = _percent(final, col)
         x = f"number of {f}" if kind == "length" else f
         data[x] = [len(values[a][f]) if kind == "length" else values[a][f] for a in data.arm]
         others = [g for g in meta["factors"] if g != f]
@@ -276,7 +282,11 @@ def plot_vs_factors(final: pd.DataFrame, metric: str, meta: dict[str, Any], fold
             data[hue] = data[others].astype(str).agg(", ".join, axis=1)
         fig, ax = plt.subplots(figsize=(6, 4))
         sns.lineplot(data=data, x=x, y=col, hue=hue, marker="o", errorbar=("ci", 95), ax=ax)
-        ax.set(ylabel=f"test {metric_title(metric)}")
+        ax.set(ylabel=f"test {metric_title(metric)} (%)")
+        xs = sorted(set(data[x]))
+        if xs[0] > 0 and xs[-1] >= 4 * xs[0] and all(math.log2(v).is_integer() for v in xs):  # M = 1, 2, 4, 8
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
         paths += _save(fig, folder / f"{_slug(metric)}_vs_{_slug(f)}")
     return paths
 
@@ -323,7 +333,7 @@ def plot_learning_curves(hist: pd.DataFrame, metric: str, order: list[str], stem
         return []
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.lineplot(
-        data=hist.dropna(subset=[col]),
+        data=_percent(hist.dropna(subset=[col]), col),
         x="epoch",
         y=col,
         hue="arm",
@@ -332,7 +342,7 @@ def plot_learning_curves(hist: pd.DataFrame, metric: str, order: list[str], stem
         errorbar=("ci", 95),
         ax=ax,
     )
-    ax.set(ylabel=f"validation {metric_title(metric)}")
+    ax.set(ylabel=f"validation {metric_title(metric)} (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize="small", title="arm")
     return _save(fig, stem)
