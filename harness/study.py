@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import product
+from itertools import accumulate, product
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -248,6 +248,11 @@ def _show(value: Any) -> str:
 def _show_values(values: list[Any]) -> list[str]:
     """Short labels of a factor's values: a component dict shows its name, plus the params that tell
     apart dicts of the same name."""
+    if all(isinstance(v, list) for v in values) and len(set(map(_show, values))) < len(values):
+        # lists of components (regularizers) that differ only in params: the same rule over all their items
+        items = _show_values([item for v in values for item in v])
+        ends = list(accumulate(len(v) for v in values))
+        return ["[" + ",".join(items[e - len(v) : e]) + "]" for v, e in zip(values, ends, strict=True)]
     names = [v.get("name") if isinstance(v, dict) else None for v in values]
     out = []
     for v, n in zip(values, names, strict=True):

@@ -88,6 +88,18 @@ def test_factor_on_a_default_component_and_list_values() -> None:
     assert cfg.optimizer == {**cfg.optimizer, "name": "adam", "lr": 1e-2} and cfg.eval.ks == [1, 2, 4]
 
 
+def test_regularizer_lists_that_differ_in_params_get_distinct_labels() -> None:
+    mdr = [{"name": "mdr", "levels": levels} for levels in ([0.0], [-3.0, 0.0, 3.0])]
+    arms = {"regularizers": [[], [mdr[0]], [mdr[1]]]}
+    spec = study.parse_study(tiny_study(arms=arms, baseline={"regularizers": []}))
+    assert [a.label for a in spec.arms] == [
+        "regularizers=[]",
+        "regularizers=[mdr(levels=[0])]",
+        "regularizers=[mdr(levels=[-3,0,3])]",
+    ]
+    assert spec.config(spec.arms[2], {}).regularizers[0]["levels"] == [-3.0, 0.0, 3.0]
+
+
 def test_tune_distributions_and_conditional_params() -> None:
     spec = study.parse_study(
         tiny_study(
