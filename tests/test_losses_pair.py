@@ -16,6 +16,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.reducers import MeanReducer
 
 from harness import registry
+from harness.errors import ConfigError
 from methods.distances import cosine_similarity, masked_logsumexp, paired_distance, pairwise_distance
 from methods.losses.contrastive import ContrastiveLoss
 from methods.losses.multi_similarity import MultiSimilarityLoss
@@ -360,9 +361,10 @@ def test_pml_semihard_miner_is_not_facenet_semi_hard() -> None:
 def test_external_miner_replaces_built_in_mining() -> None:
     labels, emb = pk(4, 3), torch.randn(12, 5)
     built_in = value(build("triplet", mining="batch_hard"), emb, labels)
-    assert value(build("triplet", mining="all", miner=BatchHardMiner()), emb, labels) == pytest.approx(
-        built_in
-    )
+    assert value(build("triplet", miner=BatchHardMiner()), emb, labels) == pytest.approx(built_in)
+    assert value(build("triplet", mining="all"), emb, labels) != pytest.approx(built_in)
+    with pytest.raises(ConfigError, match="loss.mining: 'all' and the miner both choose the triplets"):
+        build("triplet", mining="all", miner=BatchHardMiner())
     ms_pml = value(build("multi_similarity", variant="pml"), emb, labels)
     assert value(build("multi_similarity", variant="pml", miner=MultiSimilarityMiner()), emb, labels) == (
         pytest.approx(ms_pml)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.errors import ConfigError
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import (
@@ -62,7 +63,8 @@ class TripletLoss(nn.Module):
     """Triplet loss (hinge or soft margin) with batch-all / batch-hard / semi-hard / random mining.
 
     margin: the hinge margin (ignored with ``soft``). soft: ``softplus(D_ap - D_an)`` (Hermans).
-    mining: the built-in triplet selection; an external ``miner`` (producing triplets) replaces it.
+    mining: the built-in triplet selection; an external ``miner`` (producing triplets) replaces it
+        (setting both is a config error).
     distance: euclidean (Hermans, MDR), sqeuclidean (FaceNet/TF), cosine (``1 - cos``).
     reduction: "auto" = mean over active triplets for ``all``, mean over all selected triplets otherwise;
         "mean" / "mean_nonzero" force one of the two.
@@ -85,6 +87,11 @@ class TripletLoss(nn.Module):
         synthesis: HardNegativeSource | None,
     ):
         super().__init__()
+        if miner is not None and mining != "batch_hard":
+            problem = (
+                f"loss.mining: {mining!r} and the miner both choose the triplets; with a miner leave it out"
+            )
+            raise ConfigError([problem])
         self.margin = margin
         self.soft = soft
         self.mining = mining
