@@ -55,6 +55,9 @@ def _cmd_study_run(args: argparse.Namespace) -> None:
         overrides=args.overrides,
     )
     if out is not None:
+        comparison = out / "tables" / "comparison.md"
+        if comparison.is_file():
+            print(f"\n{comparison.read_text()}")
         print(f"tables: {out / 'tables'}\nplots: {out / 'plots'}\noverview: {out / 'report.md'}")
 
 

@@ -30,6 +30,7 @@ def test_readme_main_command_runs_the_quickstart_study_and_writes_the_report(tmp
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "overview: results/quickstart/report.md" in done.stdout
+    assert "| arm | runs | Recall@1 (%) | Recall@2 (%) | Recall@4 (%) | Recall@8 (%) |" in done.stdout
 
     folder = tmp_path / "results/quickstart"
     comparison = pd.read_csv(folder / "tables/comparison.csv", index_col="arm")
