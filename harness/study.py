@@ -367,6 +367,24 @@ def _problems(raw: dict[str, Any]) -> tuple[config.RunConfig | None, list[str]]:
         return None, e.problems
 
 
+def _assembly_problems(cfg: config.RunConfig) -> list[str]:
+    """Problems only assembling the components shows (a stage name, a component combination): the arm's
+    model, loss, regularizers and optimizer are built on the CPU without weights, so that a typo fails
+    before the study starts rather than in every trial of the arm."""
+    import torch
+
+    from harness.train import Learner
+
+    raw = cfg.to_dict()
+    if "pretrained" in raw["backbone"]:
+        raw["backbone"]["pretrained"] = False
+    try:
+        Learner.build(config.validate(raw), num_classes=4, in_channels=3, device=torch.device("cpu"))
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
 def _arm_problems(arm: Arm, params: list[TuneParam], metric: str) -> list[str]:
     """Problems of one arm: its config, the tune params that apply to it, the objective."""
     cfg, problems = _problems(arm.raw)
@@ -386,6 +404,8 @@ def _arm_problems(arm: Arm, params: list[TuneParam], metric: str) -> list[str]:
         problems.append(
             f"objective.metric: {metric!r} is not a metric of this config (have {', '.join(sorted(names))})"
         )
+    if cfg is not None and not problems:
+        problems += _assembly_problems(cfg)
     if cfg is not None and cfg.data.val_fraction <= 0:
         problems.append(
             "base.data.val_fraction: must be > 0 (tuning and epoch selection use validation classes, "
