@@ -47,6 +47,8 @@ Backend = Literal["auto", "faiss", "torch"]
 
 #: Largest query-chunk x gallery score block the torch backend allocates (bytes).
 TORCH_BLOCK_BYTES = 256 * 2**20
+#: Columns per group of the two-stage top-k of the torch backend.
+TOPK_GROUP = 16
 #: Largest query-chunk x candidates x dim block of the exact distance recomputation (bytes).
 RECOMPUTE_BLOCK_BYTES = 4 * 2**20  # small blocks stay in cache: 4x faster than 64 MiB ones
 #: faiss-gpu answers at most this many neighbours per query; larger searches use the torch backend.
@@ -213,9 +215,27 @@ def _topk_block(
     """Top k of one [chunk, N] score block (similarities if ``g_sq`` is None, else squared distances)."""
     with _full_float32_matmul():
         if g_sq is None:
-            return torch.topk(query @ gallery.T, k, dim=1)
+            return _topk(query @ gallery.T, k, largest=True)
         block = torch.addmm(g_sq, query, gallery.T, alpha=-2).add_(query.square().sum(1, keepdim=True))
-        return torch.topk(block, k, dim=1, largest=False)
+        return _topk(block, k, largest=False)
+
+
+def _topk(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=1)`` in two stages on wide blocks: the k groups of TOPK_GROUP columns with
+    the best extremes hold every top-k entry, so one topk runs over the group extremes and one over their
+    k·TOPK_GROUP columns (plus the < TOPK_GROUP columns left over). The values are torch.topk's."""
+    rows, n = scores.shape
+    whole = n - n % TOPK_GROUP
+    if whole < 8 * k * TOPK_GROUP:
+        return torch.topk(scores, k, dim=1, largest=largest)
+    grouped = scores[:, :whole].view(rows, whole // TOPK_GROUP, TOPK_GROUP)
+    extremes = grouped.amax(2) if largest else grouped.amin(2)
+    groups = torch.topk(extremes, k, dim=1, largest=largest).indices
+    offsets = torch.arange(TOPK_GROUP, device=scores.device)
+    cand = (groups[:, :, None] * TOPK_GROUP + offsets).flatten(1)
+    cand = torch.cat([cand, torch.arange(whole, n, device=scores.device).expand(rows, -1)], dim=1)
+    values, picked = torch.topk(scores.gather(1, cand), k, dim=1, largest=largest)
+    return values, cand.gather(1, picked)
 
 
 def _exact_distances(

@@ -132,6 +132,20 @@ def test_backends_agree_exactly_on_ties(distance, query_mode):
     assert (d_f[:, 1:] >= d_f[:, :-1]).all()
 
 
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("n", [4000, 4007])  # a multiple of the group size and one with left-over columns
+def test_two_stage_topk_equals_torch_topk(largest, n):
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(40, n, generator=gen)
+    scores[:, ::7] = scores[:, :1]  # many ties, some at the top
+    scores[3, -3:] = 100.0 if largest else -100.0  # winners among the left-over columns
+    for k in (1, 12, 30):
+        values, idx = evaluate._topk(scores, k, largest)
+        expected = torch.topk(scores, k, dim=1, largest=largest).values
+        assert torch.equal(values, expected)
+        assert torch.equal(scores.gather(1, idx), values) and (idx.sort(1).values.diff(dim=1) > 0).all()
+
+
 def test_auto_on_cpu_takes_the_faster_backend_of_a_probe_for_large_searches(monkeypatch):
     calls = []
     search = evaluate._search
