@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate, product
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import optuna
 import pydantic
@@ -99,7 +99,9 @@ class _Objective(_Model):
 class _Study(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: dict[str, Any] = Field(default_factory=dict)
-    arms: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    # a factor is a dotted config path with a list of values, or a name with named variants, each a
+    # mapping of dotted paths to values (several config changes compared as one factor level)
+    arms: dict[str, Any] = Field(default_factory=dict)  # checked in parse_study (one message per factor)
     baseline: dict[str, Any] | None = None
     tune: _Tune | None = None
     final: _Final = Field(default_factory=_Final)
@@ -460,17 +462,34 @@ def parse_study(raw: dict[str, Any], name: str | None = None) -> StudySpec:
     if name:
         raw["name"] = name
     model, problems = _validate_top(raw)
-    factors = list(model.arms)
-    short = _short_names(factors)
-    shown = {p: _show_values(vs) for p, vs in model.arms.items()}
+    for f, vs in model.arms.items():
+        if not isinstance(vs, (list, dict)) or not vs:
+            problems.append(
+                f"arms.{f}: give a non-empty list of values or a mapping of named variants, got {vs!r}"
+            )
+    factors = [f for f, vs in model.arms.items() if isinstance(vs, (list, dict)) and vs]
+    variants = {f: model.arms[f] for f in factors if isinstance(model.arms[f], dict)}
+    for f, vs in variants.items():
+        problems += [
+            f"arms.{f}.{name}: a variant is a mapping of dotted config paths to values, got {v!r}"
+            for name, v in vs.items()
+            if not isinstance(v, dict) or not v
+        ]
+    levels = {f: list(model.arms[f]) for f in factors}  # a variant factor's levels are its names
+    short = _short_names([f for f in factors if f not in variants]) | {f: f for f in variants}
+    shown = {f: list(vs) if f in variants else _show_values(vs) for f, vs in levels.items()}
     arms = []
-    for combo in product(*(range(len(model.arms[p])) for p in factors)):
-        values = {p: model.arms[p][i] for p, i in zip(factors, combo, strict=True)}
-        display = {p: shown[p][i] for p, i in zip(factors, combo, strict=True)}
-        label = ", ".join(f"{short[p]}={display[p]}" for p in factors) or "base"
+    for combo in product(*(range(len(levels[f])) for f in factors)):
+        values = {f: levels[f][i] for f, i in zip(factors, combo, strict=True)}
+        display = {f: shown[f][i] for f, i in zip(factors, combo, strict=True)}
+        label = ", ".join(f"{short[f]}={display[f]}" for f in factors) or "base"
+        assignments: dict[str, Any] = {}
+        for f, v in values.items():
+            changes = variants[f][v] if f in variants else {f: v}
+            assignments.update(changes if isinstance(changes, dict) else {})
         try:
             base = {"name": model.name, **model.base}  # runs are named after their study unless base says
-            arm_raw = _assign(config.name_default_components(base), values)
+            arm_raw = _assign(config.name_default_components(base), assignments)
         except ConfigError as e:
             problems += [f"arms ({label}): {x}" for x in e.problems]
             continue

@@ -161,6 +161,23 @@ def test_tuned_table_shows_the_values_the_final_runs_used(tuned: Path) -> None:
     assert "## Tuned hyperparameters" in (folder / "report.md").read_text()
 
 
+def test_a_variant_factor_is_a_column_of_the_store_and_of_its_ablation_table(tmp_path: Path) -> None:
+    arms = {
+        "method": {"hard": {"loss.mining": "batch_hard"}, "all": {"loss.mining": "all", "loss.margin": 0.3}}
+    }
+    spec = tiny_study("variants", arms=arms, baseline={"method": "hard"}, final={"seeds": [0]})
+    folder = study.run_study(write(tmp_path, spec), results=tmp_path)
+    df = store.load("variants", results=tmp_path)
+    assert sorted(df["method"]) == ["all", "hard"] and sorted(df.arm) == ["method=all", "method=hard"]
+    table = pd.read_csv(folder / "tables/ablation_method.csv", index_col="arm")
+    assert sorted(table["method"]) == [
+        "all",
+        "hard",
+    ]  # (write() sorts the YAML's keys: study order is all, hard)
+    delta = table.loc["method=all", "recall@1_mean"] - table.loc["method=hard", "recall@1_mean"]
+    assert table.loc["method=all", "recall@1_delta"] == pytest.approx(delta)
+
+
 def test_report_mid_study_and_of_an_unknown_study(tmp_path: Path) -> None:
     spec = study.parse_study(tiny_study("fresh"))
     study._prepare(store.open_storage(None, "fresh", tmp_path, create=True), spec)

@@ -100,6 +100,39 @@ def test_regularizer_lists_that_differ_in_params_get_distinct_labels() -> None:
     assert spec.config(spec.arms[2], {}).regularizers[0]["levels"] == [-3.0, 0.0, 3.0]
 
 
+def test_a_factor_of_named_variants_sets_several_paths_per_level() -> None:
+    arms = {
+        "method": {
+            "plain": {"loss": {"name": "contrastive"}},
+            "hard": {"loss.mining": "batch_hard", "loss.margin": 0.3},
+        },
+        "model.embedding_dim": [4, 8],
+    }
+    spec = study.parse_study(tiny_study(arms=arms, baseline={"method": "plain", "model.embedding_dim": 8}))
+    assert [a.label for a in spec.arms] == [
+        "method=plain, embedding_dim=4",
+        "method=plain, embedding_dim=8",
+        "method=hard, embedding_dim=4",
+        "method=hard, embedding_dim=8",
+    ]
+    assert spec.baseline == "method=plain, embedding_dim=8" and spec.factors == [
+        "method",
+        "model.embedding_dim",
+    ]
+    plain, hard = spec.config(spec.arms[1], {}), spec.config(spec.arms[3], {})
+    assert plain.loss["name"] == "contrastive" and "mining" not in plain.loss  # a new component, its defaults
+    assert (hard.loss["name"], hard.loss["mining"], hard.loss["margin"]) == ("triplet", "batch_hard", 0.3)
+    assert spec.arms[3].values == {"method": "hard", "model.embedding_dim": 8}
+    bad = {"method": {"plain": {"loss": "contrastive"}, "odd": 3, "typo": {"loss.margn": 0.1}}}
+    with pytest.raises(ConfigError) as err:
+        study.parse_study(tiny_study(arms=bad))
+    assert (
+        "arms.method.odd: a variant is a mapping of dotted config paths to values, got 3"
+        in err.value.problems
+    )
+    assert any(p.startswith("arms (method=typo): loss.margn: unknown parameter") for p in err.value.problems)
+
+
 def test_tune_distributions_and_conditional_params() -> None:
     spec = study.parse_study(
         tiny_study(
@@ -142,7 +175,7 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         study.parse_study(top)
     assert len(err.value.problems) == 5
     for expected in (
-        "arms.synthesis: List should have at least 1 item",
+        "arms.synthesis: give a non-empty list of values or a mapping of named variants, got []",
         "timeout:",
         "extra_key: unknown key",
         "tune.params.optimizer.lr: `low <= high`",
