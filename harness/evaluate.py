@@ -297,7 +297,7 @@ def _faster_cpu_backend(dim: int) -> str:
     """``faiss-cpu`` or ``torch``, whichever searches a probe of this dimension faster on this machine.
 
     Which one wins depends on the CPU and the BLAS each links (faiss's flat search spends most of its time
-    in its top-k heaps; torch's in its GEMM; torch was 1.4x faster on our CI machine). Both give
+    in its top-k heaps; torch's in its GEMM; torch was 1.5x faster on our CI machine). Both give
     identical results (the final ranking is recomputed exactly), so the choice changes only the speed.
     """
     gen = torch.Generator().manual_seed(0)
