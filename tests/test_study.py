@@ -299,6 +299,39 @@ def test_the_study_stops_when_most_trials_fail(tmp_path: Path, monkeypatch: pyte
     assert states == {TrialState.FAIL: 4, TrialState.WAITING: 2}
 
 
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_tune_trials_below_the_median_are_pruned_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pruner: str
+) -> None:
+    """Each tune trial reports validation values that get worse trial after trial: once the pruner has its
+    start-up trials, the later ones are stopped at their first epochs and stored as PRUNED with the reason;
+    final runs are never pruned."""
+    real_run, calls = train.run, []
+
+    def declining(config: Any, reporter: Any = None) -> Any:
+        calls.append(config)
+        score = 1.0 - 0.1 * len(calls)
+        for epoch in range(1, 4):
+            reporter(epoch, {"recall@1": score})
+        return real_run(config)
+
+    monkeypatch.setattr(train, "run", declining)
+    spec = tiny_study(
+        arms={"loss.mining": ["batch_hard"]},
+        tune={"n_trials": 6, "pruner": pruner, "params": {"optimizer.lr": {"low": 1e-4, "high": 1e-2}}},
+        final={"seeds": [0, 1]},
+    )
+    study.run_study(write(tmp_path, spec), results=tmp_path, report=False)
+    trials = trials_by_study("tiny", tmp_path)
+    tune = trials["tiny/tune/mining=batch_hard"]
+    pruned = [t for t in tune if t.state == TrialState.PRUNED]
+    assert pruned and tune[0].state == tune[1].state == TrialState.COMPLETE
+    assert all(t.user_attrs["reason"].startswith("pruned at epoch") for t in pruned)
+    assert all(t.state == TrialState.COMPLETE for t in trials["tiny"])  # the final stage is never pruned
+    df = store.load("tiny", results=tmp_path)
+    assert (df.state == "PRUNED").sum() == len(pruned)
+
+
 def test_sqlite_is_refused_for_several_workers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="one worker"):
         study.run_study(
