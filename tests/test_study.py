@@ -332,6 +332,14 @@ def test_tune_trials_below_the_median_are_pruned_and_recorded(
     assert (df.state == "PRUNED").sum() == len(pruned)
 
 
+def test_the_timeout_stops_starting_trials_and_a_rerun_finishes_the_study(tmp_path: Path) -> None:
+    path = write(tmp_path, tiny_study(arms={"loss.mining": ["batch_hard", "all"]}, timeout=1e-9))
+    study.run_study(path, results=tmp_path, report=False)
+    assert complete_units(trials_by_study("tiny", tmp_path)["tiny"]) == Counter()  # past the deadline at once
+    study.run_study(path, results=tmp_path, report=False, overrides=["timeout=null"])
+    assert sum(complete_units(trials_by_study("tiny", tmp_path)["tiny"]).values()) == 4
+
+
 def test_sqlite_is_refused_for_several_workers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="one worker"):
         study.run_study(
