@@ -65,4 +65,4 @@ def format_metrics(result: RunResult) -> str:
     df = pd.DataFrame(rows).T.reindex(
         columns=[c for c in ("val", "test", "test_last") if any(c in r for r in rows.values())]
     )
-    return f"best epoch {result.best_epoch}\n" + df.to_string(float_format=lambda v: f"{v:.4f}")
+    return f"best epoch {result.best_epoch}\n" + df.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")

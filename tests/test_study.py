@@ -88,6 +88,15 @@ def test_factor_on_a_default_component_and_list_values() -> None:
     assert cfg.optimizer == {**cfg.optimizer, "name": "adam", "lr": 1e-2} and cfg.eval.ks == [1, 2, 4]
 
 
+def test_nmi_is_an_objective_only_where_it_selects_the_epoch() -> None:
+    spec = tiny_study(objective={"metric": "nmi"})
+    spec["base"]["eval"]["nmi"] = True
+    with pytest.raises(ConfigError, match="for nmi set train.selection_metric: nmi"):
+        study.parse_study(spec)
+    spec["base"]["train"]["selection_metric"] = "nmi"
+    assert study.parse_study(spec).metric == "nmi"
+
+
 def test_regularizer_lists_that_differ_in_params_get_distinct_labels() -> None:
     mdr = [{"name": "mdr", "levels": levels} for levels in ([0.0], [-3.0, 0.0, 3.0])]
     arms = {"regularizers": [[], [mdr[0]], [mdr[1]]]}
@@ -207,7 +216,7 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         "tune.params: sampler.kk: unknown key",
         "tune.params.optimizer.lr: unknown key(s) bad",
         "tune.params.loss.margin.when: {'loss.name': 'npair'} holds for no arm",
-        "objective.metric: 'recall@3' is not a metric",
+        "objective.metric: 'recall@3' is not a validation metric",
     ):
         assert expected in text, expected
 
