@@ -142,8 +142,13 @@ class MDR(nn.Module):
     def epoch_diagnostics(self) -> dict[str, Any]:
         """Levels, normalised-distance histogram and pairs per level of this epoch; resets the counts."""
         edges = torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1)
+        levels, pairs = self.levels.detach().cpu().tolist(), self._level_counts.cpu()
+        shares = (pairs / pairs.sum().clamp_min(1)).tolist()
         out: dict[str, Any] = {
-            "mdr_levels": self.levels.detach().cpu().tolist(),
+            # scalars (history columns, plotted per epoch): each level's value and share of the pairs
+            **{f"mdr_level_{i}": v for i, v in enumerate(levels)},
+            **{f"mdr_level_{i}_pair_share": v for i, v in enumerate(shares)},
+            "mdr_levels": levels,
             "mdr_hist_edges": edges.tolist(),
             "mdr_hist_counts": self._hist.cpu().long().tolist(),
             "mdr_level_pairs": self._level_counts.cpu().long().tolist(),

@@ -155,6 +155,9 @@ def test_diagnostics_accumulate_and_reset() -> None:
     assert sum(diag["mdr_hist_counts"]) == 2 * 8 * 7 == sum(diag["mdr_level_pairs"])
     assert len(diag["mdr_hist_counts"]) == HIST_BINS and len(diag["mdr_hist_edges"]) == HIST_BINS + 1
     assert diag["mdr_levels"] == pytest.approx([-3.0, 0.0, 3.0])
+    assert [diag[f"mdr_level_{i}"] for i in range(3)] == diag["mdr_levels"]  # scalars for the history
+    shares = [diag[f"mdr_level_{i}_pair_share"] for i in range(3)]
+    assert shares == pytest.approx([n / (2 * 8 * 7) for n in diag["mdr_level_pairs"]])
     assert sum(mdr.epoch_diagnostics()["mdr_hist_counts"]) == 0
 
 
