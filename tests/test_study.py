@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FixedTrial, TrialState
 
-from harness import store, study, train
+from harness import config, store, study, train
 from harness.errors import ConfigError, TrainingError
 
 TINY_BASE: dict[str, Any] = {
@@ -233,6 +234,14 @@ def test_problems_only_assembly_shows_are_reported_before_running() -> None:
         "arms (branch=block9): model.branch 'block9' is not a stage of SmallConvNet "
         "(stages: block1, block2, block3, block4)"
     ]
+
+
+def test_the_readme_study_reference_is_a_valid_study() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"Every key of a study YAML:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    spec = study.parse_study(config.parse_yaml(block.replace("base: {...}", "base: {}")))
+    assert len(spec.arms) == 8 and spec.baseline == "loss=triplet, synthesis=none, head=l2"
+    assert [p.path for p in spec.params] == ["optimizer.lr", "loss.margin", "sampler.k"]
 
 
 @pytest.mark.parametrize(
