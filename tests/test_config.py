@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,24 @@ def test_run_key_is_stable_and_sensitive(tmp_path: Path) -> None:
     # the defaults written out or left implicit give the same run
     explicit = config.load(_write(tmp_path, a.to_dict()))
     assert explicit.run_key() == a.run_key()
+
+
+def test_every_config_snippet_of_the_readme_validates() -> None:
+    """Each top-level entry of the README's RunConfig snippets (method sections included), on the digits
+    config, is a valid config: the documentation cannot drift from the parameters."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    base = config.load_yaml(Path(__file__).parents[1] / "studies/configs/digits.yaml")
+    checked = 0
+    for block in re.findall(r"```yaml\n(.*?)```", readme, re.S):
+        if "arms:" in block:  # the study reference (tests/test_study.py)
+            continue
+        entries: list[list[str]] = []
+        for line in block.splitlines():
+            if line and not line[0].isspace() and not line.startswith("#"):
+                entries.append([line])
+            elif entries:
+                entries[-1].append(line)
+        for entry in entries:
+            config.validate(config.name_default_components({**base, **config.parse_yaml("\n".join(entry))}))
+            checked += 1
+    assert checked >= 30
