@@ -15,6 +15,7 @@ own Optuna study (``NAME/tune/<arm>``), so TPE, the pruner and parameter importa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -371,22 +372,42 @@ def _problems(raw: dict[str, Any]) -> tuple[config.RunConfig | None, list[str]]:
         return None, e.problems
 
 
+#: The sections ``Learner.build`` reads: arms equal in these assemble alike (built once).
+_ASSEMBLED = (
+    "backbone",
+    "pooling",
+    "model",
+    "loss",
+    "miner",
+    "synthesis",
+    "regularizers",
+    "optimizer",
+    "train",
+)
+
+
 def _assembly_problems(cfg: config.RunConfig) -> list[str]:
     """Problems only assembling the components shows (a stage name, a component combination): the arm's
     model, loss, regularizers and optimizer are built on the CPU without weights, so that a typo fails
     before the study starts rather than in every trial of the arm."""
+    raw = cfg.to_dict()
+    if "pretrained" in raw["backbone"]:
+        raw["backbone"]["pretrained"] = False
+    return list(_assemble(json.dumps({k: raw[k] for k in _ASSEMBLED}, sort_keys=True, default=str)))
+
+
+@functools.lru_cache(maxsize=64)
+def _assemble(sections: str) -> tuple[str, ...]:
     import torch
 
     from harness.train import Learner
 
-    raw = cfg.to_dict()
-    if "pretrained" in raw["backbone"]:
-        raw["backbone"]["pretrained"] = False
     try:
-        Learner.build(config.validate(raw), num_classes=4, in_channels=3, device=torch.device("cpu"))
+        cfg = config.validate(json.loads(sections))
+        Learner.build(cfg, num_classes=4, in_channels=3, device=torch.device("cpu"))
     except ConfigError as e:
-        return e.problems
-    return []
+        return tuple(e.problems)
+    return ()
 
 
 def _arm_problems(arm: Arm, params: list[TuneParam], metric: str) -> list[str]:

@@ -151,7 +151,7 @@ class MDR(nn.Module):
             "mdr_levels": levels,
             "mdr_hist_edges": edges.tolist(),
             "mdr_hist_counts": self._hist.cpu().long().tolist(),
-            "mdr_level_pairs": self._level_counts.cpu().long().tolist(),
+            "mdr_level_pairs": pairs.long().tolist(),
             "mdr_running_mean": float(self.running_mean),
             "mdr_running_std": float(self.running_std),
         }
