@@ -6,6 +6,11 @@ from the signature, so the schema is the code. Names in ``CONTEXT_PARAMS`` are t
 knows (number of classes, the built backbone, the miner...) and passes only to constructors that
 ask for them by name; users never set them.
 
+Constraints are declared on the signature too (``Annotated[float, Field(ge=0)]``, ``Literal[...]``) and
+checked by pydantic before anything is built, with the component's true dotted config path. A constructor
+that still raises a ``ConfigError`` writes its problems relative to itself (``"embedding_dim: ..."``);
+``build`` prefixes them with the path it was given.
+
 Built-ins and third-party plugins load the same way, lazily, through the entry-point group
 ``dmlh.plugins``: the loaded object is a module (importing it registers its components) or a
 callable that is called once. A plugin that fails to load is logged, skipped and listed as broken.
@@ -17,6 +22,7 @@ import difflib
 import importlib.metadata
 import inspect
 import logging
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ from typing import Any
 
 import pydantic
 
-from harness.errors import ConfigError, UnknownComponentError
+from harness.errors import ConfigError, HarnessError, UnknownComponentError
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +71,32 @@ class Param:
     def required(self) -> bool:
         return self.default is _MISSING
 
+    def type_name(self) -> str:
+        """The annotation as a user reads it: ``float (ge=0, le=1)`` for ``Annotated[float, Field(...)]``."""
+        return _type_name(self.annotation)
+
     def describe(self) -> str:
-        ann = self.annotation
-        ann = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
         default = "required" if self.required else repr(self.default)
-        return f"{self.name}: {ann} = {default}"
+        return f"{self.name}: {self.type_name()} = {default}"
+
+
+_BOUNDS = ("gt", "ge", "lt", "le", "multiple_of", "min_length", "max_length")
+
+
+def _type_name(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(ann)
+        constraints = [c for m in meta for c in getattr(m, "metadata", [m])]  # FieldInfo, annotated_types
+        bounds = [
+            f"{k}={getattr(c, k)}" for c in constraints for k in _BOUNDS if getattr(c, k, None) is not None
+        ]
+        return f"{_type_name(base)} ({', '.join(bounds)})" if bounds else _type_name(base)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "None"
+    return ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
 
 
 @dataclass(frozen=True)
@@ -93,7 +120,7 @@ def _signature_schema(obj: Callable[..., Any]) -> tuple[dict[str, Param], frozen
     target = obj.__init__ if inspect.isclass(obj) else obj  # type: ignore[misc]
     sig = inspect.signature(target)
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable forward references: fall back to no type checks
         hints = {}
     params: dict[str, Param] = {}
@@ -212,7 +239,7 @@ def _type_check(param: Param, value: Any, path: str) -> str | None:
         pydantic.TypeAdapter(param.annotation).validate_python(value, strict=False)
     except pydantic.ValidationError as e:
         msg = e.errors()[0]["msg"]
-        return f"{path}.{param.name}: {value!r} is not a valid {param.describe().split(' = ')[0]} ({msg})"
+        return f"{path}.{param.name}: {value!r} is not a valid {param.type_name()} ({msg})"
     except Exception:  # annotation pydantic cannot handle (e.g. nn.Module): no check
         return None
     return None
@@ -256,14 +283,35 @@ def build(
 ) -> Any:
     """Build component ``kind/name`` from user ``params`` plus the ``context`` entries it asks for.
 
-    Raises ConfigError naming ``path`` for an unknown name or unknown / ill-typed parameters.
+    Raises ConfigError naming ``path`` for an unknown name or unknown / ill-typed / out-of-range parameters;
+    a user error the constructor raises itself (any ``HarnessError``) comes back prefixed with ``path``.
     """
-    problems = validate_params(kind, name, params, path or kind)
+    path = path or kind
+    problems = validate_params(kind, name, params, path)
     if problems:
         raise ConfigError(problems)
     entry = registry(kind).get(name)
     ctx = {k: v for k, v in (context or {}).items() if k in entry.context}
-    return entry.obj(**params, **ctx)
+    try:
+        return entry.obj(**params, **ctx)
+    except ConfigError as e:
+        raise ConfigError([_at(path, p, entry) for p in e.problems]) from e
+    except HarnessError as e:
+        if str(e).startswith(path):
+            raise
+        raise type(e)(f"{path}: {e}") from e
+
+
+def _at(path: str, problem: str, entry: Entry) -> str:
+    """``problem`` as raised by ``entry``'s constructor, located at ``path``: a problem that starts with one
+    of its parameter names is relative (``"m: ..."`` → ``"model.m: ..."``); one that already names a dotted
+    path is left as it is; any other gets ``"<path>: "`` in front."""
+    head = problem.split(":", 1)[0].split(" ", 1)[0]
+    if head in entry.params:
+        return f"{path}.{problem}"
+    if problem.startswith(path) or "." in head:
+        return problem
+    return f"{path}: {problem}"
 
 
 def describe(kinds_: Iterable[str] | None = None) -> str:

@@ -12,10 +12,11 @@ pushes the learners' embeddings of the same image apart.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from harness.errors import ConfigError
@@ -77,36 +78,32 @@ class ABE(nn.Module):
         *,
         backbone: StagedBackbone,
         pooling: nn.Module,
-        m: int = 8,
-        embedding_dim: int = 512,
+        m: Annotated[int, Field(ge=1)] = 8,
+        embedding_dim: Annotated[int, Field(ge=1)] = 512,
         branch: str | None = None,
         attention_depth: str | None = None,
-        lambda_div: float = 1.0,
-        m_div: float = 1.0,
+        lambda_div: Annotated[float, Field(ge=0)] = 1.0,
+        m_div: Annotated[float, Field(ge=0, le=4)] = 1.0,
         variant: Literal["attention", "heads"] = "attention",
     ):
         super().__init__()
-        if m < 1:
-            raise ConfigError(f"model.m: the number of learners must be ≥ 1, got {m}")
         if embedding_dim % m:
-            raise ConfigError(f"model.embedding_dim: {embedding_dim} is not divisible by model.m = {m}")
-        if lambda_div < 0:
-            raise ConfigError(f"model.lambda_div: must be ≥ 0, got {lambda_div}")
+            raise ConfigError(f"embedding_dim: {embedding_dim} is not divisible by m = {m}")
         names = backbone.stage_names
         defaults = getattr(backbone, "abe_defaults", {})
         branch = branch or defaults.get("branch", names[max(len(names) - 2, 0)])
-        backbone.check_stage(branch, "model.branch")
+        backbone.check_stage(branch, "branch")
         after = backbone.stage_range(branch)
         if variant == "attention":
             if not after:
-                raise ConfigError(f"model.branch: {branch!r} is the final stage; G needs stages after it")
+                raise ConfigError(f"branch: {branch!r} is the final stage; G needs stages after it")
             if attention_depth is None:
                 attention_depth = defaults.get("attention_depth")
                 attention_depth = attention_depth if attention_depth in after else names[-1]
-            backbone.check_stage(attention_depth, "model.attention_depth")
+            backbone.check_stage(attention_depth, "attention_depth")
             if attention_depth not in after:
                 raise ConfigError(
-                    f"model.attention_depth: {attention_depth!r} must come after model.branch {branch!r} "
+                    f"attention_depth: {attention_depth!r} must come after branch {branch!r} "
                     f"(one of {', '.join(after)})"
                 )
         self.backbone = backbone

@@ -13,12 +13,12 @@ It is meant for un-normalised embeddings scaled by the batch mean distance (MDR 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from harness.errors import ConfigError
 from harness.registry import register
 from harness.types import LossOutput
 
@@ -66,17 +66,13 @@ class MDR(nn.Module):
     def __init__(
         self,
         *,
-        levels: tuple[float, ...] = (-3.0, 0.0, 3.0),
-        weight: float = 0.6,
-        level_l2: float = 0.01,
-        momentum: float = 0.9,
+        levels: Annotated[tuple[float, ...], Field(min_length=1)] = (-3.0, 0.0, 3.0),
+        weight: Annotated[float, Field(ge=0)] = 0.6,
+        level_l2: Annotated[float, Field(ge=0)] = 0.01,
+        momentum: Annotated[float, Field(ge=0, le=1)] = 0.9,
         stats_diagonal: Literal["include", "exclude"] = "include",
     ):
         super().__init__()
-        if len(levels) < 1:
-            raise ConfigError("mdr: levels must hold at least one value, e.g. [-3, 0, 3]")
-        if not 0.0 <= momentum <= 1.0:
-            raise ConfigError(f"mdr: momentum {momentum} is not in [0, 1]")
         self.levels = nn.Parameter(torch.tensor([float(s) for s in levels]))
         self.weight = weight
         self.level_l2 = level_l2

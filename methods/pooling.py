@@ -7,9 +7,11 @@ grid) and cgd (combination of multiple global descriptors with an auxiliary clas
 from __future__ import annotations
 
 import functools
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from harness.errors import ConfigError
@@ -60,14 +62,12 @@ class GeM(nn.Module):
         self,
         *,
         in_channels: int,
-        p: float = 3.0,
+        p: Annotated[float, Field(gt=0)] = 3.0,
         learn_p: bool = True,
         p_lr_mult: float = 10.0,
         eps: float = 1e-6,
     ):
         super().__init__()
-        if p <= 0:
-            raise ConfigError(f"pooling.p: GeM's exponent must be positive (got {p})")
         self.out_dim = in_channels
         self.eps = eps
         self.p = nn.Parameter(torch.tensor([float(p)]), requires_grad=learn_p)
@@ -124,10 +124,8 @@ class RMAC(nn.Module):
     from which the region starts are picked. No regional PCA-whitening (cirtorch's ``Rpool`` option).
     """
 
-    def __init__(self, *, in_channels: int, levels: int = 3, eps: float = 1e-6):
+    def __init__(self, *, in_channels: int, levels: Annotated[int, Field(ge=1)] = 3, eps: float = 1e-6):
         super().__init__()
-        if levels < 1:
-            raise ConfigError(f"pooling.levels: R-MAC needs at least one level (got {levels})")
         self.out_dim = in_channels
         self.levels = levels
         self.eps = eps
@@ -169,21 +167,21 @@ class CGD(nn.Module):
         in_channels: int,
         num_classes: int,
         descriptors: str = "SG",
-        dim: int = 1536,
-        gem_p: float = 3.0,
-        weight: float = 1.0,
-        smoothing: float = 0.1,
-        temperature: float = 0.5,
+        dim: Annotated[int, Field(ge=1)] = 1536,
+        gem_p: Annotated[float, Field(gt=0)] = 3.0,
+        weight: Annotated[float, Field(ge=0)] = 1.0,
+        smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1,
+        temperature: Annotated[float, Field(gt=0)] = 0.5,
     ):
         super().__init__()
         unknown = sorted(set(descriptors) - set(_DESCRIPTORS))
         if not descriptors or unknown or len(set(descriptors)) != len(descriptors):
             raise ConfigError(
-                f"pooling.descriptors: {descriptors!r} must be distinct letters from S (SPoC), M (MAC), "
+                f"descriptors: {descriptors!r} must be distinct letters from S (SPoC), M (MAC), "
                 "G (GeM), e.g. 'SG' or 'SMG'"
             )
         if dim % len(descriptors):
-            raise ConfigError(f"pooling.dim: {dim} is not divisible by the {len(descriptors)} descriptors")
+            raise ConfigError(f"dim: {dim} is not divisible by the {len(descriptors)} descriptors")
         extra = {"G": {"p": gem_p, "learn_p": False}}
         self.pools = nn.ModuleList(
             _DESCRIPTORS[d](in_channels=in_channels, **extra.get(d, {})) for d in descriptors

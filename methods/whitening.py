@@ -12,7 +12,10 @@ per dimension.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from harness.errors import ConfigError, TrainingError
 from harness.registry import register
@@ -38,16 +41,15 @@ def cholesky_with_jitter(s: torch.Tensor) -> torch.Tensor:
     )
 
 
+#: Output dimensions (all if null) and shrinkage of the covariance towards a scaled identity.
+Dim = Annotated[int, Field(ge=1)] | None
+Shrinkage = Annotated[float, Field(ge=0, le=1)]
+
+
 class _LinearWhitening:
     """Shared fit/apply: subclasses learn the projection rows (most important first) from the data."""
 
-    def __init__(self, *, dim: int | None = None, shrinkage: float = 0.0):
-        if dim is not None and dim < 1:
-            raise ConfigError(
-                f"eval.whitening.dim: must be a positive number of dimensions or null (got {dim})"
-            )
-        if not 0.0 <= shrinkage <= 1.0:
-            raise ConfigError(f"eval.whitening.shrinkage: must lie in [0, 1] (got {shrinkage})")
+    def __init__(self, *, dim: Dim = None, shrinkage: Shrinkage = 0.0):
         self.dim, self.shrinkage = dim, shrinkage
         self.mean: torch.Tensor | None = None
         self.projection: torch.Tensor | None = None
@@ -66,9 +68,7 @@ class _LinearWhitening:
         """Learn m and P on ``embeddings`` [N, D] (with their class ``labels``)."""
         x = embeddings.detach().double()
         if self.dim is not None and self.dim > x.shape[1]:
-            raise ConfigError(
-                f"eval.whitening.dim: {self.dim} is larger than the embedding dimension {x.shape[1]}"
-            )
+            raise ConfigError(f"whitening dim {self.dim} is larger than the embedding dimension {x.shape[1]}")
         self.mean = x.mean(dim=0)
         self.projection = self.learn(x, torch.as_tensor(labels, device=x.device), self.mean)
         return self
@@ -87,7 +87,7 @@ class _LinearWhitening:
 class _SpectralWhitening(_LinearWhitening):
     """Whitening from the eigendecomposition of the (shrunk) covariance, ``eps`` added to its eigenvalues."""
 
-    def __init__(self, *, dim: int | None = None, shrinkage: float = 0.0, eps: float = 1e-9):
+    def __init__(self, *, dim: Dim = None, shrinkage: Shrinkage = 0.0, eps: float = 1e-9):
         super().__init__(dim=dim, shrinkage=shrinkage)
         self.eps = eps
 
@@ -135,7 +135,7 @@ class LwWhitening(_LinearWhitening):
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         num_pairs = int((counts * (counts - 1) // 2).sum())
         if num_pairs == 0:
-            raise ConfigError("eval.whitening: lw needs at least two train embeddings of one class")
+            raise ConfigError("whitening lw needs at least two train embeddings of one class")
         n = counts.to(x.dtype)
         centroids = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device)
         centroids.index_add_(0, inverse, x)

@@ -173,12 +173,12 @@ def test_frozen_bn_also_freezes_the_attention_trunk() -> None:
     [
         ({"branch": "block9"}, "model.branch 'block9' is not a stage"),
         ({"branch": "block4"}, "final stage"),
-        ({"branch": "block2", "attention_depth": "block2"}, "must come after model.branch 'block2'"),
+        ({"branch": "block2", "attention_depth": "block2"}, "model.attention_depth: 'block2' must"),
         ({"branch": "block3", "attention_depth": "block1"}, "must come after"),
         ({"attention_depth": "nope"}, "model.attention_depth 'nope' is not a stage"),
         ({"m": 3, "embedding_dim": 16}, "not divisible"),
-        ({"m": 0}, "number of learners"),
-        ({"lambda_div": -1.0}, "lambda_div"),
+        ({"m": 0}, "model.m: 0 is not a valid int"),
+        ({"lambda_div": -1.0}, "model.lambda_div: -1.0 is not a valid float"),
     ],
 )
 def test_config_errors(params: dict, match: str) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
+from pydantic import Field
 
-from harness import registry
+from harness import config, registry
 from harness.errors import ConfigError, UnknownComponentError
 from harness.registry import Registry, build, register, validate_params
 
@@ -63,3 +64,34 @@ def test_unknown_and_illtyped_parameters_all_reported() -> None:
 def test_describe_lists_parameters_and_defaults() -> None:
     text = registry.describe(["testkind"])
     assert "widget" in text and "size: int = 3" in text and "mode: Literal['a', 'b'] = 'a'" in text
+
+
+class Gauge:
+    """A component with declared constraints and one cross-parameter check in its constructor."""
+
+    def __init__(self, *, low: Annotated[float, Field(ge=0)] = 0.0, high: float = 1.0):
+        if high <= low:
+            raise ConfigError(f"high: {high} must exceed low = {low}")
+        self.low, self.high = low, high
+
+
+def test_signature_constraints_are_checked_with_the_true_path() -> None:
+    register("testkind", "gauge", replace=True)(Gauge)
+    assert validate_params("testkind", "gauge", {"low": -1}, "regularizers.3") == [
+        "regularizers.3.low: -1 is not a valid float (ge=0) (Input should be greater than or equal to 0)"
+    ]
+    assert "low: float (ge=0) = 0.0" in registry.describe(["testkind"])
+
+
+def test_build_prefixes_constructor_errors_with_its_path() -> None:
+    register("testkind", "gauge", replace=True)(Gauge)
+    with pytest.raises(ConfigError) as e:
+        build("testkind", "gauge", path="regularizers.2", low=0.5, high=0.1)
+    assert e.value.problems == ["regularizers.2.high: 0.1 must exceed low = 0.5"]
+
+
+def test_mdr_constraint_names_its_position_in_the_list() -> None:
+    raw = {"regularizers": [{"name": "mdr"}, {"name": "mdr", "momentum": 1.5, "levels": []}]}
+    with pytest.raises(ConfigError) as e:
+        config.validate(raw)
+    assert [p.split(":")[0] for p in e.value.problems] == ["regularizers.1.momentum", "regularizers.1.levels"]

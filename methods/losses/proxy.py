@@ -7,10 +7,11 @@ miner and no synthesis.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from harness.errors import ConfigError
@@ -47,14 +48,14 @@ class ProxyNCALoss(nn.Module):
         self,
         *,
         variant: Literal["paper_exclusive", "softmax_inclusive"] = "paper_exclusive",
-        scale: float = 1.0,
-        proxy_lr_mult: float = 1.0,
+        scale: Annotated[float, Field(gt=0)] = 1.0,
+        proxy_lr_mult: Annotated[float, Field(ge=0)] = 1.0,
         num_classes: int,
         embedding_dim: int,
     ):
         super().__init__()
         if variant == "paper_exclusive" and num_classes < 2:
-            raise ConfigError([f"loss.variant: paper_exclusive needs at least 2 classes, got {num_classes}"])
+            raise ConfigError([f"variant: paper_exclusive needs at least 2 classes, got {num_classes}"])
         self.variant = variant
         self.scale = scale
         self.proxies = _proxies(num_classes, embedding_dim, proxy_lr_mult)
@@ -95,9 +96,9 @@ class ProxyAnchorLoss(nn.Module):
     def __init__(
         self,
         *,
-        alpha: float = 32.0,
+        alpha: Annotated[float, Field(gt=0)] = 32.0,
         delta: float = 0.1,
-        proxy_lr_mult: float = 100.0,
+        proxy_lr_mult: Annotated[float, Field(ge=0)] = 100.0,
         num_classes: int,
         embedding_dim: int,
     ):
