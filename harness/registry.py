@@ -22,6 +22,8 @@ import difflib
 import importlib.metadata
 import inspect
 import logging
+import pkgutil
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -221,10 +223,31 @@ def load_plugins() -> None:
             if callable(loaded) and not inspect.ismodule(loaded):
                 loaded()
         except Exception as e:  # a broken third-party plugin must not take the harness down
-            log.warning("plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
-            _BROKEN_PLUGINS[ep.name] = f"{type(e).__name__}: {e}"
+            _broken(ep.name, e)
         finally:
             _loading_plugin = ""
+
+
+def import_submodules(package: str) -> None:
+    """Import every module under ``package`` (sorted, subpackages included), so a plugin package registers a
+    new method by its file alone. A module that fails to import is logged and listed as a broken plugin under
+    its module name; the others still load. Called from a plugin package's ``__init__``."""
+    pkg = importlib.import_module(package)
+
+    def failed(name: str) -> None:  # a subpackage whose __init__ raised while walking
+        _broken(name, sys.exc_info()[1])
+
+    found = pkgutil.walk_packages(pkg.__path__, f"{package}.", onerror=failed)
+    for name in sorted(m.name for m in found):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # one broken file must not hide the other methods
+            _broken(name, e)
+
+
+def _broken(name: str, e: BaseException | None) -> None:
+    log.warning("plugin module %s failed to load: %s", name, e)
+    _BROKEN_PLUGINS[name] = f"{type(e).__name__}: {e}"
 
 
 def broken_plugins() -> dict[str, str]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -115,3 +116,53 @@ def test_plugin_used_from_yaml(plugin_site: Path, tmp_path: Path) -> None:
     assert "recall@1" in out.stdout
     saved = yaml.safe_load((tmp_path / "results" / "runs" / "toy" / "config.yaml").read_text())
     assert saved["loss"] == {"name": "toy_center", "weight": 0.5}
+
+
+CIRCLE = '''
+"""A new loss dropped into methods/losses/ with nothing else edited."""
+import torch
+from harness.registry import register
+from harness.types import LossOutput
+
+
+@register("loss", "circle_toy")
+class CircleToyLoss(torch.nn.Module):
+    """Squared distance of same-class pairs (a toy)."""
+
+    def __init__(self, *, gamma: float = 2.0):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, embeddings, labels):
+        same = (labels[:, None] == labels[None, :]).float()
+        value = self.gamma * (torch.cdist(embeddings, embeddings) ** 2 * same).mean()
+        return LossOutput(value)
+'''
+
+
+def test_new_method_file_is_discovered_without_an_import_line(tmp_path: Path) -> None:
+    """A copy of the ``methods`` package (first on sys.path) with one new and one broken loss file."""
+    methods = Path(__import__("methods").__file__).parent
+    shutil.copytree(methods, tmp_path / "methods", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "methods" / "losses" / "circle_toy.py").write_text(CIRCLE)
+    (tmp_path / "methods" / "losses" / "broken_toy.py").write_text("raise ImportError('no module foo')\n")
+    listed = _dmlh(tmp_path, "list", "loss", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "circle_toy" in listed.stdout and "gamma: float = 2.0" in listed.stdout
+    assert "triplet" in listed.stdout  # the other files still load
+    assert "methods.losses.broken_toy: ImportError: no module foo" in listed.stdout
+    cfg = {
+        "name": "circle",
+        "data": {"dataset": {"name": "synthetic", "num_classes": 16, "per_class": 6, "size": 8}},
+        "sampler": {"p": 3, "k": 2, "batches_per_epoch": 2},
+        "backbone": {"name": "small_convnet", "width": 4, "input_size": 8},
+        "model": {"name": "embedder", "embedding_dim": 8},
+        "loss": {"name": "circle_toy", "gamma": 1.0},
+        "train": {"epochs": 1},
+        "eval": {"nmi": False},
+    }
+    path = tmp_path / "circle.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = _dmlh(tmp_path, "--results", str(tmp_path / "results"), "run", str(path), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "recall@1" in run.stdout
