@@ -20,7 +20,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness import registry
+from harness import plugins, registry
 from harness.errors import ConfigError
 
 Component = dict[str, Any]
@@ -218,8 +218,8 @@ def _compatibility_problems(cfg: RunConfig) -> list[str]:
         and cfg.miner.get("name") in registry.registry("miner")
     ):
         miner = registry.registry("miner").get(cfg.miner["name"])
-        produces = getattr(miner.obj, "produces", None)
-        accepts = getattr(loss.obj, "accepts_miner", ())
+        produces = plugins.produces(miner.obj)
+        accepts = plugins.accepts_miner(loss.obj)
         if produces not in accepts:
             problems.append(
                 f"miner: {miner.name!r} produces {produces}, loss {loss_name!r} accepts {', '.join(accepts)}"

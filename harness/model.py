@@ -22,7 +22,7 @@ from harness import registry
 from harness.config import RunConfig, split_params
 from harness.errors import ConfigError
 from harness.registry import register
-from harness.types import DataConfig, ModelOutput
+from harness.types import DataConfig, ModelOutput, StageInfo
 
 
 class StagedBackbone(nn.Module):
@@ -31,6 +31,8 @@ class StagedBackbone(nn.Module):
     ``forward(x, start=None, end=None)`` runs the stages after ``start`` up to and including
     ``end``, so ``S = (None, branch)`` and ``G = (branch, None)`` split the network at a branching point.
     ``frozen_bn`` keeps every BatchNorm layer in eval mode (fixed statistics) during training.
+    Each stage declares its output channels and reduction (``feature_info``), from which pooling, heads and
+    model plugins derive what they need without knowing the particular backbone.
     """
 
     def __init__(
@@ -39,19 +41,26 @@ class StagedBackbone(nn.Module):
         channels: dict[str, int],
         data_config: DataConfig,
         *,
+        reductions: dict[str, int],
         frozen_bn: bool = False,
     ):
         super().__init__()
-        missing = set(stages) - set(channels)
-        assert not missing, f"stage channels missing for {missing}"
+        missing = (set(stages) - set(channels)) | (set(stages) - set(reductions))
+        assert not missing, f"stage channels or reductions missing for {missing}"
         self.stages = nn.ModuleDict(stages)
         self.stage_channels = dict(channels)
+        self.stage_reductions = dict(reductions)
         self.data_config = data_config
         self.frozen_bn = frozen_bn
 
     @property
     def stage_names(self) -> list[str]:
         return list(self.stages.keys())
+
+    @property
+    def feature_info(self) -> list[StageInfo]:
+        """Channels and reduction of every stage, in order."""
+        return [StageInfo(s, self.stage_channels[s], self.stage_reductions[s]) for s in self.stage_names]
 
     @property
     def out_channels(self) -> int:

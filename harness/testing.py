@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness import registry
+from harness import plugins, registry
 from harness.types import LossOutput, ModelOutput
 
 #: Kinds with a generic contract check (datasets, optimizers and schedulers are covered elsewhere).
@@ -75,7 +75,7 @@ def check_miner(name: str, dim: int = 16) -> None:
     """A miner returns index tensors of its declared kind, pointing at valid positives/negatives."""
     labels = pk_labels()
     miner = _build("miner", name, **_context(dim, num_classes=4))
-    produces = getattr(type(miner), "produces", None)
+    produces = plugins.produces(type(miner))
     assert produces in ("pairs", "triplets"), f"miner {name}: class attribute produces must be pairs|triplets"
     idx = miner(torch.nn.functional.normalize(torch.randn(len(labels), dim), dim=1), labels)
     if produces == "triplets":
@@ -88,7 +88,7 @@ def check_miner(name: str, dim: int = 16) -> None:
 
 def check_backbone(name: str) -> None:
     """A backbone is a StagedBackbone whose stage-by-stage forward equals its full forward and whose
-    declared stage channels match the tensors."""
+    declared stage channels and reductions match the tensors."""
     from harness.model import StagedBackbone
 
     backbone = _build("backbone", name, in_channels=3)
@@ -101,6 +101,8 @@ def check_backbone(name: str) -> None:
         for stage in backbone.stage_names:
             h = backbone(h, start=prev, end=stage)
             assert h.shape[1] == backbone.stage_channels[stage], f"{name}.{stage}: channels {h.shape[1]}"
+            side = -(-size // backbone.stage_reductions[stage])
+            assert h.shape[-1] == side, f"{name}.{stage}: side {h.shape[-1]}, declared reduction gives {side}"
             prev = stage
         assert torch.allclose(h, backbone(x), atol=1e-5), f"backbone {name}: staged forward differs"
 

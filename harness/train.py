@@ -27,6 +27,7 @@ from harness.data import PKSampler, build_transforms, load_splits
 from harness.errors import NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.model import build_component, build_model
+from harness.plugins import EpochDiagnostics, HasBackbone, param_options
 from harness.types import LossOutput, ModelOutput
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ def param_groups(model: nn.Module, loss_modules: Iterable[nn.Module], cfg: RunCo
     ``no_weight_decay`` attributes (GeM p, proxies) give it a group of its own."""
     base_lr = float(cfg.optimizer.get("lr", 1e-3))
     base_wd = float(cfg.optimizer.get("weight_decay", 0.0))
-    backbone = getattr(model, "backbone", None)
-    backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    backbone_ids = {id(p) for p in model.backbone.parameters()} if isinstance(model, HasBackbone) else set()
     groups: dict[tuple[str, float, bool], list[nn.Parameter]] = defaultdict(list)
     mults = {
         "backbone": cfg.train.backbone_lr_mult,
@@ -88,7 +88,7 @@ def param_groups(model: nn.Module, loss_modules: Iterable[nn.Module], cfg: RunCo
                 continue
             seen.add(id(p))
             group = "loss" if source == "loss" else ("backbone" if id(p) in backbone_ids else "head")
-            key = (group, float(getattr(p, "lr_mult", 1.0)), bool(getattr(p, "no_weight_decay", False)))
+            key = (group, *param_options(p))
             groups[key].append(p)
     return [
         {
@@ -302,7 +302,7 @@ class _Trainer:
         records: dict[str, Any] = {}
         for root in (self.model, self.loss, self.regularizers):
             for m in root.modules():
-                if not hasattr(m, "epoch_diagnostics"):
+                if not isinstance(m, EpochDiagnostics):
                     continue
                 source = type(m).__name__
                 for k, v in m.epoch_diagnostics().items():

@@ -37,6 +37,18 @@ class ModelOutput:
 
 
 @dataclass(frozen=True)
+class StageInfo:
+    """What a backbone declares about one named stage (as timm's ``feature_info``).
+
+    channels: output channels; reduction: input side / output side (GoogLeNet's pool3: 16, 14×14 at 224).
+    """
+
+    name: str
+    channels: int
+    reduction: int
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The input convention a backbone declares: transforms read it, users never retype it.
 

@@ -39,6 +39,26 @@ def divergence_loss(parts: torch.Tensor, margin: float) -> torch.Tensor:
     return F.relu(margin - d2[:, i, j]).sum(1).mean()
 
 
+#: ABE attends to mid-level features: the paper splits GoogLeNet at pool3 and runs the attention trunk through
+#: inception4e, the stages at 1/16 of the input (14×14 at 224).
+MID_LEVEL_REDUCTION = 16
+
+
+def default_split(backbone: StagedBackbone) -> tuple[str, str]:
+    """(branch, attention_depth) from the backbone's declared stage reductions, for any backbone.
+
+    The attention trunk ends at the last stage, other than the final one, whose reduction is at most
+    ``MID_LEVEL_REDUCTION``; S ends at the first stage of that reduction when it comes earlier, else at the
+    stage just before (GoogLeNet: pool3 / inception4e, BN-Inception: inception3c / inception4d, ResNet-50:
+    layer2 / layer3, the small convnet: block2 / block3).
+    """
+    names, reduction = backbone.stage_names, backbone.stage_reductions
+    mid = [s for s in names[:-1] if reduction[s] <= MID_LEVEL_REDUCTION] or names[-1:]
+    depth = mid[-1]
+    first = next(s for s in names if reduction[s] == reduction[depth])
+    return (first if first != depth else names[max(names.index(depth) - 1, 0)]), depth
+
+
 def _freeze_bn(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -53,10 +73,10 @@ class ABE(nn.Module):
       m: number of learners M; ``embedding_dim`` (divisible by M) is split into M unit-norm parts of
         ``embedding_dim / M`` each, concatenated into the retrieval embedding (so the squared distance between
         two ensemble embeddings is Σ_m ‖f_m(x) − f_m(y)‖², and cosine ranking gives the same order).
-      branch: last stage of S; None → the backbone's ``abe_defaults["branch"]`` (GoogLeNet: pool3), or the
-        stage before the final one for backbones that declare none (small convnet: block3).
-      attention_depth: last stage of the attention trunk; None → ``abe_defaults["attention_depth"]``
-        (GoogLeNet: inception4e) when it lies after ``branch``, else the final stage. An attention map whose
+      branch: last stage of S; None → derived from the backbone's stage reductions (``default_split``;
+        GoogLeNet: pool3).
+      attention_depth: last stage of the attention trunk; None → ``default_split``'s (GoogLeNet:
+        inception4e) when it lies after ``branch``, else the final stage. An attention map whose
         size differs from S's is resized to it (bilinear).
       lambda_div: weight of the divergence loss (reported as aux loss "divergence"; skipped when 0 or M = 1).
       m_div: margin of the divergence hinge on squared Euclidean distances between unit-norm learner
@@ -90,16 +110,15 @@ class ABE(nn.Module):
         if embedding_dim % m:
             raise ConfigError(f"embedding_dim: {embedding_dim} is not divisible by m = {m}")
         names = backbone.stage_names
-        defaults = getattr(backbone, "abe_defaults", {})
-        branch = branch or defaults.get("branch", names[max(len(names) - 2, 0)])
+        default_branch, default_depth = default_split(backbone)
+        branch = branch or default_branch
         backbone.check_stage(branch, "branch")
         after = backbone.stage_range(branch)
         if variant == "attention":
             if not after:
                 raise ConfigError(f"branch: {branch!r} is the final stage; G needs stages after it")
             if attention_depth is None:
-                attention_depth = defaults.get("attention_depth")
-                attention_depth = attention_depth if attention_depth in after else names[-1]
+                attention_depth = default_depth if default_depth in after else names[-1]
             backbone.check_stage(attention_depth, "attention_depth")
             if attention_depth not in after:
                 raise ConfigError(

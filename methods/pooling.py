@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.plugins import set_param_options
 from harness.registry import register
 from harness.types import ModelOutput
 
@@ -71,8 +72,7 @@ class GeM(nn.Module):
         self.out_dim = in_channels
         self.eps = eps
         self.p = nn.Parameter(torch.tensor([float(p)]), requires_grad=learn_p)
-        self.p.lr_mult = p_lr_mult  # type: ignore[attr-defined]
-        self.p.no_weight_decay = True  # type: ignore[attr-defined]
+        set_param_options(self.p, lr_mult=p_lr_mult, no_weight_decay=True)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         p = self.p.to(torch.promote_types(x.dtype, torch.float32))

@@ -139,12 +139,8 @@ def test_defaults_follow_the_backbone(googlenet: StagedBackbone) -> None:
     assert [type(m).__name__ for m in abe.attention_trunk][:1] == ["Inception"] and len(
         abe.attention_trunk
     ) == 5
-    small = make_abe(small_convnet())  # the small convnet's declared defaults
+    small = make_abe(small_convnet())  # derived from the small convnet's stage reductions
     assert (small.branch, small.attention_depth) == ("block2", "block3")
-    bare = small_convnet()
-    bare.abe_defaults = {}  # no declared defaults: the stage before the final one, then the final one
-    fallback = make_abe(bare)
-    assert (fallback.branch, fallback.attention_depth) == ("block3", "block4")
 
 
 def test_parameters_of_s_and_g_stay_under_the_backbone(googlenet: StagedBackbone) -> None:

@@ -25,3 +25,21 @@ def test_component_contract(kind: str, name: str) -> None:
 
 def test_no_broken_builtin_plugins() -> None:
     assert registry.broken_plugins() == {}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "params", "split"),
+    [
+        ("googlenet", {}, ("pool3", "inception4e")),
+        ("bn_inception", {}, ("inception3c", "inception4d")),
+        ("resnet50", {}, ("layer2", "layer3")),
+        ("resnet50", {"last_stride": 1}, ("layer2", "layer3")),
+        ("small_convnet", {}, ("block2", "block3")),
+    ],
+)
+def test_abe_defaults_follow_from_declared_stage_facts(backbone: str, params: dict, split: tuple) -> None:
+    """The ABE split each backbone used to declare (``abe_defaults``), now derived from its stage facts."""
+    from methods.abe import default_split
+
+    built = registry.build("backbone", backbone, context={"in_channels": 3}, **params)
+    assert default_split(built) == split

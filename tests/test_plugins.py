@@ -166,3 +166,16 @@ def test_new_method_file_is_discovered_without_an_import_line(tmp_path: Path) ->
     run = _dmlh(tmp_path, "--results", str(tmp_path / "results"), "run", str(path), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "recall@1" in run.stdout
+
+
+def test_builtin_plugins_declare_the_interfaces_the_engine_reads() -> None:
+    """A loss that asks for a miner says which mined tuples it takes; every miner says what it produces."""
+    from harness import plugins, registry
+
+    for entry in registry.registry("loss").entries():
+        if "miner" in entry.context:
+            assert plugins.accepts_miner(entry.obj), f"loss {entry.name} takes a miner but declares no kinds"
+    for entry in registry.registry("miner").entries():
+        assert plugins.produces(entry.obj) in ("pairs", "triplets"), entry.name
+    for kind, name in (("model", "abe"), ("regularizer", "mdr")):
+        assert issubclass(registry.registry(kind).get(name).obj, plugins.EpochDiagnostics)

@@ -28,6 +28,12 @@ _CHANNELS = {
     "inception4e": 1056, "inception5a": 1024, "inception5b": 1024,
 }  # fmt: skip
 
+_REDUCTIONS = {
+    "conv1": 2, "pool1": 4, "conv2": 4, "pool2": 8, "inception3a": 8, "inception3b": 8, "inception3c": 16,
+    "inception4a": 16, "inception4b": 16, "inception4c": 16, "inception4d": 16, "inception4e": 32,
+    "inception5a": 32, "inception5b": 32,
+}  # fmt: skip
+
 #: a conv step (name suffix, out channels, kernel, stride) or a parameter-free pooling step (suffix, module)
 Step = tuple[str, int, int, int] | tuple[str, nn.Module]
 
@@ -124,10 +130,7 @@ class BNInception(StagedBackbone):
     ``pretrained``: False, "imagenet" (``bn_inception-52deb4733.pth`` from Cadene's pretrainedmodels, in the
     torch.hub cache) or a file path. BN momentum is PyTorch's 0.1 (the Caffe port's 0.9 is a mistranslation
     of Caffe's moving-average fraction; it only matters when BN is not frozen).
-    ABE defaults: branch after inception3c (14×14, like GoogLeNet's pool3), attention through inception4d.
     """
-
-    abe_defaults = {"branch": "inception3c", "attention_depth": "inception4d"}
 
     def __init__(self, *, pretrained: str | bool = False, frozen_bn: bool = False):
         stages = _stages()
@@ -139,5 +142,5 @@ class BNInception(StagedBackbone):
             channel_order="BGR",
             scale=255.0,
         )
-        super().__init__(stages, _CHANNELS, data_config, frozen_bn=frozen_bn)
+        super().__init__(stages, _CHANNELS, data_config, reductions=_REDUCTIONS, frozen_bn=frozen_bn)
         load_pretrained(self, pretrained, IMAGENET_WEIGHTS, dict.fromkeys(stages, ""))

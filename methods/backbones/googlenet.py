@@ -26,6 +26,11 @@ _CHANNELS = {
     "pool3": 480, "inception4a": 512, "inception4b": 512, "inception4c": 512, "inception4d": 528,
     "inception4e": 832, "pool4": 832, "inception5a": 832, "inception5b": 1024,
 }  # fmt: skip
+_REDUCTIONS = {
+    "conv1": 2, "pool1": 4, "conv2": 4, "conv3": 4, "pool2": 8, "inception3a": 8, "inception3b": 8,
+    "pool3": 16, "inception4a": 16, "inception4b": 16, "inception4c": 16, "inception4d": 16,
+    "inception4e": 16, "pool4": 32, "inception5a": 32, "inception5b": 32,
+}  # fmt: skip
 _WEIGHTS = GoogLeNet_Weights.IMAGENET1K_V1
 IMAGENET_WEIGHTS = WeightsFile(_WEIGHTS.url.rsplit("/", 1)[-1], _WEIGHTS.url)
 
@@ -38,14 +43,11 @@ class GoogLeNet(StagedBackbone):
     ``transform_input=True`` feeds its ImageNet weights (those weights were trained on that range); here
     ``transform_input`` is off and the data config does it, so no hidden re-normalisation happens inside.
     ``pretrained``: False, "imagenet" (``googlenet-1378be20.pth`` in the torch.hub cache) or a file path.
-    ABE defaults: branch at pool3, attention through inception4e (the paper's best).
     """
-
-    abe_defaults = {"branch": "pool3", "attention_depth": "inception4e"}
 
     def __init__(self, *, pretrained: str | bool = False, frozen_bn: bool = False):
         net = TorchvisionGoogLeNet(aux_logits=False, transform_input=False, init_weights=pretrained is False)
         stages: OrderedDict[str, nn.Module] = OrderedDict((s, getattr(net, t)) for s, t in _STAGES.items())
         data_config = DataConfig(input_size=224, resize_size=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        super().__init__(stages, _CHANNELS, data_config, frozen_bn=frozen_bn)
+        super().__init__(stages, _CHANNELS, data_config, reductions=_REDUCTIONS, frozen_bn=frozen_bn)
         load_pretrained(self, pretrained, IMAGENET_WEIGHTS, {s: f"{t}." for s, t in _STAGES.items()})

@@ -27,10 +27,7 @@ class ResNet50(StagedBackbone):
     re-id practice; CGD's unofficial PyTorch port removes layer3's instead, which gives the same final size).
     ``pretrained``: False, "imagenet" (torchvision's original IMAGENET1K_V1 weights that DML papers use,
     ``resnet50-0676ba61.pth`` in the torch.hub cache) or a file path (e.g. the V2 weights).
-    ABE defaults: branch after layer2, attention through layer3.
     """
-
-    abe_defaults = {"branch": "layer2", "attention_depth": "layer3"}
 
     def __init__(
         self, *, pretrained: str | bool = False, last_stride: Literal[1, 2] = 2, frozen_bn: bool = False
@@ -44,5 +41,7 @@ class ResNet50(StagedBackbone):
         stages: OrderedDict[str, nn.Module] = OrderedDict(stem=stem)
         stages.update((name, getattr(net, name)) for name in _LAYERS)
         channels = {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-        super().__init__(stages, channels, DataConfig(input_size=224, resize_size=256), frozen_bn=frozen_bn)
+        reductions = {"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32 // (2 // last_stride)}
+        data_config = DataConfig(input_size=224, resize_size=256)
+        super().__init__(stages, channels, data_config, reductions=reductions, frozen_bn=frozen_bn)
         load_pretrained(self, pretrained, IMAGENET_WEIGHTS, {"stem": "", **{n: f"{n}." for n in _LAYERS}})

@@ -29,9 +29,6 @@ class SmallConvNet(StagedBackbone):
     A 28×28 input gives a 7×7 map, an 8×8 input a 2×2 map. No pretrained weights exist for it.
     """
 
-    #: ABE's default split: S = block1..block2, attention trunk = block3 (mask upsampled to S's size).
-    abe_defaults = {"branch": "block2", "attention_depth": "block3"}
-
     def __init__(
         self, *, in_channels: int, width: int = 32, input_size: int = 28, frozen_bn: bool = False
     ) -> None:
@@ -43,8 +40,9 @@ class SmallConvNet(StagedBackbone):
             stages[f"block{i}"] = _block(cin, w, pool)
             cin = w
         channels = {f"block{i}": w for i, w in enumerate(widths, start=1)}
+        reductions = {"block1": 1, "block2": 2, "block3": 4, "block4": 4}
         grey = (0.5,) * in_channels
         data_config = DataConfig(
             input_size=input_size, resize_size=input_size, mean=grey, std=grey, in_channels=in_channels
         )
-        super().__init__(stages, channels, data_config, frozen_bn=frozen_bn)
+        super().__init__(stages, channels, data_config, reductions=reductions, frozen_bn=frozen_bn)

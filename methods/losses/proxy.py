@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from harness.errors import ConfigError
+from harness.plugins import set_param_options
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import full_precision, masked_logsumexp
@@ -22,7 +23,7 @@ from methods.distances import full_precision, masked_logsumexp
 
 def _proxies(num_classes: int, embedding_dim: int, lr_mult: float) -> nn.Parameter:
     proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
-    proxies.lr_mult = lr_mult  # type: ignore[attr-defined]
+    set_param_options(proxies, lr_mult=lr_mult)
     return proxies
 
 

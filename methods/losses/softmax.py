@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.plugins import set_param_options
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import full_precision
@@ -39,7 +40,7 @@ class NormalizedSoftmaxLoss(nn.Module):
         self.normalize = normalize
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.uniform_(self.weight, -1 / math.sqrt(embedding_dim), 1 / math.sqrt(embedding_dim))
-        self.weight.lr_mult = weight_lr_mult  # type: ignore[attr-defined]
+        set_param_options(self.weight, lr_mult=weight_lr_mult)
 
     @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:

@@ -1,0 +1,78 @@
+"""The interfaces between the engine and its plugins in one place: what a plugin declares, who reads it.
+
+A plugin is registered under a kind (``harness.registry``) and built from its keyword-only constructor
+arguments. Beyond its call signature (``forward``), a plugin may declare the capabilities below; the engine
+reads them through these Protocols and helpers only, never by guessing attribute names elsewhere.
+
+- backbone (``harness.model.StagedBackbone``): ordered named stages with ``feature_info`` (per stage its
+  output channels and reduction, as timm's ``feature_info``) and the ``data_config`` its weights expect.
+  Read by ``model.build_model`` (pooling ``in_channels``), the transforms (``train.Learner``) and model
+  plugins that split the network (ABE derives its default branching point from the reductions).
+- model: ``(images, labels=None) -> ModelOutput`` with an ``embedding_dim``; parameters under its
+  ``backbone`` attribute (``HasBackbone``) form the backbone learning-rate group (``train.param_groups``).
+- parameter options (``set_param_options``): a parameter may carry its own learning-rate multiplier and be
+  exempt from weight decay (GeM's p, proxies); ``train.param_groups`` gives it a group of its own.
+- miner (``Miner``): declares ``produces`` ("pairs" or "triplets"); a loss that takes a miner declares the
+  kinds it ``accepts_miner``. ``config.validate`` checks the pairing before anything is built.
+- diagnostics (``EpochDiagnostics``): any module of the model, loss or regularizers with an
+  ``epoch_diagnostics()`` method is asked once per epoch by ``train.Learner`` for scalars (history columns)
+  and records (diagnostics file); it resets its accumulators.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from torch import nn
+
+#: What a miner returns: (anchor, positive, negative) index tensors, or (a1, p, a2, n) pair tensors.
+MinedKind = Literal["pairs", "triplets"]
+
+
+@runtime_checkable
+class EpochDiagnostics(Protocol):
+    """A component that accumulates per-batch observations and reports them once per epoch."""
+
+    def epoch_diagnostics(self) -> dict[str, Any]:
+        """Scalars (→ history ``diag/<key>``) and other JSON values (→ diagnostics); then reset."""
+        ...
+
+
+@runtime_checkable
+class HasBackbone(Protocol):
+    """A model whose parameters under ``backbone`` form the backbone learning-rate group."""
+
+    backbone: nn.Module
+
+
+class Miner(Protocol):
+    """A miner class: ``miner(embeddings, labels)`` returns index tensors of the kind it ``produces``."""
+
+    produces: ClassVar[MinedKind]
+
+
+class MinerTakingLoss(Protocol):
+    """A loss class whose constructor asks for a ``miner``, with the kinds of mined tuples it uses."""
+
+    accepts_miner: ClassVar[tuple[MinedKind, ...]]
+
+
+def produces(miner_cls: object) -> str | None:
+    """The kind of tuples a miner class declares it produces (None: it declares none, a contract error)."""
+    return getattr(miner_cls, "produces", None)
+
+
+def accepts_miner(loss_cls: object) -> tuple[str, ...]:
+    """The kinds of mined tuples a loss class accepts (empty: it declares none)."""
+    return tuple(getattr(loss_cls, "accepts_miner", ()))
+
+
+def set_param_options(param: nn.Parameter, *, lr_mult: float = 1.0, no_weight_decay: bool = False) -> None:
+    """Give ``param`` its own learning-rate multiplier and/or exempt it from weight decay."""
+    param.lr_mult = lr_mult  # type: ignore[attr-defined]
+    param.no_weight_decay = no_weight_decay  # type: ignore[attr-defined]
+
+
+def param_options(param: nn.Parameter) -> tuple[float, bool]:
+    """``(lr_mult, no_weight_decay)`` of a parameter (1.0, False unless ``set_param_options`` set them)."""
+    return float(getattr(param, "lr_mult", 1.0)), bool(getattr(param, "no_weight_decay", False))
