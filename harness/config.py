@@ -143,13 +143,30 @@ COMPONENT_FIELDS = (
 )
 
 
+_RAISE, _ABSENT = object(), object()
+
+
+def lookup(raw: Any, path: str, default: Any = _RAISE) -> Any:
+    """The value at dotted ``path`` of a config dict (list items by index: ``regularizers.1.weight``);
+    ``default``, or KeyError without one, where there is none. The one dotted-path reader of the harness."""
+    node = raw
+    for key in path.split("."):
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        elif isinstance(node, dict) and key in node:
+            node = node[key]
+        elif default is _RAISE:
+            raise KeyError(path)
+        else:
+            return default
+    return node
+
+
 def _components(raw: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """(kind, path, spec) of every component present in a (possibly invalid) config dict."""
     out = []
     for kind, path in COMPONENT_FIELDS:
-        node: Any = raw
-        for key in path.split("."):
-            node = node.get(key) if isinstance(node, dict) else None
+        node = lookup(raw, path, None)
         if _component(node) is not None:
             out.append((kind, path, _component(node)))
     regs = raw.get("regularizers") if isinstance(raw, dict) else None
@@ -331,12 +348,9 @@ def name_default_components(raw: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     defaults = RunConfig().to_dict()
     for _, path in COMPONENT_FIELDS:
-        keys = path.split(".")
-        node, default = out, defaults
-        for key in keys[:-1]:
-            node, default = node.setdefault(key, {}), default[key]
-        if keys[-1] not in node and isinstance(default[keys[-1]], dict):
-            node[keys[-1]] = {"name": default[keys[-1]]["name"]}
+        default = lookup(defaults, path)
+        if isinstance(default, dict) and lookup(out, path, _ABSENT) is _ABSENT:
+            _set(out, path.split("."), {"name": default["name"]})
     return out
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
+from harness.types import RANKING_METRICS, recall_name
+
 Distance = Literal["cosine", "euclidean"]
 Backend = Literal["auto", "faiss", "torch"]
 
@@ -167,12 +169,11 @@ def knn(
 def _ranking_metrics(hits: np.ndarray, relevant: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     """Recall@K, precision@1, r_precision and map@r from the [Q, k] same-label matrix of ranked neighbours."""
     if len(hits) == 0:
-        return {**{f"recall@{kk}": float("nan") for kk in ks}, "map@r": float("nan"),
-                "r_precision": float("nan"), "precision@1": float("nan")}  # fmt: skip
+        return dict.fromkeys([*map(recall_name, ks), *RANKING_METRICS], float("nan"))
     ranks = np.arange(1, hits.shape[1] + 1)
     in_r = hits & (ranks <= relevant[:, None])
     precision_at_i = np.cumsum(hits, axis=1) / ranks
-    metrics = {f"recall@{kk}": float(hits[:, :kk].any(1).mean()) for kk in ks}
+    metrics = {recall_name(kk): float(hits[:, :kk].any(1).mean()) for kk in ks}
     metrics["map@r"] = float(((precision_at_i * in_r).sum(1) / relevant).mean())
     metrics["r_precision"] = float((in_r.sum(1) / relevant).mean())
     metrics["precision@1"] = float(hits[:, 0].mean())

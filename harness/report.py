@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness import store  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
+from harness.types import TABLE_METRICS, metric_title, recall_k  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +42,11 @@ STANDARD_HISTORY = ("epoch", "lr", "seconds", "train/loss")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def metric_title(metric: str) -> str:
-    """``recall@1`` → ``Recall@1``, ``map@r`` → ``MAP@R``, ``r_precision`` → ``R-Precision``."""
-    if metric.startswith("recall@"):
-        return "Recall@" + metric.split("@")[1]
-    return {"map@r": "MAP@R", "r_precision": "R-Precision", "precision@1": "P@1", "nmi": "NMI"}.get(
-        metric, metric
-    )
-
-
 def table_metrics(df: pd.DataFrame) -> list[str]:
     """The test metrics the tables show: Recall@K by K, MAP@R, R-Precision (those present)."""
-    recalls = sorted(
-        (c for c in df.columns if c.startswith("test/recall@")), key=lambda c: int(c.split("@")[1])
-    )
-    return [
-        c.removeprefix("test/") for c in recalls + [c for c in ("test/map@r", "test/r_precision") if c in df]
-    ]
+    names = [c.removeprefix("test/") for c in df.columns if c.startswith("test/")]
+    recalls = sorted((m for m in names if recall_k(m) is not None), key=lambda m: recall_k(m) or 0)
+    return recalls + [m for m in TABLE_METRICS if m in names]
 
 
 def final_runs(df: pd.DataFrame) -> pd.DataFrame:

@@ -62,3 +62,36 @@ class DataConfig:
     channel_order: str = "RGB"
     scale: float = 1.0
     in_channels: int = 3
+
+
+# -- metric names, defined once: evaluate computes them; train, study and report read them --------------
+
+#: Recall@K in the DML meaning: a query counts if ANY of its K nearest neighbours shares its class (not the
+#: information-retrieval recall). Its key is ``recall_name(k)``: ``recall@1``, ``recall@2``, ...
+RECALL_PREFIX = "recall@"
+#: Ranking metrics besides Recall@K, from the ranked neighbours (definitions: ``harness.evaluate``).
+RANKING_METRICS = ("map@r", "r_precision", "precision@1")
+#: Clustering metrics: k-means on the embeddings (slow: on validation only when it selects the epoch).
+CLUSTERING_METRICS = ("nmi",)
+#: Every metric name besides Recall@K.
+METRICS = RANKING_METRICS + CLUSTERING_METRICS
+#: The metrics tables show after Recall@K (precision@1 equals recall@1).
+TABLE_METRICS = ("map@r", "r_precision")
+METRIC_TITLES = {"map@r": "MAP@R", "r_precision": "R-Precision", "precision@1": "P@1", "nmi": "NMI"}
+
+
+def recall_name(k: int) -> str:
+    """The metric key of Recall@``k``."""
+    return f"{RECALL_PREFIX}{k}"
+
+
+def recall_k(metric: str) -> int | None:
+    """K of a Recall@K key (``recall@4`` → 4), None for any other metric."""
+    k = metric.removeprefix(RECALL_PREFIX)
+    return int(k) if metric.startswith(RECALL_PREFIX) and k.isdigit() else None
+
+
+def metric_title(metric: str) -> str:
+    """``recall@1`` → ``Recall@1``, ``map@r`` → ``MAP@R``, ``r_precision`` → ``R-Precision``."""
+    k = recall_k(metric)
+    return f"Recall@{k}" if k is not None else METRIC_TITLES.get(metric, metric)

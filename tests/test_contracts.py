@@ -43,3 +43,16 @@ def test_abe_defaults_follow_from_declared_stage_facts(backbone: str, params: di
 
     built = registry.build("backbone", backbone, context={"in_channels": 3}, **params)
     assert default_split(built) == split
+
+
+def test_metric_names_are_the_ones_evaluate_computes() -> None:
+    """Readers (train, study, report) use harness.types' names; evaluate returns exactly those keys."""
+    import torch
+
+    from harness.evaluate import retrieval_metrics
+    from harness.types import METRICS, metric_title, recall_name
+
+    emb, labels = torch.randn(12, 4), torch.arange(12) % 3
+    metrics = retrieval_metrics(emb, labels, ks=(1, 2), backend="torch")
+    assert set(metrics) == {recall_name(1), recall_name(2), *METRICS}
+    assert [metric_title(m) for m in ("recall@2", "map@r", "nmi")] == ["Recall@2", "MAP@R", "NMI"]

@@ -95,3 +95,12 @@ def test_mdr_constraint_names_its_position_in_the_list() -> None:
     with pytest.raises(ConfigError) as e:
         config.validate(raw)
     assert [p.split(":")[0] for p in e.value.problems] == ["regularizers.1.momentum", "regularizers.1.levels"]
+
+
+def test_lookup_walks_dotted_paths_through_mappings_and_lists() -> None:
+    raw = {"regularizers": [{"name": "mdr"}, {"name": "mdr", "weight": 0.3}], "loss": "triplet"}
+    assert config.lookup(raw, "regularizers.1.weight") == 0.3
+    assert config.lookup(raw, "regularizers.2.weight", None) is None
+    assert config.lookup(raw, "loss.margin", "absent") == "absent"  # through a shorthand: no value
+    with pytest.raises(KeyError):
+        config.lookup(raw, "model.m")
