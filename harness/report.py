@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness import store  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
+from harness.reporting import paper  # noqa: E402
 from harness.types import TABLE_METRICS, metric_title, recall_k  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def _write_table(
     latex = tex.to_latex(
         index=False,
         escape=False,
-        caption=_tex_escape(caption).replace("±", "$\\pm$"),
+        caption=_tex_escape(caption).replace("±", "$\\pm$").replace("Δ", "$\\Delta$"),
         label=f"tab:{stem.name}",
         column_format=align,
     )
@@ -408,6 +409,18 @@ def plot_importances(imp: pd.DataFrame, stem: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _paper_section(name: str, final: pd.DataFrame, meta: dict[str, Any], tables: Path) -> list[str]:
+    """The paper table (published, ours literature, ours fair, differences), written and as report lines."""
+    metrics = paper.published_metrics(meta) or table_metrics(final)
+    order = _arm_order(meta, [*final.arm.unique(), *(meta.get("published") or {})])
+    table = paper.paper_table(final, metrics, order, meta)
+    caption = paper.paper_caption(name, meta)
+    md = paper.paper_display(table, tex=False)
+    tex = paper.paper_display(table, tex=True, escape=_tex_escape)
+    _write_table(table, md, tex, tables / "paper", caption, n_labels=2)
+    return ["## Published vs ours", "", caption + ".", "", to_markdown(md)]
+
+
 def write_report(
     name: str, storage: str | None = None, results: str | Path = "results", baseline: str | None = None
 ) -> Path:
@@ -420,7 +433,8 @@ def write_report(
     final = final_runs(df)
     metric = meta.get("metric", "recall@1")
     seeds = meta.get("seeds", [])
-    expected = len(meta.get("arms", [])) * len(seeds)
+    n_protocols = max(1, len(paper.split_by_protocol(final)))
+    expected = len(meta.get("arms", [])) * len(seeds) * n_protocols
     lines = [
         f"# Study `{name}`",
         "",
@@ -432,17 +446,29 @@ def write_report(
             else ""
         )
         + "; nothing was selected on test classes. "
-        f"{len(final)} of {expected} final runs complete.",
+        + (
+            "Literature-protocol runs (the paper table only) trained on every training class with the "
+            "paper's fixed recipe, untuned. "
+            if n_protocols > 1 or not final.empty and (paper.protocols(final) == "literature").all()
+            else ""
+        )
+        + f"{len(final)} of {expected} final runs complete.",
         "",
     ]
     if final.empty:
         lines.append("No final run has completed yet; run `dmlh report` again later.")
         (folder / "report.md").write_text("\n".join(lines) + "\n")
         return folder
+    if paper.is_paper_study(final, meta):
+        lines += _paper_section(name, final, meta, tables)
+    by_protocol = paper.split_by_protocol(final)
+    final = by_protocol.get("fair", by_protocol.get("literature", final))
     metrics = table_metrics(final)
     summary = summarize(final, metrics, meta)
     order = list(summary.index)
     caption = f"{name}: test metrics (%), mean ± std over seeds; best mean per column in bold"
+    if len(by_protocol) > 1:
+        caption += " (fair protocol; the literature protocol's runs are in the paper table)"
     _write_table(
         summary,
         _display(summary, metrics, False),

@@ -156,6 +156,7 @@ def _row(t: FrozenTrial, study: str, results_dir: Path, lost: set[int]) -> dict[
         "datetime_complete": t.datetime_complete,
         "best_epoch": ua.get("best_epoch"),
         "lost": t.number in lost,
+        "protocol": ua.get("protocol"),
         "reason": ua.get("reason"),
         "traceback": ua.get("traceback"),
         "reused_from": ua.get("reused_from"),

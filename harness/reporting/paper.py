@@ -1,0 +1,136 @@
+"""The paper table: published numbers beside ours under the literature and the fair protocol.
+
+A paper study's metadata may carry ``published: {<arm label>: {"source": "Table 2, row 'Triplet'",
+"<metric>": <value in %>, ...}}`` and ``unpublished: [<setting the papers do not give>, ...]``; each final
+run carries the user attribute ``protocol`` (``literature`` or ``fair``; a run without it is ``fair``).
+Numbers in the CSV are fractions like every other table of the store (published values divided by 100);
+the Markdown and LaTeX versions are in % and Δ in points.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness.types import metric_title, recall_k
+
+#: The two protocols of a paper study (DESIGN.md "Studies"); a run recorded without one is ``fair``.
+PROTOCOLS = ("literature", "fair")
+DEFAULT_PROTOCOL = "fair"
+
+
+def protocols(df: pd.DataFrame) -> pd.Series:
+    """Each run's protocol (``fair`` where the run did not record one)."""
+    if "protocol" not in df:
+        return pd.Series(DEFAULT_PROTOCOL, index=df.index, dtype=object)
+    return df["protocol"].where(df["protocol"].notna(), DEFAULT_PROTOCOL)
+
+
+def is_paper_study(df: pd.DataFrame, meta: dict[str, Any]) -> bool:
+    """A study with a ``published`` block or any literature-protocol run."""
+    return bool(meta.get("published")) or bool((protocols(df) == "literature").any())
+
+
+def published_metrics(meta: dict[str, Any]) -> list[str]:
+    """The metrics some arm's published block gives: Recall@K by K, then the others in first-seen order."""
+    names = list(
+        dict.fromkeys(k for row in (meta.get("published") or {}).values() for k in row if k != "source")
+    )
+    recalls = sorted((m for m in names if recall_k(m) is not None), key=lambda m: recall_k(m) or 0)
+    return recalls + [m for m in names if recall_k(m) is None]
+
+
+def paper_table(
+    final: pd.DataFrame, metrics: list[str], order: list[str], meta: dict[str, Any]
+) -> pd.DataFrame:
+    """Rows = (arm, metric) in study order; columns ``source``, ``published``, ``literature_mean``/``_std``/
+    ``_n``, ``fair_mean``/``_std``/``_n`` (over seeds, ddof=1), ``delta_literature_published`` and
+    ``delta_fair_literature`` (fractions; NaN where a side is missing)."""
+    published = meta.get("published") or {}
+    proto = protocols(final)
+    rows = []
+    for arm in order:
+        pub = published.get(arm, {})
+        for m in metrics:
+            row: dict[str, Any] = {"arm": arm, "metric": m, "source": pub.get("source", "")}
+            value = pub.get(m)
+            row["published"] = float(value) / 100 if value is not None else math.nan
+            for p in PROTOCOLS:
+                col = f"test/{m}"
+                runs = final.loc[(final.arm == arm) & (proto == p), col] if col in final else pd.Series([])
+                runs = pd.to_numeric(runs, errors="coerce").dropna()
+                row[f"{p}_mean"] = runs.mean() if len(runs) else math.nan
+                row[f"{p}_std"] = runs.std() if len(runs) > 1 else math.nan
+                row[f"{p}_n"] = len(runs)
+            row["delta_literature_published"] = row["literature_mean"] - row["published"]
+            row["delta_fair_literature"] = row["fair_mean"] - row["literature_mean"]
+            rows.append(row)
+    return pd.DataFrame(rows).set_index(["arm", "metric"])
+
+
+def _na(tex: bool) -> str:
+    return "--" if tex else "—"
+
+
+def _cell(mean: float, std: float, n: int, tex: bool) -> str:
+    if math.isnan(mean):
+        return _na(tex)
+    pm = " $\\pm$ " if tex else " ± "
+    return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f"{pm}{100 * std:.1f}") + f" ({n})"
+
+
+def _delta(value: float, tex: bool) -> str:
+    return _na(tex) if math.isnan(value) else f"{100 * value:+.1f}"
+
+
+def paper_display(table: pd.DataFrame, tex: bool, escape: Any = str) -> pd.DataFrame:
+    """The readable paper table: values in % with ``(n seeds)``, Δ in points, the source on each arm's first
+    row."""
+    pct = " (\\%)" if tex else " (%)"
+    rows = table.reset_index()
+    first = ~rows.arm.duplicated()
+    return pd.DataFrame(
+        {
+            "arm": [escape(a) if f else "" for a, f in zip(rows.arm, first, strict=True)],
+            "metric": [escape(metric_title(m)) for m in rows.metric],
+            "published" + pct: [_na(tex) if math.isnan(v) else f"{100 * v:.1f}" for v in rows.published],
+            "source": [escape(s) if f else "" for s, f in zip(rows.source, first, strict=True)],
+            "ours, literature" + pct: [
+                _cell(m, s, n, tex)
+                for m, s, n in zip(rows.literature_mean, rows.literature_std, rows.literature_n, strict=True)
+            ],
+            "ours, fair" + pct: [
+                _cell(m, s, n, tex)
+                for m, s, n in zip(rows.fair_mean, rows.fair_std, rows.fair_n, strict=True)
+            ],
+            "Δ literature − published" if not tex else "$\\Delta$ lit. $-$ published": [
+                _delta(v, tex) for v in rows.delta_literature_published
+            ],
+            "Δ fair − literature" if not tex else "$\\Delta$ fair $-$ lit.": [
+                _delta(v, tex) for v in rows.delta_fair_literature
+            ],
+        }
+    )
+
+
+def paper_caption(name: str, meta: dict[str, Any]) -> str:
+    """What the columns mean, and every setting no paper or official code gives (``unpublished``)."""
+    text = (
+        f"{name}: published numbers beside ours. Literature protocol: every training class, the paper's "
+        "fixed recipe, no tuning. Fair protocol: hyperparameters tuned and epochs selected on validation "
+        "classes carved from the training classes. Ours: test metrics in %, mean ± sample std over seeds "
+        "(number of seeds in parentheses); Δ in points"
+    )
+    unpublished = [str(u) for u in meta.get("unpublished") or []]
+    if unpublished:
+        text += ". Not published (our choice): " + "; ".join(unpublished)
+    return text
+
+
+def split_by_protocol(final: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The final runs of each protocol present, literature first."""
+    proto = protocols(final)
+    return {p: final[np.asarray(proto == p)] for p in PROTOCOLS if (proto == p).any()}
