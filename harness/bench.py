@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -138,7 +137,8 @@ def bench_losses(options: list[str]) -> None:
 
     Same inputs for both (random embeddings, P×K labels with K=4), interleaved repeats after a warm-up,
     median reported. Targets: ours/PML <= 1.0 everywhere, < 0.7 for batch-all triplet and multi-similarity.
-    A loss without an entry in ``_pml_loss_equivalents`` is timed alone.
+    Each loss declares its reference implementations next to itself (``register(..., references=...)``,
+    ``harness.plugins.Reference``); a loss that declares none is timed alone.
     """
     import argparse
 
@@ -168,30 +168,30 @@ def bench_losses(options: list[str]) -> None:
     unknown = sorted(set(args.only or []) - set(names))
     if unknown:
         parser.error(f"unknown loss {', '.join(unknown)} (registered: {', '.join(names)})")
-    equivalents = _pml_loss_equivalents()
     rows = []
     for name in args.only or names:
-        for case in equivalents.get(name, [_PmlEquivalent("", {}, None)]):
+        references = registry.registry("loss").get(name).references
+        for case in references() if references else [None]:
             for b in args.sizes:
                 gen = torch.Generator().manual_seed(args.seed)
                 labels = torch.arange(b // 4).repeat_interleave(4)[torch.randperm(b // 4 * 4, generator=gen)]
                 emb = torch.randn(len(labels), args.dim, generator=gen)
                 context = {"num_classes": b // 4, "embedding_dim": args.dim, "miner": None, "synthesis": None}
-                ours = registry.build("loss", name, context=context, **case.params)
-                pml, note = None, case.note
-                if case.build is not None and case.gib is not None and case.gib(b) > args.pml_max_gib:
+                ours = registry.build("loss", name, context=context, **(case.params if case else {}))
+                pml, note, goal = None, case.note if case else "", case.target if case else 1.0
+                if case is not None and case.gib is not None and case.gib(b) > args.pml_max_gib:
                     note = f"PML skipped: needs ~{case.gib(b):.0f} GiB > --pml-max-gib"
-                elif case.build is not None:
+                elif case is not None:
                     pml = _losses_timer(case.build(b // 4, args.dim), emb, labels)
                 ours_run = _losses_timer(lambda e, y, f=ours: f(e, y).value, emb, labels)
                 ours_ms, pml_ms = _losses_interleaved(ours_run, pml, args.warmup, args.repeats)
                 ratio = ours_ms / pml_ms if pml_ms else float("nan")
-                ok = ratio < case.target if case.target < 1 else ratio <= case.target
-                target = f"<{case.target}" if case.target < 1 else f"<={case.target}"
+                ok = ratio < goal if goal < 1 else ratio <= goal
+                target = f"<{goal}" if goal < 1 else f"<={goal}"
                 rows.append(
                     {
                         "loss": name,
-                        "variant": case.variant,
+                        "variant": case.variant if case else "",
                         "B": len(labels),
                         "ours ms": ours_ms,
                         "PML ms": pml_ms or float("nan"),
@@ -204,121 +204,6 @@ def bench_losses(options: list[str]) -> None:
     threads = torch.get_num_threads()
     print(f"D={args.dim}, K=4, {threads} threads, median of {args.repeats} forward+backward runs (ms)")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
-
-
-@dataclass(frozen=True)
-class _PmlEquivalent:
-    """One row of the loss benchmark: our params and the PML loss configured to the same semantics.
-
-    build(num_classes, dim) -> fn(embeddings, labels) -> PML loss tensor; gib(B): PML's estimated peak
-    memory in GiB where it grows faster than B² (so the benchmark can skip it on small machines).
-    """
-
-    variant: str
-    params: dict[str, Any]
-    build: Callable[[int, int], Callable[[Any, Any], Any]] | None
-    target: float = 1.0
-    note: str = ""
-    gib: Callable[[int], float] | None = None
-
-
-def _pml_loss_equivalents() -> dict[str, list[_PmlEquivalent]]:
-    """Our loss name -> its variants benchmarked against PML (set to the same semantics unless noted)."""
-    from pytorch_metric_learning import losses, miners
-    from pytorch_metric_learning.distances import DotProductSimilarity, LpDistance
-    from pytorch_metric_learning.reducers import MeanReducer
-
-    def raw() -> dict[str, Any]:
-        return {"distance": LpDistance(normalize_embeddings=False)}
-
-    def mined(loss: Any, miner: Any) -> Callable[[Any, Any], Any]:
-        return lambda e, y: loss(e, y, miner(e, y))
-
-    def plain(loss: Any) -> Callable[[Any, Any], Any]:
-        return lambda e, y: loss(e, y)
-
-    def lifted_gib(b: int) -> float:  # PML materialises [positive pairs × negative pairs] float tensors
-        return 6 * (b * 3) * (b * (b - 4)) * 4 / 2**30
-
-    return {
-        "contrastive": [
-            _PmlEquivalent("pml", {"variant": "pml"}, build=lambda c, d: plain(losses.ContrastiveLoss()))
-        ],
-        "triplet": [
-            _PmlEquivalent(
-                "batch_all",
-                {"mining": "all"},
-                target=0.7,
-                build=lambda c, d: plain(losses.TripletMarginLoss(margin=0.2, **raw())),
-            ),
-            _PmlEquivalent(
-                "batch_hard",
-                {"mining": "batch_hard"},
-                build=lambda c, d: mined(
-                    losses.TripletMarginLoss(margin=0.2, reducer=MeanReducer(), **raw()),
-                    miners.BatchHardMiner(**raw()),
-                ),
-            ),
-            _PmlEquivalent(
-                "semi_hard",
-                {"mining": "semi_hard"},
-                note="PML semihard miner: other semantics",
-                build=lambda c, d: mined(
-                    losses.TripletMarginLoss(margin=0.2, reducer=MeanReducer(), **raw()),
-                    miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard", **raw()),
-                ),
-            ),
-        ],
-        "multi_similarity": [
-            _PmlEquivalent(
-                "",
-                {},
-                target=0.7,
-                build=lambda c, d: mined(
-                    losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
-                    miners.MultiSimilarityMiner(epsilon=0.1),
-                ),
-            )
-        ],
-        "lifted_structured": [
-            _PmlEquivalent(
-                "",
-                {},
-                gib=lifted_gib,
-                build=lambda c, d: plain(losses.LiftedStructureLoss(neg_margin=1, pos_margin=0, **raw())),
-            )
-        ],
-        "generalized_lifted_structured": [
-            _PmlEquivalent(
-                "",
-                {},
-                build=lambda c, d: plain(
-                    losses.GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0, **raw())
-                ),
-            )
-        ],
-        "npair": [
-            _PmlEquivalent(
-                "",
-                {},
-                build=lambda c, d: plain(
-                    losses.NPairsLoss(distance=DotProductSimilarity(normalize_embeddings=False))
-                ),
-            )
-        ],
-        "angular": [_PmlEquivalent("", {}, build=lambda c, d: plain(losses.AngularLoss(alpha=45)))],
-        "proxy_nca": [_PmlEquivalent("", {}, build=lambda c, d: plain(losses.ProxyNCALoss(c, d)))],
-        "proxy_anchor": [
-            _PmlEquivalent(
-                "", {}, build=lambda c, d: plain(losses.ProxyAnchorLoss(c, d, margin=0.1, alpha=32))
-            )
-        ],
-        "normalized_softmax": [
-            _PmlEquivalent(
-                "", {}, build=lambda c, d: plain(losses.NormalizedSoftmaxLoss(c, d, temperature=0.05))
-            )
-        ],
-    }
 
 
 def _losses_timer(loss: Callable[[Any, Any], Any], emb: Any, labels: Any) -> Callable[[], float]:
@@ -417,9 +302,10 @@ def bench_study(options: list[str]) -> None:
 def bench_methods(options: list[str]) -> None:
     """ms per training step (forward + loss + backward + optimizer step) of method variants vs plain triplet.
 
-    Every variant is assembled from a RunConfig dict by the engine's own builders (config validation,
-    ``build_model``, ``build_component``, ``param_groups``) on the small convnet with 28×28 grey inputs and
-    P×K labels; a variant whose component is not registered is skipped with a note. Variants run in
+    The variants are the ``bench`` rows registered components declare (``harness.plugins.BenchVariant``),
+    each merged into the base config (a triplet embedder). Every variant is assembled from a RunConfig dict
+    by the engine's own builders (config validation, ``build_model``, ``build_component``,
+    ``param_groups``) on the small convnet with 28×28 grey inputs and P×K labels. Variants run in
     interleaved rounds; the figure is the median over rounds of the mean step time.
     """
     import argparse
@@ -458,24 +344,11 @@ def bench_methods(options: list[str]) -> None:
         "loss": {"name": "triplet"},
         "train": {"device": args.device},
     }
-    abe = [
-        (f"ABE-M, M={m}", {"model": {"name": "abe", "m": m, "embedding_dim": args.dim}}, [("model", "abe")])
-        for m in (1, 2, 4, 8)
-    ]
-    variants: list[tuple[str, dict, list[tuple[str, str]]]] = [
-        ("triplet (baseline)", {}, [("loss", "triplet")]),
-        ("+ symmetrical synthesis", {"synthesis": "symmetrical"}, [("synthesis", "symmetrical")]),
-        (
-            "+ MDR (mean_distance head)",
-            {
-                "model": {"name": "embedder", "embedding_dim": args.dim, "normalize": "mean_distance"},
-                "regularizers": ["mdr"],
-            },
-            [("regularizer", "mdr")],
-        ),
-        *abe,
-        ("GeM pooling", {"pooling": "gem"}, [("pooling", "gem")]),
-        ("R-MAC pooling", {"pooling": "rmac"}, [("pooling", "rmac")]),
+    variants = [("triplet (baseline)", {})] + [
+        (v.label, v.change)
+        for kind in registry.kinds()
+        for e in registry.registry(kind).entries()
+        for v in e.bench
     ]
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -483,13 +356,9 @@ def bench_methods(options: list[str]) -> None:
     labels = torch.arange(num_classes).repeat_interleave(args.k).to(device)
     steps: dict[str, Callable[[], None]] = {}
     notes: dict[str, str] = {}
-    for name, change, needs in variants:
-        missing = [f"{kind} {n!r}" for kind, n in needs if n not in registry.registry(kind)]
-        if missing:
-            notes[name] = f"skipped: {', '.join(missing)} not registered"
-            continue
+    for name, change in variants:
         try:
-            cfg = validate({**base, **change})
+            cfg = validate(_merged(base, change))
         except ConfigError as e:
             notes[name] = f"skipped: {'; '.join(e.problems)}"
             continue
@@ -513,7 +382,7 @@ def bench_methods(options: list[str]) -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     baseline = medians.get(variants[0][0], float("nan"))
     rows = []
-    for name, _, _ in variants:
+    for name, _ in variants:
         ms = medians.get(name, float("nan"))
         overhead = f"{100 * (ms / baseline - 1):+.1f}%" if name in medians else ""
         rows.append({"variant": name, "ms/step": ms, "overhead": overhead, "note": notes[name]})
@@ -523,6 +392,15 @@ def bench_methods(options: list[str]) -> None:
         f"median over {args.rounds} rounds of {args.steps} steps"
     )
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+
+
+def _merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``change`` merged in: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in change.items():
+        old = out.get(key)
+        out[key] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
 
 
 def _sync(device: Any) -> None:

@@ -14,6 +14,9 @@ reads them through these Protocols and helpers only, never by guessing attribute
   exempt from weight decay (GeM's p, proxies); ``train.param_groups`` gives it a group of its own.
 - miner (``Miner``): declares ``produces`` ("pairs" or "triplets"); a loss that takes a miner declares the
   kinds it ``accepts_miner``. ``config.validate`` checks the pairing before anything is built.
+- benchmarks (``register(..., references=..., bench=...)``): a loss may name reference implementations
+  (``Reference``: a pytorch-metric-learning loss set to the same semantics) that ``dmlh bench losses`` times
+  it against; any component may declare ``BenchVariant`` rows for ``dmlh bench methods``.
 - diagnostics (``EpochDiagnostics``): any module of the model, loss or regularizers with an
   ``epoch_diagnostics()`` method is asked once per epoch by ``train.Learner`` for scalars (history columns)
   and records (diagnostics file); it resets its accumulators.
@@ -21,6 +24,8 @@ reads them through these Protocols and helpers only, never by guessing attribute
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from torch import nn
@@ -76,3 +81,30 @@ def set_param_options(param: nn.Parameter, *, lr_mult: float = 1.0, no_weight_de
 def param_options(param: nn.Parameter) -> tuple[float, bool]:
     """``(lr_mult, no_weight_decay)`` of a parameter (1.0, False unless ``set_param_options`` set them)."""
     return float(getattr(param, "lr_mult", 1.0)), bool(getattr(param, "no_weight_decay", False))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference implementation a loss is benchmarked against (``dmlh bench losses``).
+
+    build(num_classes, dim) -> fn(embeddings, labels) -> reference loss tensor; it imports its library
+    (pytorch-metric-learning, a dev dependency) when called. params: our constructor params for this row;
+    target: the ours/reference time ratio wanted; gib(B): the reference's estimated peak memory in GiB where
+    it grows faster than B², so the benchmark can skip it on small machines.
+    """
+
+    build: Callable[[int, int], Callable[[Any, Any], Any]]
+    params: dict[str, Any] = field(default_factory=dict)
+    variant: str = ""
+    target: float = 1.0
+    note: str = ""
+    gib: Callable[[int], float] | None = None
+
+
+@dataclass(frozen=True)
+class BenchVariant:
+    """A row of ``dmlh bench methods``: the change, merged into the benchmark's base RunConfig (a triplet
+    embedder on the small convnet), that switches the component on."""
+
+    label: str
+    change: dict[str, Any]

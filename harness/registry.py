@@ -33,6 +33,7 @@ from typing import Any
 import pydantic
 
 from harness.errors import ConfigError, HarnessError, UnknownComponentError
+from harness.plugins import BenchVariant, Reference
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class Entry:
     params: Mapping[str, Param]
     context: frozenset[str]
     plugin: str
+    references: Callable[[], list[Reference]] | None = None
+    bench: tuple[BenchVariant, ...] = ()
 
     @property
     def summary(self) -> str:
@@ -144,14 +147,25 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def add(self, name: str, obj: Callable[..., Any], *, replace: bool = False, plugin: str = "") -> None:
+    def add(
+        self,
+        name: str,
+        obj: Callable[..., Any],
+        *,
+        replace: bool = False,
+        plugin: str = "",
+        references: Callable[[], list[Reference]] | None = None,
+        bench: Iterable[BenchVariant] = (),
+    ) -> None:
         if name in self._entries and not replace:
             raise ValueError(
                 f"{self.kind} {name!r} is already registered (by {self._entries[name].plugin or 'builtin'}); "
                 "pass replace=True to override it"
             )
         params, context = _signature_schema(obj)
-        self._entries[name] = Entry(self.kind, name, obj, params, context, plugin or obj.__module__)
+        self._entries[name] = Entry(
+            self.kind, name, obj, params, context, plugin or obj.__module__, references, tuple(bench)
+        )
 
     def get(self, name: str, path: str = "") -> Entry:
         if name not in self._entries:
@@ -193,11 +207,20 @@ def kinds() -> list[str]:
     return sorted(_REGISTRIES)
 
 
-def register(kind: str, name: str, *, replace: bool = False) -> Callable[[Any], Any]:
-    """Class/function decorator: ``@register("loss", "triplet")``."""
+def register(
+    kind: str,
+    name: str,
+    *,
+    replace: bool = False,
+    references: Callable[[], list[Reference]] | None = None,
+    bench: Iterable[BenchVariant] = (),
+) -> Callable[[Any], Any]:
+    """Class/function decorator: ``@register("loss", "triplet")``. ``references`` (a function returning the
+    reference implementations, imported when called) and ``bench`` rows are what ``dmlh bench`` times."""
 
     def deco(obj: Any) -> Any:
-        _REGISTRIES.setdefault(kind, Registry(kind)).add(name, obj, replace=replace, plugin=_loading_plugin)
+        reg = _REGISTRIES.setdefault(kind, Registry(kind))
+        reg.add(name, obj, replace=replace, plugin=_loading_plugin, references=references, bench=bench)
         return obj
 
     return deco

@@ -21,6 +21,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.model import StagedBackbone
+from harness.plugins import BenchVariant
 from harness.registry import register
 from harness.types import ModelOutput
 
@@ -65,7 +66,11 @@ def _freeze_bn(module: nn.Module) -> None:
             m.eval()
 
 
-@register("model", "abe")
+@register(
+    "model",
+    "abe",
+    bench=[BenchVariant(f"ABE-M, M={m}", {"model": {"name": "abe", "m": m}}) for m in (1, 2, 4, 8)],
+)
 class ABE(nn.Module):
     """ABE-M attention-based ensemble: M attention-masked learners sharing S and G, plus a divergence loss.
 

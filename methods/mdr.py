@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from harness.plugins import BenchVariant
 from harness.registry import register
 from harness.types import LossOutput
 
@@ -38,7 +39,15 @@ def pairwise_euclidean(e: torch.Tensor) -> torch.Tensor:
     return d.masked_fill(eye, 0.0)
 
 
-@register("regularizer", "mdr")
+#: ``dmlh bench methods``: MDR as it is meant to be used, on the mean-distance-scaled embedder.
+_BENCH = [
+    BenchVariant(
+        "+ MDR (mean_distance head)", {"model": {"normalize": "mean_distance"}, "regularizers": ["mdr"]}
+    )
+]
+
+
+@register("regularizer", "mdr", bench=_BENCH)
 class MDR(nn.Module):
     """Multi-level distance regularization: pull normalised pairwise distances to K learnable levels.
 

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.plugins import set_param_options
+from harness.plugins import BenchVariant, set_param_options
 from harness.registry import register
 from harness.types import ModelOutput
 
@@ -50,7 +50,7 @@ class MaxPool(nn.Module):
         return x.amax(dim=(2, 3))
 
 
-@register("pooling", "gem")
+@register("pooling", "gem", bench=[BenchVariant("GeM pooling", {"pooling": "gem"})])
 class GeM(nn.Module):
     """Generalised-mean pooling: (mean_hw clamp(x, eps)^p)^(1/p), one shared p (p=1: SPoC, p→∞: MAC).
 
@@ -115,7 +115,7 @@ def _starts(size: int, side: int, count: int) -> list[int]:
     return [(k * (size - side)) // (count - 1) for k in range(count)]
 
 
-@register("pooling", "rmac")
+@register("pooling", "rmac", bench=[BenchVariant("R-MAC pooling", {"pooling": "rmac"})])
 class RMAC(nn.Module):
     """Regional MAC (cirtorch ``rmac``): global MAC plus max-pooled regions on L levels, each L2-normalised,
     summed (the embedder's normalisation then L2-normalises the sum).

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.plugins import BenchVariant
 from harness.registry import register
 from methods.distances import cosine_similarity, pairwise_distance
 
@@ -49,7 +50,9 @@ def metric_matrix(x: Tensor, y: Tensor, metric: Metric) -> Tensor:
     return pairwise_distance(x, metric, y)
 
 
-@register("synthesis", "symmetrical")
+@register(
+    "synthesis", "symmetrical", bench=[BenchVariant("+ symmetrical synthesis", {"synthesis": "symmetrical"})]
+)
 class SymmetricalSynthesis(nn.Module):
     """Symmetrical synthesis (Gu & Ko 2020): reflect same-class pairs about each other, mine the hardest.
 

@@ -104,3 +104,34 @@ def test_lookup_walks_dotted_paths_through_mappings_and_lists() -> None:
     assert config.lookup(raw, "loss.margin", "absent") == "absent"  # through a shorthand: no value
     with pytest.raises(KeyError):
         config.lookup(raw, "model.m")
+
+
+def test_a_loss_declares_its_reference_and_is_benchmarked_against_it(capsys: pytest.CaptureFixture) -> None:
+    """``dmlh bench losses`` reads the references a loss registers next to itself: no bench.py edit."""
+    import torch
+
+    from harness import bench
+    from harness.plugins import Reference
+    from harness.types import LossOutput
+
+    def reference() -> list[Reference]:
+        return [Reference(lambda c, d: lambda e, y: (e**2).mean(), {"scale": 2.0}, variant="squares")]
+
+    @register("loss", "toy_squares", replace=True, references=reference)
+    class ToySquares(torch.nn.Module):
+        def __init__(self, *, scale: float = 1.0):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+            return LossOutput(self.scale * (embeddings**2).mean())
+
+    try:
+        assert registry.registry("loss").get("toy_squares").references is reference
+        bench.bench_losses(
+            ["--only", "toy_squares", "--sizes", "8", "--dim", "4", "--repeats", "1", "--warmup", "0"]
+        )
+    finally:  # keep the session's loss registry to the real losses
+        registry.registry("loss")._entries.pop("toy_squares")
+    row = next(line for line in capsys.readouterr().out.splitlines() if "toy_squares" in line)
+    assert "squares" in row and "<=1.0" in row

@@ -6,12 +6,20 @@ import math
 
 from torch import Tensor
 
+from harness.plugins import Reference
 from harness.registry import register
 from methods.losses.npair import PairSoftmaxLoss
 from methods.synthesis import SymmetricalSynthesis
 
 
-@register("loss", "angular")
+def _pml_references() -> list[Reference]:
+    """PML's AngularLoss, alpha 45°."""
+    from pytorch_metric_learning import losses
+
+    return [Reference(lambda c, d: losses.AngularLoss(alpha=45))]
+
+
+@register("loss", "angular", references=_pml_references)
 class AngularLoss(PairSoftmaxLoss):
     """Angular loss (Wang et al. 2017), N-pair form: softmax CE over angular logits of the pairs.
 

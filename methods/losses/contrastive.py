@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.plugins import Reference
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import (
@@ -51,7 +52,14 @@ def reduce_pairs(losses: Tensor, keep: Tensor, reduction: Reduction) -> Tensor:
     return total / count.clamp_min(1)
 
 
-@register("loss", "contrastive")
+def _pml_references() -> list[Reference]:
+    """PML's ContrastiveLoss (its defaults), against our ``variant="pml"``."""
+    from pytorch_metric_learning import losses
+
+    return [Reference(lambda c, d: losses.ContrastiveLoss(), {"variant": "pml"}, variant="pml")]
+
+
+@register("loss", "contrastive", references=_pml_references)
 class ContrastiveLoss(nn.Module):
     """Contrastive loss: pull positives within pos_margin, push negatives beyond neg_margin.
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.plugins import Reference
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import (
@@ -57,7 +58,21 @@ class _LiftedBase(nn.Module):
         return distance_matrix(embeddings, labels, "euclidean", self.synthesis), *label_masks(labels)
 
 
-@register("loss", "lifted_structured")
+def _pml_lifted() -> list[Reference]:
+    """PML's LiftedStructureLoss (neg_margin 1, raw Euclidean); it materialises [pos pairs × neg pairs]."""
+    from pytorch_metric_learning import losses
+    from pytorch_metric_learning.distances import LpDistance
+
+    def gib(b: int) -> float:
+        return 6 * (b * 3) * (b * (b - 4)) * 4 / 2**30
+
+    raw = LpDistance(normalize_embeddings=False)
+    return [
+        Reference(lambda c, d: losses.LiftedStructureLoss(neg_margin=1, pos_margin=0, distance=raw), gib=gib)
+    ]
+
+
+@register("loss", "lifted_structured", references=_pml_lifted)
 class LiftedStructuredLoss(_LiftedBase):
     """Lifted structured loss (Oh Song et al. 2016): log-sum-exp over both ends' negatives per positive pair.
 
@@ -78,7 +93,20 @@ class LiftedStructuredLoss(_LiftedBase):
         return LossOutput(value, _stats(dist, pos, neg, terms, torch.ones_like(terms)))
 
 
-@register("loss", "generalized_lifted_structured")
+def _pml_generalized() -> list[Reference]:
+    """PML's GeneralizedLiftedStructureLoss (neg_margin 1, raw Euclidean)."""
+    from pytorch_metric_learning import losses
+    from pytorch_metric_learning.distances import LpDistance
+
+    raw = LpDistance(normalize_embeddings=False)
+    return [
+        Reference(
+            lambda c, d: losses.GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0, distance=raw)
+        )
+    ]
+
+
+@register("loss", "generalized_lifted_structured", references=_pml_generalized)
 class GeneralizedLiftedStructuredLoss(_LiftedBase):
     """Generalised lifted structure (Hermans et al. 2017): softmax positive vs softmin negative per anchor.
 

@@ -14,11 +14,13 @@ official config's ``SCALE_NEG`` is 40).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from harness.plugins import Reference
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import (
@@ -35,7 +37,21 @@ from methods.miners import multi_similarity_masks
 _SELF_SIMILARITY = 1 - 1e-5
 
 
-@register("loss", "multi_similarity")
+def _pml_references() -> list[Reference]:
+    """PML's MultiSimilarityLoss with its MultiSimilarityMiner (our built-in mining), same constants."""
+    from pytorch_metric_learning import losses, miners
+
+    def build(c: int, d: int) -> Callable[[Tensor, Tensor], Tensor]:
+        loss, miner = (
+            losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
+            miners.MultiSimilarityMiner(epsilon=0.1),
+        )
+        return lambda e, y: loss(e, y, miner(e, y))
+
+    return [Reference(build, target=0.7)]
+
+
+@register("loss", "multi_similarity", references=_pml_references)
 class MultiSimilarityLoss(nn.Module):
     """Multi-similarity loss with MS pair mining (Wang et al. 2019).
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.plugins import Reference
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import full_precision
@@ -78,7 +79,17 @@ class PairSoftmaxLoss(nn.Module):
         return LossOutput(xent + reg, stats)
 
 
-@register("loss", "npair")
+def _pml_references() -> list[Reference]:
+    """PML's NPairsLoss on dot products of the raw embeddings."""
+    from pytorch_metric_learning import losses
+    from pytorch_metric_learning.distances import DotProductSimilarity
+
+    return [
+        Reference(lambda c, d: losses.NPairsLoss(distance=DotProductSimilarity(normalize_embeddings=False)))
+    ]
+
+
+@register("loss", "npair", references=_pml_references)
 class NPairLoss(PairSoftmaxLoss):
     """N-pair loss (Sohn 2016): softmax over anchor·positive dot products, TF npairs_loss form.
 

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from harness.errors import ConfigError
-from harness.plugins import set_param_options
+from harness.plugins import Reference, set_param_options
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import full_precision, masked_logsumexp
@@ -27,7 +27,14 @@ def _proxies(num_classes: int, embedding_dim: int, lr_mult: float) -> nn.Paramet
     return proxies
 
 
-@register("loss", "proxy_nca")
+def _pml_nca() -> list[Reference]:
+    """PML's ProxyNCALoss (softmax_scale 1), against our default variant."""
+    from pytorch_metric_learning import losses
+
+    return [Reference(lambda c, d: losses.ProxyNCALoss(c, d))]
+
+
+@register("loss", "proxy_nca", references=_pml_nca)
 class ProxyNCALoss(nn.Module):
     """Proxy-NCA (Movshovitz-Attias et al. 2017): NCA of each embedding against one proxy per class.
 
@@ -82,7 +89,14 @@ class ProxyNCALoss(nn.Module):
         return LossOutput(losses.mean(), stats)
 
 
-@register("loss", "proxy_anchor")
+def _pml_anchor() -> list[Reference]:
+    """PML's ProxyAnchorLoss with the same margin and alpha."""
+    from pytorch_metric_learning import losses
+
+    return [Reference(lambda c, d: losses.ProxyAnchorLoss(c, d, margin=0.1, alpha=32))]
+
+
+@register("loss", "proxy_anchor", references=_pml_anchor)
 class ProxyAnchorLoss(nn.Module):
     """Proxy-Anchor (Kim et al. 2020): each proxy pulls its class's embeddings and pushes the others.
 

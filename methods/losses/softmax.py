@@ -8,13 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.plugins import set_param_options
+from harness.plugins import Reference, set_param_options
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import full_precision
 
 
-@register("loss", "normalized_softmax")
+def _pml_references() -> list[Reference]:
+    """PML's NormalizedSoftmaxLoss, temperature 0.05."""
+    from pytorch_metric_learning import losses
+
+    return [Reference(lambda c, d: losses.NormalizedSoftmaxLoss(c, d, temperature=0.05))]
+
+
+@register("loss", "normalized_softmax", references=_pml_references)
 class NormalizedSoftmaxLoss(nn.Module):
     """NormSoftmax (Zhai & Wu 2019): cross-entropy over cosine logits / temperature (0.05).
 

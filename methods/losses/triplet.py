@@ -26,13 +26,15 @@ normalises embeddings by default (``normalize=True`` here).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.errors import ConfigError
+from harness.plugins import Reference
 from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import (
@@ -58,7 +60,31 @@ Mining = Literal["all", "batch_hard", "semi_hard", "random"]
 _SELECT = {"batch_hard": batch_hard_triplets, "semi_hard": semi_hard_triplets}
 
 
-@register("loss", "triplet")
+def _pml_references() -> list[Reference]:
+    """PML's TripletMarginLoss on raw Euclidean distances per mining mode (semi-hard: other semantics)."""
+    from pytorch_metric_learning import losses, miners
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    def raw() -> LpDistance:
+        return LpDistance(normalize_embeddings=False)
+
+    def mined(miner: Any) -> Callable[[Tensor, Tensor], Tensor]:
+        loss = losses.TripletMarginLoss(margin=0.2, reducer=MeanReducer(), distance=raw())
+        return lambda e, y: loss(e, y, miner(e, y))
+
+    semihard = {"margin": 0.2, "type_of_triplets": "semihard"}
+    return [
+        Reference(lambda c, d: losses.TripletMarginLoss(margin=0.2, distance=raw()), {"mining": "all"},
+                  variant="batch_all", target=0.7),
+        Reference(lambda c, d: mined(miners.BatchHardMiner(distance=raw())), {"mining": "batch_hard"},
+                  variant="batch_hard"),
+        Reference(lambda c, d: mined(miners.TripletMarginMiner(**semihard, distance=raw())),
+                  {"mining": "semi_hard"}, variant="semi_hard", note="PML semihard miner: other semantics"),
+    ]  # fmt: skip
+
+
+@register("loss", "triplet", references=_pml_references)
 class TripletLoss(nn.Module):
     """Triplet loss (hinge or soft margin) with batch-all / batch-hard / semi-hard / random mining.
 
