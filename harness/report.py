@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness import store  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.reporting import paper  # noqa: E402
+from harness.reporting import paper, stats  # noqa: E402
 from harness.types import TABLE_METRICS, metric_title, recall_k  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _display(
     label_columns: Sequence[str] = ("arm",),
 ) -> pd.DataFrame:
     """The human-readable table: metric cells ``mean ± std`` (in %), the best mean of each column in bold,
-    ``(+Δ)`` against the baseline when ``deltas`` is given."""
+    ``(+Δ)`` against the baseline when ``deltas`` is given (``(+Δ*)`` where ``<m>_distinguishable``)."""
     esc = _tex_escape if tex else str
     rows = summary.reset_index()
     show = pd.DataFrame({c: rows[c].map(lambda v: esc(str(v))) for c in label_columns})
@@ -118,7 +118,8 @@ def _display(
         for i, r in rows.iterrows():
             cell = _pm(r[f"{m}_mean"], r[f"{m}_std"], tex)
             if deltas is not None:
-                cell += f" ({100 * deltas[m].iloc[i]:+.1f})"
+                mark = "*" if r.get(f"{m}_distinguishable") is True else ""
+                cell += f" ({100 * deltas[m].iloc[i]:+.1f}{mark})"
             cells.append(_bold(cell, tex) if r[f"{m}_best"] else cell)
         show[esc(metric_title(m)) + (" (%)" if not tex else " (\\%)")] = cells
     return show
@@ -136,6 +137,14 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, align, *body]) + "\n"
 
 
+_TEX_SYMBOLS = {"±": "$\\pm$", "Δ": "$\\Delta$", "≥": "$\\geq$", "<": "$<$"}
+
+
+def _tex_caption(text: str) -> str:
+    """A caption for LaTeX: special characters escaped, the symbols the captions use in math mode."""
+    return re.sub("|".join(_TEX_SYMBOLS), lambda m: _TEX_SYMBOLS[m.group()], _tex_escape(text))
+
+
 def _write_table(
     numeric: pd.DataFrame, md: pd.DataFrame, tex: pd.DataFrame, stem: Path, caption: str, n_labels: int = 1
 ) -> None:
@@ -146,7 +155,7 @@ def _write_table(
     latex = tex.to_latex(
         index=False,
         escape=False,
-        caption=_tex_escape(caption).replace("±", "$\\pm$").replace("Δ", "$\\Delta$"),
+        caption=_tex_caption(caption),
         label=f"tab:{stem.name}",
         column_format=align,
     )
@@ -409,6 +418,35 @@ def plot_importances(imp: pd.DataFrame, stem: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def with_significance(sub: pd.DataFrame, sig: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """``sub`` (an ablation table) with each arm's paired statistics against the baseline per metric:
+    ``<m>_n``, ``<m>_ci_low``/``_ci_high`` (t), ``<m>_p_t``, ``<m>_p_wilcoxon``, ``<m>_distinguishable``."""
+    sub = sub.copy()
+    for m in metrics:
+        for field in ("n", "ci_low", "ci_high", "p_t", "p_wilcoxon", "distinguishable"):
+            missing = False if field == "distinguishable" else math.nan  # the baseline's own row
+            sub[f"{m}_{field}"] = [
+                sig.loc[(a, m), field] if (a, m) in sig.index else missing for a in sub.index
+            ]
+    return sub
+
+
+def _significance_columns(show: pd.DataFrame, sub: pd.DataFrame, metric: str, tex: bool) -> pd.DataFrame:
+    """The ablation table's CI and p-value columns of the study's metric (the baseline row: —)."""
+    na = "--" if tex else "—"
+    title = metric_title(metric)
+    ci = [
+        na if math.isnan(lo) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        for lo, hi in zip(sub[f"{metric}_ci_low"], sub[f"{metric}_ci_high"], strict=True)
+    ]
+    p = [
+        na if math.isnan(t) else f"{stats.format_p(t, na)} / {stats.format_p(w, na)}"
+        for t, w in zip(sub[f"{metric}_p_t"], sub[f"{metric}_p_wilcoxon"], strict=True)
+    ]
+    head = f"$\\Delta$ {title}, 95\\% CI" if tex else f"Δ {title}, 95% CI"
+    return show.assign(**{head: ci, "p (t / Wilcoxon)": p})
+
+
 def _paper_section(name: str, final: pd.DataFrame, meta: dict[str, Any], tables: Path) -> list[str]:
     """The paper table (published, ours literature, ours fair, differences), written and as report lines."""
     metrics = paper.published_metrics(meta) or table_metrics(final)
@@ -479,19 +517,35 @@ def write_report(
     lines += ["## Comparison", "", to_markdown(_display(summary, metrics, False))]
     base = resolve_baseline(baseline, meta, order)
     if base is not None and base in summary.index:
+        sig = stats.significance(final, metrics, base, order)
+        caveat = stats.caveat(int(sig.n.min()) if len(sig) else 0)
+        objective = metric if metric in metrics else metrics[0]
         for f, (sub, deltas) in ablations(summary, metrics, meta, base).items():
-            cap = f"{name}: ablation of {f} against the baseline arm '{base}' (Δ in points)"
-            md = _display(sub, metrics, False, deltas, (f,))
-            _write_table(
-                sub, md, _display(sub, metrics, True, deltas, (f,)), tables / f"ablation_{_slug(f)}", cap
+            sub = with_significance(sub, sig, metrics)
+            cap = (
+                f"{name}: ablation of {f} against the baseline arm '{base}' (Δ in points; * paired t-test "
+                f"p < {stats.ALPHA} over matched seeds, unmarked: not distinguishable from seed noise)"
             )
+            md = _significance_columns(_display(sub, metrics, False, deltas, (f,)), sub, objective, False)
+            tex = _significance_columns(_display(sub, metrics, True, deltas, (f,)), sub, objective, True)
+            _write_table(sub, md, tex, tables / f"ablation_{_slug(f)}", cap)
             lines += [
                 f"## Ablation: {f}",
                 "",
-                f"Baseline: `{base}`; (Δ) in points against it.",
+                f"Baseline: `{base}`; (Δ) in points against it; * marks a paired t-test p < {stats.ALPHA} "
+                f"over matched seeds. {caveat}",
                 "",
                 to_markdown(md),
             ]
+        if len(sig):
+            cap = (
+                f"{name}: each arm minus the baseline '{base}', paired over matched seeds (Δ and 95% CIs in "
+                f"points). {caveat}"
+            )
+            md = stats.significance_display(sig, False)
+            tex = stats.significance_display(sig, True, _tex_escape)
+            _write_table(sig, md, tex, tables / "significance", cap, n_labels=2)
+            lines += ["## Significance against the baseline", "", cap, "", to_markdown(md)]
     if meta.get("tune_params"):
         tuned = tuned_params(df, meta, order)
         cap = f"{name}: hyperparameters tuned per arm on validation classes, as the final runs used them"
