@@ -221,7 +221,7 @@ def _component_problems(raw: dict[str, Any]) -> list[str]:
 
 def _compatibility_problems(cfg: RunConfig) -> list[str]:
     """A loss takes a miner / synthesis only if its constructor asks for one; miner outputs must match."""
-    loss_name = cfg.loss.get("name")
+    loss_name = str(cfg.loss.get("name"))
     if loss_name not in registry.registry("loss"):
         return []
     loss = registry.registry("loss").get(loss_name)

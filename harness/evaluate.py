@@ -138,11 +138,11 @@ def knn(
     search_g = _unit(gallery) if distance == "cosine" else gallery
     search_q = search_g if self_mode else (_unit(query) if distance == "cosine" else query)
     # Bound on |backend distance - exact distance|: 4x the float32 error bound of a length-dim dot product.
-    tol = (dim + 8) * 2.0**-22
+    bound = (dim + 8) * 2.0**-22
     if distance == "euclidean":
-        tol = tol * (query.square().sum(1) + gallery.square().sum(1).max())
+        tol = bound * (query.square().sum(1) + gallery.square().sum(1).max())
     else:
-        tol = torch.full((len(query),), tol, device=gallery.device)
+        tol = torch.full((len(query),), bound, device=gallery.device)
 
     g_norm = torch.linalg.vector_norm(gallery, dim=1, dtype=torch.float64) if distance == "cosine" else None
     pending = torch.arange(len(query), device=gallery.device)

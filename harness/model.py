@@ -12,7 +12,7 @@ Contracts the engine relies on:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +120,7 @@ class Embedder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
-        in_dim = int(pooling.out_dim)
+        in_dim = int(cast(int, pooling.out_dim))  # every pooling declares out_dim (harness.plugins)
         self.head = nn.Linear(in_dim, embedding_dim) if head else nn.Identity()
         self.embedding_dim = embedding_dim if head else in_dim
         self.normalize = normalize

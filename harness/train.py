@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from harness.config import RunConfig
 from harness.data import PKSampler, build_transforms, load_splits
 from harness.errors import NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
-from harness.model import build_component, build_model
+from harness.model import StagedBackbone, build_component, build_model
 from harness.plugins import EpochDiagnostics, HasBackbone, param_options
 from harness.types import LossOutput, ModelOutput
 
@@ -157,7 +157,7 @@ class Learner:
             out: ModelOutput = self.model(images, labels)
         parts = out.parts if out.parts is not None else [out.embeddings]
         metric_outputs: list[LossOutput] = [self.loss(p.float(), labels) for p in parts]
-        total = sum(o.value for o in metric_outputs)
+        total = cast(torch.Tensor, sum(o.value for o in metric_outputs))  # at least one part
         stats: dict[str, float] = {"loss/metric": _scalar(total)}
         for o in metric_outputs:
             for k, v in o.stats.items():
@@ -189,7 +189,8 @@ class _Trainer:
             self.learner.regularizers,
         )
         self.optimizer = self.learner.optimizer
-        train_tf, test_tf = build_transforms(cfg.data, self.model.backbone.data_config, self.splits.channels)
+        backbone = cast(StagedBackbone, self.model.backbone)
+        train_tf, test_tf = build_transforms(cfg.data, backbone.data_config, self.splits.channels)
         self.train_set = self.splits.train.with_transform(train_tf)
         self.eval_sets = {
             name: s.with_transform(test_tf)
@@ -228,7 +229,7 @@ class _Trainer:
         self.loss.train()
         self.regularizers.train()
         warm = epoch < self.cfg.train.warmup_epochs
-        for p in self.model.backbone.parameters():
+        for p in cast(nn.Module, self.model.backbone).parameters():
             p.requires_grad_(not warm)
         self.sampler.set_epoch(epoch)
         sums: dict[str, float] = defaultdict(float)
