@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness import store  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
+from harness.reporting import figures as pictures  # noqa: E402
 from harness.reporting import paper, stats  # noqa: E402
 from harness.types import TABLE_METRICS, metric_title, recall_k  # noqa: E402
 
@@ -223,12 +224,7 @@ def tuned_params(df: pd.DataFrame, meta: dict[str, Any], order: Sequence[str]) -
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _save(fig: Any, stem: Path) -> list[Path]:
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
+_save = pictures.save_figure
 
 
 def _slug(text: str) -> str:
@@ -255,9 +251,36 @@ def plot_per_arm(final: pd.DataFrame, metric: str, order: list[str], stem: Path)
     col = f"test/{metric}"
     data = _percent(final, col)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(order) + 1.5))
-    sns.barplot(data=data, x=col, y="arm", order=order, errorbar=("ci", 95), color="#9ecae1", ax=ax)
-    sns.stripplot(data=data, x=col, y="arm", order=order, color="#08519c", size=4, ax=ax)
-    ax.set(xlabel=f"test {metric_title(metric)} (%; mean, 95% CI over seeds)", ylabel="")
+    palette = pictures.arm_palette(order)
+    sns.barplot(
+        data=data,
+        x=col,
+        y="arm",
+        hue="arm",
+        order=order,
+        palette=palette,
+        errorbar=("ci", 95),
+        alpha=0.5,
+        legend=False,
+        ax=ax,
+    )
+    sns.stripplot(
+        data=data,
+        x=col,
+        y="arm",
+        hue="arm",
+        order=order,
+        palette=palette,
+        size=5,
+        edgecolor="black",
+        linewidth=0.5,
+        legend=False,
+        ax=ax,
+    )
+    ax.set(
+        xlabel=f"test {metric_title(metric)} (%); bar: mean, line: 95% bootstrap CI over seeds, dots: seeds",
+        ylabel="",
+    )
     return _save(fig, stem)
 
 
@@ -337,6 +360,7 @@ def plot_learning_curves(hist: pd.DataFrame, metric: str, order: list[str], stem
         y=col,
         hue="arm",
         hue_order=order,
+        palette=pictures.arm_palette(order),
         marker="o",
         errorbar=("ci", 95),
         ax=ax,
@@ -369,6 +393,7 @@ def plot_diagnostics(hist: pd.DataFrame, order: list[str], stem: Path, max_panel
         y="value",
         hue="arm",
         hue_order=[a for a in order if a in set(long.arm)],
+        palette=pictures.arm_palette(order),
         col="diagnostic",
         col_wrap=min(3, len(cols)),
         kind="line",
@@ -555,19 +580,39 @@ def write_report(
         tex = shown.map(lambda v: _tex_escape(str(v))).rename(columns=_tex_escape)
         _write_table(tuned, shown, tex, tables / "tuned", cap)
         lines += ["## Tuned hyperparameters", "", cap + ".", "", to_markdown(shown)]
-    figures = plot_per_arm(final, metric, order, plots / f"{_slug(metric)}_per_arm")
-    figures += plot_vs_factors(final, metric, meta, plots)
-    figures += plot_heatmaps(final, metric, meta, plots)
-    hist = histories(final)
-    figures += plot_learning_curves(hist, metric, order, plots / "learning_curves")
-    figures += plot_diagnostics(hist, order, plots / "diagnostics")
+    saved = pictures.saved_runs(final, order)
+    boot = pictures.query_bootstrap(saved, order, pictures.recall_ks(metrics))
+    if not boot.empty:
+        cap = (
+            f"{name}: Recall@K of each arm's lowest-seed run with a 95% bootstrap CI over its test queries "
+            "(the uncertainty from the finite query set of one run, not seed noise)"
+        )
+        shown = pictures.query_bootstrap_display(boot, False)
+        _write_table(
+            boot.set_index(["arm", "metric"]),
+            shown,
+            pictures.query_bootstrap_display(boot, True, _tex_escape),
+            tables / "query_bootstrap",
+            cap,
+            n_labels=2,
+        )
+        lines += ["## One run, bootstrap over queries", "", cap + ".", "", to_markdown(shown)]
     _, _, opened = store.resolve(name, storage, results)
-    imp = param_importances(name, opened)
-    if not imp.empty:
-        imp.to_csv(tables / "param_importances.csv", index=False)
-    figures += plot_importances(imp, plots / "param_importances")
+    with pictures.paper_style():
+        figures = plot_per_arm(final, metric, order, plots / f"{_slug(metric)}_per_arm")
+        figures += plot_vs_factors(final, metric, meta, plots)
+        figures += plot_heatmaps(final, metric, meta, plots)
+        hist = histories(final)
+        figures += plot_learning_curves(hist, metric, order, plots / "learning_curves")
+        figures += plot_diagnostics(hist, order, plots / "diagnostics")
+        imp = param_importances(name, opened)
+        if not imp.empty:
+            imp.to_csv(tables / "param_importances.csv", index=False)
+        figures += plot_importances(imp, plots / "param_importances")
+        figures += pictures.plot_retrieval_grids(saved, order, base, plots)
+        figures += pictures.plot_embedding_maps(saved, order, plots)
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in figures if p.suffix == ".png"]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
-    log.info("report of %s: %d tables, %d plots", name, len(list(tables.glob("*.csv"))), len(figures) // 2)
+    log.info("report of %s: %d tables, %d plots", name, len(list(tables.glob("*.csv"))), len(figures) // 3)
     return folder

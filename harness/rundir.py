@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
+from harness.reporting import embeddings
+
 if TYPE_CHECKING:
     from harness.train import RunResult
 
@@ -42,6 +44,7 @@ def write_run(result: RunResult, directory: str | Path, *, save_checkpoint: bool
     (tmp / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2))
     pd.DataFrame(result.history).to_csv(tmp / "history.csv", index=False)
     (tmp / "diagnostics.json").write_text(json.dumps(_json_safe(result.diagnostics)))
+    embeddings.write(tmp, result.embeddings)
     if save_checkpoint and result.checkpoint is not None:
         import torch
 

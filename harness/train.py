@@ -28,6 +28,7 @@ from harness.errors import NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.model import StagedBackbone, build_component, build_model
 from harness.plugins import EpochDiagnostics, HasBackbone, param_options
+from harness.reporting import embeddings as reporting_embeddings
 from harness.types import LossOutput, ModelOutput
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class RunResult:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None
+    #: The final test evaluation's neighbours and embedding sample (``harness.reporting.embeddings``).
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -285,6 +288,7 @@ class _Trainer:
             whiten = build_component(ev.whitening, "whitening", "eval.whitening").fit(train_emb, train_labels)
             gallery = whiten(gallery)
             query = whiten(query) if query is not None else None
+        self.embedded = (gallery, g_labels, query, q_labels)  # the report's test embeddings (run() keeps them)
         return retrieval_metrics(
             gallery,
             g_labels,
@@ -390,6 +394,7 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         metrics.update({f"test/{k}": v for k, v in tr.evaluate("test").items()})
     else:
         metrics.update({f"test/{k}": v for k, v in last_test.items()})
+    saved = reporting_embeddings.capture(*tr.embedded, tr.eval_sets, cfg.eval.distance)
     eval_time += time.perf_counter() - t
     timings = {"total_s": time.perf_counter() - t0, "train_s": train_time, "eval_s": eval_time}
     return RunResult(
@@ -401,4 +406,5 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         diagnostics=diagnostics,
         timings=timings,
         checkpoint=best_state if best_state is not None else tr.state(),
+        embeddings=saved,
     )
