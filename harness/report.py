@@ -25,12 +25,13 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness import store  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.reporting import figures as pictures  # noqa: E402
-from harness.reporting import paper, stats  # noqa: E402
+from harness.reporting import page, paper, stats  # noqa: E402
 from harness.types import TABLE_METRICS, metric_title, recall_k  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -484,6 +485,18 @@ def _paper_section(name: str, final: pd.DataFrame, meta: dict[str, Any], tables:
     return ["## Published vs ours", "", caption + ".", "", to_markdown(md)]
 
 
+def _write_pages(name: str, lines: list[str], folder: Path, final: pd.DataFrame, order: list[str]) -> None:
+    """report.md and the self-contained report.html (with the resolved config of each arm's first run)."""
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    configs = {}
+    for arm in order:
+        dirs = final[final.arm == arm].sort_values("seed").run_dir.dropna()
+        path = next((Path(d) / "config.yaml" for d in dirs if (Path(d) / "config.yaml").is_file()), None)
+        if path is not None:
+            configs[arm] = yaml.safe_load(path.read_text())
+    page.write_html(f"Study {name}", lines, folder, configs)
+
+
 def write_report(
     name: str, storage: str | None = None, results: str | Path = "results", baseline: str | None = None
 ) -> Path:
@@ -518,9 +531,15 @@ def write_report(
         + f"{len(final)} of {expected} final runs complete.",
         "",
     ]
+    if meta.get("factors"):
+        lines[1:1] = [
+            "",
+            f"Question: how do {', '.join(f'`{f}`' for f in meta['factors'])} change test "
+            f"{metric_title(metric)}, and is each difference larger than seed noise?",
+        ]
     if final.empty:
         lines.append("No final run has completed yet; run `dmlh report` again later.")
-        (folder / "report.md").write_text("\n".join(lines) + "\n")
+        _write_pages(name, lines, folder, final, [])
         return folder
     if paper.is_paper_study(final, meta):
         lines += _paper_section(name, final, meta, tables)
@@ -613,6 +632,6 @@ def write_report(
         figures += pictures.plot_embedding_maps(saved, order, plots)
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in figures if p.suffix == ".png"]
-    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    _write_pages(name, lines, folder, final, order)
     log.info("report of %s: %d tables, %d plots", name, len(list(tables.glob("*.csv"))), len(figures) // 3)
     return folder

@@ -65,7 +65,7 @@ def test_retrieval_grids_frame_correct_and_wrong_neighbours(run_dir: Path, tmp_p
     paths = figures.plot_retrieval_grids(runs, order, "a", tmp_path)
     assert {p.name for p in paths} >= {
         "retrieval_random.png",
-        "retrieval_hardest.svg",
+        "retrieval_hardest.pdf",
         "retrieval_random.pdf",
     }
     pixels = (

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +204,66 @@ def test_list_valued_factors_are_numeric_by_length() -> None:
         "numeric",
         "categorical",
     ]
+
+
+class _Page(HTMLParser):
+    """Every tag and attribute of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_the_html_report_is_self_contained(grid: Path) -> None:
+    text = (grid / "grid/report.html").read_text()
+    page = _Page()
+    page.feed(text)
+    tags = [t for t, _ in page.tags]
+    assert not {"script", "link", "iframe", "object", "embed"} & set(tags)
+    images = [a["src"] or "" for t, a in page.tags if t == "img"]
+    md = (grid / "grid/report.md").read_text()
+    assert len(images) == md.count("![") >= 6  # per-arm, curves, diagnostics, two retrieval grids, t-SNE map
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for _, attrs in page.tags:  # nothing loads from elsewhere, not even relatively
+        assert all(k not in ("src", "href") or (v or "").startswith("data:") for k, v in attrs.items())
+    assert tags.count("table") == md.count("|:---|") + 1  # the report's tables and the environment
+    assert tags.count("details") == len(ARMS) and "loss:" in text  # each arm's resolved config
+    assert "Environment" in text and "torch" in text and "harness commit" in text
+
+
+def test_the_html_report_renders_in_a_headless_browser(grid: Path, tmp_path: Path) -> None:
+    """Chromium (Debian's package, installed by .ci/run) loads every image and logs no script error."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    probe = tmp_path / "report.html"
+    check = (
+        "<script>window.addEventListener('load', () => { const i = [...document.images]; document.title = "
+        "'images ' + i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length; });</script>"
+    )
+    probe.write_text((grid / "grid/report.html").read_text().replace("</body>", check + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    done = subprocess.run(
+        [browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180
+    )
+    n = (grid / "grid/report.md").read_text().count("![")
+    assert f"<title>images {n}/{n}</title>" in done.stdout, done.stderr[-2000:]
+    assert "CONSOLE" not in done.stderr and "Uncaught" not in done.stderr
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            *flags,
+            "--window-size=1280,2400",
+            f"--screenshot={shot}",
+            (grid / "grid/report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=180,
+    )
+    assert shot.stat().st_size > 10_000

@@ -63,7 +63,7 @@ def capture(
 def write(directory: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to ``directory/FILE`` (nothing when empty)."""
     if arrays:
-        np.savez_compressed(Path(directory) / FILE, **arrays)
+        np.savez_compressed(Path(directory) / FILE, allow_pickle=False, **arrays)
 
 
 def read(run_dir: str | Path) -> dict[str, np.ndarray] | None:

@@ -4,7 +4,6 @@ the same queries) and t-SNE maps of the test embeddings of a few classes, one pa
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Callable
@@ -28,15 +27,17 @@ from harness.types import metric_title, recall_k  # noqa: E402
 log = logging.getLogger(__name__)
 
 #: Neighbours shown per query, queries per grid, and the side of a thumbnail (pixels).
-SHOW_K = 6
+SHOW_K = 5
 GRID_QUERIES = 4
 THUMB = 96
 CORRECT, WRONG = "#1a9850", "#d73027"
+#: Up to this many points t-SNE runs exactly (quicker there than Barnes-Hut).
+EXACT_TSNE = 300
 
 
-def save_figure(fig: Any, stem: Path) -> list[Path]:
-    """PNG (150 dpi), SVG and PDF (vector, text kept as text) of ``fig``; closes it."""
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg"), stem.with_suffix(".pdf")]
+def save_figure(fig: Any, stem: Path, vector: tuple[str, ...] = (".svg", ".pdf")) -> list[Path]:
+    """PNG (150 dpi) and the ``vector`` formats (text kept as text) of ``fig``; closes it."""
+    paths = [stem.with_suffix(s) for s in (".png", *vector)]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     for path in paths[1:]:
         fig.savefig(path, bbox_inches="tight")
@@ -76,14 +77,22 @@ def saved_runs(final: pd.DataFrame, order: list[str]) -> dict[str, tuple[str, di
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _arrays(data_yaml: str, split: str) -> np.ndarray:
-    """Pixels of an in-memory dataset's test (or query) split, read again from the run's data config."""
+#: Pixels of in-memory test splits read again for the grids, by the JSON of their data config section.
+_PIXELS: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _arrays(config: dict[str, Any], split: str) -> np.ndarray:
+    """Pixels of an in-memory dataset's test (or query) split, read again from a run's resolved config
+    (once per data section: arms that differ in anything else share them)."""
     from harness.config import validate
     from harness.data import load_splits
 
-    splits = load_splits(validate(json.loads(data_yaml)).data)
-    return getattr(splits, split).items
+    key = (json.dumps(config.get("data"), sort_keys=True, default=str), split)
+    if key not in _PIXELS:
+        _PIXELS.clear()  # one study's dataset at a time
+        splits = load_splits(validate(config).data)
+        _PIXELS[key] = getattr(splits, split).items
+    return _PIXELS[key]
 
 
 def image_reader(run_dir: str, saved: dict[str, np.ndarray], split: str) -> Callable[[int], np.ndarray]:
@@ -95,12 +104,12 @@ def image_reader(run_dir: str, saved: dict[str, np.ndarray], split: str) -> Call
         def from_file(i: int) -> np.ndarray:
             with Image.open(paths[i]) as im:
                 im = im.convert("RGB")
-                im.thumbnail((THUMB, THUMB))
+                im.thumbnail((2 * THUMB, 2 * THUMB))  # decode large photos small (the tile fits it exactly)
                 return np.asarray(im)
 
         return from_file
     raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    pixels = _arrays(json.dumps(raw, sort_keys=True, default=str), split if split == "query" else "test")
+    pixels = _arrays(raw, split)
 
     def from_array(i: int) -> np.ndarray:
         a = pixels[i]
@@ -120,64 +129,83 @@ def grid_queries(base: dict[str, np.ndarray], n: int = GRID_QUERIES) -> dict[str
     return {"random": random, "hardest": hardest}
 
 
-def _cell(ax: Any, image: np.ndarray | None, edge: str | None, title: str = "") -> None:
-    if image is not None:
-        ax.imshow(image, cmap=None, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(edge is not None)
-        if edge is not None:
-            spine.set_edgecolor(edge)
-            spine.set_linewidth(4)
-    if title:
-        ax.set_title(title, fontsize=8)
+def _tile(image: np.ndarray, edge: str, size: int = THUMB, border: int = 5) -> np.ndarray:
+    """``image`` fitted into a ``size`` square on white, framed by ``border`` pixels of colour ``edge``."""
+    im = Image.fromarray(image)
+    scale = (size - 2 * border) / max(im.size)  # up (tiny digits, nearest) or down (photos, smooth)
+    im = im.resize(
+        (max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+        Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS,
+    )
+    rgb = np.array([int(edge[k : k + 2], 16) for k in (1, 3, 5)], dtype=np.uint8)
+    tile = np.empty((size, size, 3), dtype=np.uint8)
+    tile[:] = rgb
+    inner = np.full((size - 2 * border, size - 2 * border, 3), 255, dtype=np.uint8)
+    a = np.asarray(im)
+    top, left = (inner.shape[0] - a.shape[0]) // 2, (inner.shape[1] - a.shape[1]) // 2
+    inner[top : top + a.shape[0], left : left + a.shape[1]] = a
+    tile[border:-border, border:-border] = inner
+    return tile
 
 
 def plot_retrieval_grids(
     runs: dict[str, tuple[str, dict[str, np.ndarray]]], order: list[str], baseline: str | None, folder: Path
 ) -> list[Path]:
     """One grid per query choice (random, hardest for the baseline): per query, one row per arm with the
-    query and its ``SHOW_K`` nearest test images, framed green (same class) or red."""
+    query (black frame) and its ``SHOW_K`` nearest test images, framed green (same class) or red."""
     arms = [a for a in order if a in runs]
     if not arms:
         return []
     ref = baseline if baseline in runs else arms[0]
+    readers = {
+        arm: (
+            image_reader(run_dir, saved, "query" if saved["separate_query"] else "test"),
+            image_reader(run_dir, saved, "test"),
+        )
+        for arm, (run_dir, saved) in runs.items()
+    }
+    gap = THUMB // 8
     paths: list[Path] = []
     for kind, queries in grid_queries(runs[ref][1]).items():
-        fig, axes = plt.subplots(
-            len(queries) * len(arms),
-            SHOW_K + 1,
-            figsize=(1.1 * (SHOW_K + 1) + 2.5, 1.15 * len(queries) * len(arms)),
-            squeeze=False,
-        )
-        for qi, q in enumerate(queries):
-            for ai, arm in enumerate(arms):
-                run_dir, saved = runs[arm]
-                row = axes[qi * len(arms) + ai]
-                query_split = "query" if saved["separate_query"] else "test"
-                _cell(
-                    row[0],
-                    image_reader(run_dir, saved, query_split)(int(q)),
-                    "black",
-                    "query" if qi == ai == 0 else "",
-                )
-                row[0].set_ylabel(arm, rotation=0, ha="right", va="center", fontsize=8)
-                gallery = image_reader(run_dir, saved, "test")
+        rows = []
+        for q in queries:
+            for arm in arms:
+                saved = runs[arm][1]
+                query_reader, gallery = readers[arm]
                 ok = embeddings.hits(saved)[q]
-                for j, g in enumerate(saved["neighbours"][q][:SHOW_K]):
-                    _cell(
-                        row[j + 1],
-                        gallery(int(g)),
-                        CORRECT if ok[j] else WRONG,
-                        f"#{j + 1}" if qi == ai == 0 else "",
-                    )
+                cells = [_tile(query_reader(int(q)), "#000000")]
+                cells += [
+                    _tile(gallery(int(g)), CORRECT if ok[j] else WRONG)
+                    for j, g in enumerate(saved["neighbours"][q][:SHOW_K])
+                ]
+                cells += [np.full((THUMB, THUMB, 3), 255, np.uint8)] * (SHOW_K + 1 - len(cells))
+                spacer = np.full((THUMB, gap, 3), 255, np.uint8)  # between the query and its neighbours
+                rows.append(np.concatenate([cells[0], spacer, *cells[1:]], axis=1))
+            rows.append(np.full((gap, rows[-1].shape[1], 3), 255, np.uint8))  # between queries
+        mosaic = np.concatenate(rows[:-1], axis=0)
+        fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 80 + 2.5, mosaic.shape[0] / 80 + 0.8))
+        ax.imshow(mosaic, interpolation="nearest")
+        step = THUMB * len(arms) + gap
+        ax.set_yticks(
+            [qi * step + ai * THUMB + THUMB / 2 for qi in range(len(queries)) for ai in range(len(arms))],
+            [arm for _ in queries for arm in arms],
+            fontsize=8,
+        )
+        ax.set_xticks(
+            [THUMB / 2] + [THUMB + gap + j * THUMB + THUMB / 2 for j in range(SHOW_K)],
+            ["query"] + [f"#{j + 1}" for j in range(SHOW_K)],
+        )
+        ax.xaxis.tick_top()
+        ax.tick_params(length=0)
+        ax.grid(False)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
         title = "random test queries" if kind == "random" else f"the test queries '{ref}' gets most wrong"
-        fig.suptitle(
-            f"Retrieval: {title}; nearest test images (green frame: same class, red: another class)",
+        ax.set_title(
+            f"Retrieval: {title}; nearest test images\n(green frame: same class, red: another class)",
             fontsize=10,
         )
-        paths += save_figure(fig, folder / f"retrieval_{kind}")
+        paths += save_figure(fig, folder / f"retrieval_{kind}", vector=(".pdf",))  # an SVG of bitmaps: no
     return paths
 
 
@@ -200,7 +228,11 @@ def plot_embedding_maps(
         points = saved["map_embeddings"].astype(np.float32)
         labels = saved["gallery_labels"][saved["map_index"]]
         xy = TSNE(
-            n_components=2, perplexity=min(30.0, (len(points) - 1) / 3), init="pca", random_state=0
+            n_components=2,
+            perplexity=min(30.0, (len(points) - 1) / 3),
+            init="pca",
+            method="exact" if len(points) <= EXACT_TSNE else "barnes_hut",  # exact is faster on few points
+            random_state=0,
         ).fit_transform(points)
         sns.scatterplot(
             x=xy[:, 0], y=xy[:, 1], hue=labels.astype(str), palette="tab10", s=12, ax=ax, legend=False

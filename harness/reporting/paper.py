@@ -10,6 +10,7 @@ the Markdown and LaTeX versions are in % and Δ in points.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,7 @@ def _delta(value: float, tex: bool) -> str:
     return _na(tex) if math.isnan(value) else f"{100 * value:+.1f}"
 
 
-def paper_display(table: pd.DataFrame, tex: bool, escape: Any = str) -> pd.DataFrame:
+def paper_display(table: pd.DataFrame, tex: bool, escape: Callable[[str], str] = str) -> pd.DataFrame:
     """The readable paper table: values in % with ``(n seeds)``, Δ in points, the source on each arm's first
     row."""
     pct = " (\\%)" if tex else " (%)"
