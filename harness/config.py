@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness import plugins, registry
 from harness.errors import ConfigError
+from harness.types import CLUSTERING_METRICS, METRICS, recall_name
 
 Component = dict[str, Any]
 
@@ -244,6 +245,17 @@ def _compatibility_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _selection_problems(cfg: RunConfig) -> list[str]:
+    """``train.selection_metric`` names a metric the validation evaluation computes (said before training
+    starts, not at the first validation); without validation classes nothing is selected."""
+    ev, metric = cfg.eval, cfg.train.selection_metric
+    computed = [recall_name(k) for k in ev.ks] + [m for m in METRICS if ev.nmi or m not in CLUSTERING_METRICS]
+    if cfg.data.val_fraction == 0 or metric in computed:
+        return []
+    hint = "; clustering metrics need eval.nmi: true" if metric in CLUSTERING_METRICS else ""
+    return [f"train.selection_metric: {metric!r} is not computed (computed: {', '.join(computed)}){hint}"]
+
+
 def _fill_defaults(spec: Component, kind: str) -> Component:
     name, params = split_params(spec)
     entry = registry.registry(kind).get(name)
@@ -260,7 +272,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         cfg = RunConfig.model_validate(raw)
     except pydantic.ValidationError as e:
         raise ConfigError(_pydantic_problems(e, RunConfig) + problems) from e
-    problems += _compatibility_problems(cfg)
+    problems += _compatibility_problems(cfg) + _selection_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return resolve(cfg)

@@ -135,3 +135,14 @@ def test_a_loss_declares_its_reference_and_is_benchmarked_against_it(capsys: pyt
         registry.registry("loss")._entries.pop("toy_squares")
     row = next(line for line in capsys.readouterr().out.splitlines() if "toy_squares" in line)
     assert "squares" in row and "<=1.0" in row
+
+
+def test_selection_metric_must_be_computed_by_the_evaluation() -> None:
+    """A typo or a K not in eval.ks is a config error before training, not a failure at the first epoch."""
+    with pytest.raises(ConfigError, match=r"train.selection_metric: 'recall@3' is not computed"):
+        config.validate({"train": {"selection_metric": "recall@3"}})
+    with pytest.raises(ConfigError, match="clustering metrics need eval.nmi: true"):
+        config.validate({"train": {"selection_metric": "nmi"}, "eval": {"nmi": False}})
+    assert config.validate({"train": {"selection_metric": "map@r"}}).train.selection_metric == "map@r"
+    no_val = {"data": {"val_fraction": 0.0}, "train": {"selection_metric": "recall@3"}}
+    assert config.validate(no_val)  # nothing is selected without validation classes
