@@ -288,7 +288,7 @@ class _Trainer:
             whiten = build_component(ev.whitening, "whitening", "eval.whitening").fit(train_emb, train_labels)
             gallery = whiten(gallery)
             query = whiten(query) if query is not None else None
-        self.embedded = (gallery, g_labels, query, q_labels)  # the report's test embeddings (run() keeps them)
+        self.embedded = (gallery, g_labels, query, q_labels)  # for the report (run() keeps them)
         return retrieval_metrics(
             gallery,
             g_labels,
