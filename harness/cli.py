@@ -40,7 +40,7 @@ def _cmd_list(args: argparse.Namespace) -> None:
 def _cmd_data_check(args: argparse.Namespace) -> None:
     from harness.data import check_dataset
 
-    print(check_dataset(args.name, args.root))
+    print(check_dataset(args.name, args.root, args.workers))
 
 
 def _cmd_study_run(args: argparse.Namespace) -> None:
@@ -101,10 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser(
-        "check", help="check a dataset folder: images and classes per split, or what is missing"
+        "check",
+        help="check a dataset folder: decode every image, then images and classes per split, or each bad "
+        "file with the reason (exit code 2)",
     )
     dc.add_argument("name")
     dc.add_argument("--root", default=None)
+    dc.add_argument("--workers", type=int, default=None, help="decoding threads (default: all CPUs)")
     dc.set_defaults(func=_cmd_data_check)
 
     s = sub.add_parser("study", help="Optuna studies")

@@ -50,6 +50,8 @@ class DataSection(_Section):
     input_size: int | None = None
     resize_size: int | None = None
     num_workers: int = Field(0, ge=0)
+    #: Train without image files that fail to decode (their count is logged) instead of refusing to start.
+    skip_bad: bool = False
 
     _c = field_validator("dataset", mode="before")(_component)
 
@@ -306,20 +308,39 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key:
             problems.append(f"override {item!r}: expected dotted.path=value")
             continue
-        keys = key.strip().split(".")
         try:
-            parsed = parse_yaml(value) if value.strip() else None
-            node: Any = out
-            for k in keys[:-1]:
-                if isinstance(node, list):
-                    node = node[int(k)]
-                else:
-                    if isinstance(node.get(k), str):  # component shorthand `loss: triplet`
-                        node[k] = {"name": node[k]}
-                    node = node.setdefault(k, {})
-            _set(out if len(keys) == 1 else node, keys[-1:], parsed)
+            _set_path(out, key.strip(), parse_yaml(value) if value.strip() else None)
         except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
             problems.append(f"override {item!r}: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set dotted ``path`` of ``raw`` in place, creating mappings (and expanding ``loss: triplet``)."""
+    keys = path.split(".")
+    node: Any = raw
+    for k in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(k)]
+        else:
+            if isinstance(node.get(k), str):  # component shorthand `loss: triplet`
+                node[k] = {"name": node[k]}
+            node = node.setdefault(k, {})
+    _set(node, keys[-1:], value)
+
+
+def assign(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with each dotted path of ``values`` set to its value: ``apply_overrides`` for
+    values that are already Python objects (no YAML text round trip)."""
+    out = copy.deepcopy(raw)
+    problems = []
+    for path, value in values.items():
+        try:
+            _set_path(out, path, copy.deepcopy(value))
+        except (ValueError, IndexError, TypeError, AttributeError) as e:
+            problems.append(f"{path}: cannot set it to {value!r} ({e})")
     if problems:
         raise ConfigError(problems)
     return out

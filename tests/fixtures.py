@@ -149,3 +149,17 @@ def make_fashion_mnist(root: str | Path, n_per_class: int = 3) -> Path:
         write_idx(root / f"{split}-images-idx3-ubyte.gz", images.astype(np.uint8))
         write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def truncate_jpeg(path: Path, keep: float = 0.5) -> Path:
+    """Cut the JPEG at ``path`` to its first ``keep`` fraction of bytes (a download that stopped midway:
+    the header still parses, the decode fails)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def garbage_jpeg(path: Path, n_bytes: int = 2048) -> Path:
+    """Random bytes under a ``.jpg`` name (not an image at all)."""
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, n_bytes, dtype=np.uint8).tobytes())
+    return path

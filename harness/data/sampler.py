@@ -22,7 +22,8 @@ class PKSampler:
       images of each class: without replacement when the class has at least K images; a class with
       2..K-1 images gives each of its images once and fills the rest by sampling with replacement.
     - Classes with a single image are never drawn (they give no positive pair); a warning with their
-      count is logged once, when the sampler is built. Fewer than P usable classes is a ConfigError
+      count is logged once, when the sampler is built, as is the number of classes with fewer than K
+      images (padded by repetition). Fewer than P usable classes is a ConfigError
       suggesting a smaller ``sampler.p``.
     - Deterministic: the batches of an epoch depend only on ``(seed, epoch)``; call ``set_epoch``
       before each epoch (as with DistributedSampler).
@@ -46,7 +47,20 @@ class PKSampler:
         singles = len(groups) - len(self.groups)
         if singles:
             log.warning(
-                "PKSampler: %d of %d classes have a single image and are never sampled", singles, len(groups)
+                "PKSampler: %d of %d classes have a single image and are dropped from training batches "
+                "(a single image gives no positive pair)",
+                singles,
+                len(groups),
+            )
+        padded = sum(len(g) < k for g in self.groups)
+        if padded:
+            log.warning(
+                "PKSampler: sampler.k=%d is larger than the image count of %d of %d classes; their batches "
+                "repeat images to fill K (smallest class: %d images)",
+                k,
+                padded,
+                len(self.groups),
+                min(len(g) for g in self.groups),
             )
         if len(self.groups) < p:
             raise ConfigError(

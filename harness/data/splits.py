@@ -3,6 +3,7 @@ classes, so model selection (and hyperparameter search) never looks at test clas
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,10 +13,13 @@ from harness import registry
 from harness.config import split_params
 from harness.data.datasets import DatasetSplits
 from harness.data.images import ImageSet
+from harness.data.verify import verified
 from harness.errors import ConfigError
 
 if TYPE_CHECKING:
     from harness.config import DataSection
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,11 +42,37 @@ def carve_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     if fraction <= 0:
         return train.subset(np.arange(len(train)), relabel=True), None
     classes = np.unique(train.labels)
-    n_val = min(max(2, int(fraction * len(classes) + 0.5)), len(classes) - 2)
+    n = len(classes)
+    rounded = int(fraction * n + 0.5)
+    n_val = min(max(2, rounded), n - 2)
     if n_val < 2:
         raise ConfigError(
             f"data.val_fraction: validation needs at least 4 training classes (2 to validate on, 2 to train "
-            f"on) but the dataset has {len(classes)}; set data.val_fraction=0"
+            f"on) but the dataset has {n}; set data.val_fraction=0"
+        )
+    lo, hi = (0.0 if n_val == 2 else (n_val - 0.5) / n), (1.0 if n_val == n - 2 else (n_val + 0.5) / n)
+    same = f"every val_fraction in [{lo:.3g}, {hi:.3g}) gives this same split"
+    if rounded != n_val:
+        why = "at least 2 classes validate" if rounded < 2 else "at least 2 classes must remain to train on"
+        log.warning(
+            "data.val_fraction=%g of %d training classes rounds to %d validation classes; using %d (%s), "
+            "leaving %d to train on; %s",
+            fraction,
+            n,
+            rounded,
+            n_val,
+            why,
+            n - n_val,
+            same,
+        )
+    else:
+        log.info(
+            "data.val_fraction=%g: %d of %d training classes validate, %d train (%s)",
+            fraction,
+            n_val,
+            n,
+            n - n_val,
+            same,
         )
     val_classes = np.random.default_rng(seed).choice(classes, n_val, replace=False)
     is_val = np.isin(train.labels, val_classes)
@@ -50,16 +80,23 @@ def carve_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
 
 
 def load_splits(data: DataSection) -> Splits:
-    """Build ``data.dataset`` from the registry and carve validation classes out of its training classes."""
+    """Build ``data.dataset`` from the registry, decode its image files once (``harness.data.verify``: a
+    bad file stops the run here, before any training, unless ``data.skip_bad``), and carve validation
+    classes out of its training classes."""
     name, params = split_params(data.dataset)
     ds = registry.build("dataset", name, path="data.dataset", **params)
     assert isinstance(ds, DatasetSplits), f"dataset {name!r} returned {type(ds).__name__}, not DatasetSplits"
-    train, val = carve_validation(ds.train, data.val_fraction, data.split_seed)
+    parts = verified(
+        {"train": ds.train, "test": ds.test, **({"query": ds.query} if ds.query is not None else {})},
+        name,
+        data.skip_bad,
+    )
+    train, val = carve_validation(parts["train"], data.val_fraction, data.split_seed)
     return Splits(
         train=train,
         val=val,
-        test=ds.test,
-        query=ds.query,
+        test=parts["test"],
+        query=parts.get("query"),
         channels=ds.train.channels,
         num_train_classes=train.num_classes,
     )
