@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness import store  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
+from harness.reporting import diagnostics as method_diagnostics  # noqa: E402
 from harness.reporting import figures as pictures  # noqa: E402
 from harness.reporting import page, paper, stats  # noqa: E402
 from harness.types import TABLE_METRICS, metric_title, recall_k  # noqa: E402
@@ -630,6 +631,8 @@ def write_report(
         figures += plot_importances(imp, plots / "param_importances")
         figures += pictures.plot_retrieval_grids(saved, order, base, plots)
         figures += pictures.plot_embedding_maps(saved, order, plots)
+        figures += method_diagnostics.plot_mdr_histograms(final, order, plots)
+        figures += method_diagnostics.plot_learner_similarity(final, order, plots)
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in figures if p.suffix == ".png"]
     _write_pages(name, lines, folder, final, order)

@@ -1,0 +1,115 @@
+"""Pictures of the method diagnostics a run recorded per epoch (``diagnostics.json``, written from the
+components' ``epoch_diagnostics()``): MDR's histogram of normalised training distances with its learned
+levels, and ABE's learner × learner self-similarity. Found by key suffix, so any component that records
+the same names is drawn too; runs without them draw nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from harness.reporting.figures import save_figure  # noqa: E402
+
+#: Epochs shown of a run's history of histograms: the first, the middle and the last.
+HIST_EPOCHS = 3
+
+
+def records(run_dir: str | Path, suffix: str) -> list[tuple[int, Any]]:
+    """(epoch, value) of every diagnostics record whose key ends with ``/<suffix>``, by epoch."""
+    path = Path(run_dir) / "diagnostics.json"
+    if not path.is_file():
+        return []
+    out = []
+    for row in json.loads(path.read_text()) or []:
+        for key, value in row.items():
+            if key.endswith("/" + suffix) and value is not None:
+                out.append((int(row["epoch"]), value))
+    return sorted(out, key=lambda r: r[0])
+
+
+def _first_run(final: pd.DataFrame, arm: str, suffix: str) -> str | None:
+    """The lowest-seed final run of ``arm`` that recorded ``suffix``."""
+    for run_dir in final[final.arm == arm].sort_values("seed").run_dir.dropna():
+        if records(run_dir, suffix):
+            return str(run_dir)
+    return None
+
+
+def _pick(n: int, k: int = HIST_EPOCHS) -> list[int]:
+    return sorted(set(np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()))
+
+
+def plot_mdr_histograms(final: pd.DataFrame, order: list[str], folder: Path) -> list[Path]:
+    """Per MDR arm (row) and a few epochs (columns): the histogram of normalised pairwise training distances
+    of that epoch, with the learned levels as vertical lines."""
+    arms = {a: d for a in order if (d := _first_run(final, a, "mdr_hist_counts"))}
+    if not arms:
+        return []
+    fig, axes = plt.subplots(
+        len(arms), HIST_EPOCHS, figsize=(4 * HIST_EPOCHS, 2.8 * len(arms)), squeeze=False
+    )
+    for row, (arm, run_dir) in zip(axes, arms.items(), strict=True):
+        counts, edges = records(run_dir, "mdr_hist_counts"), dict(records(run_dir, "mdr_hist_edges"))
+        levels = dict(records(run_dir, "mdr_levels"))
+        picks = _pick(len(counts))
+        for ax in row[len(picks) :]:
+            ax.set_visible(False)
+        for ax, i in zip(row, picks, strict=False):
+            epoch, c = counts[i]
+            e = np.asarray(edges[epoch], dtype=float)
+            c = np.asarray(c, dtype=float)
+            ax.bar(
+                e[:-1], c / max(c.sum(), 1), width=np.diff(e), align="edge", color="#9ecae1", edgecolor="none"
+            )
+            for level in levels.get(epoch, []):
+                ax.axvline(level, color="#d73027", linewidth=1.5)
+            ax.set(
+                title=f"{arm}, epoch {epoch}", xlabel="normalised pairwise distance", ylabel="share of pairs"
+            )
+            ax.title.set_fontsize(9)
+    fig.suptitle(
+        "MDR: distances of the training pairs (bars) and the learned levels (red lines)", fontsize=10
+    )
+    fig.tight_layout()
+    return save_figure(fig, folder / "mdr_distance_histograms")
+
+
+def plot_learner_similarity(final: pd.DataFrame, order: list[str], folder: Path) -> list[Path]:
+    """Per ABE arm: the mean cosine similarity between learners' embeddings of the same training image over
+    its last epoch (learner × learner; the divergence loss pushes the off-diagonal down)."""
+    arms = {a: d for a in order if (d := _first_run(final, a, "learner_self_similarity_matrix"))}
+    if not arms:
+        return []
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms), 3.4), squeeze=False)
+    for ax, (arm, run_dir) in zip(axes[0], arms.items(), strict=True):
+        epoch, matrix = records(run_dir, "learner_self_similarity_matrix")[-1]
+        m = np.asarray(matrix, dtype=float)
+        labels = [str(i + 1) for i in range(len(m))]
+        sns.heatmap(
+            m,
+            vmin=-1,
+            vmax=1,
+            cmap="RdBu_r",
+            annot=len(m) <= 8,
+            fmt=".2f",
+            square=True,
+            ax=ax,
+            xticklabels=labels,
+            yticklabels=labels,
+            cbar_kws={"label": "cosine similarity"},
+        )
+        ax.set(title=f"{arm}\n(epoch {epoch})", xlabel="learner", ylabel="learner")
+        ax.title.set_fontsize(9)
+    fig.suptitle("ABE: similarity of the learners' embeddings of the same training image", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, folder / "abe_learner_similarity")
