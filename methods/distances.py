@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,16 @@ class HardNegativeSource(Protocol):
     ``metric`` whose negative entries are the hardest over the original negative and its synthetics."""
 
     def hardest_negatives(self, embeddings: Tensor, labels: Tensor, metric: str) -> Tensor: ...
+
+
+@runtime_checkable
+class PairNegativeSource(Protocol):
+    """A synthesis that also scores negative *pairs* (Symm's batch-all rule): ``(values [B, Q],
+    labels [Q])``, per anchor the hardest candidate of each same-class pair (methods/synthesis.py)."""
+
+    def hardest_pair_negatives(
+        self, embeddings: Tensor, labels: Tensor, metric: str
+    ) -> tuple[Tensor, Tensor]: ...
 
 
 def full_precision(forward: Callable[..., _T]) -> Callable[..., _T]:
@@ -128,6 +138,15 @@ def distance_matrix(
         return pairwise_distance(embeddings, metric)
     out = synthesis.hardest_negatives(embeddings, labels, metric).to(embeddings.dtype)
     return 1.0 - out if metric == "cosine" else out
+
+
+def pair_negative_distances(
+    embeddings: Tensor, labels: Tensor, metric: Distance, synthesis: PairNegativeSource
+) -> tuple[Tensor, Tensor]:
+    """[B, Q] distances from each embedding to the hardest candidate of each negative pair, and [Q] labels."""
+    out, pair_labels = synthesis.hardest_pair_negatives(embeddings, labels, metric)
+    out = out.to(embeddings.dtype)
+    return (1.0 - out if metric == "cosine" else out), pair_labels
 
 
 def similarity_matrix(

@@ -6,12 +6,16 @@ b's norm and its similarity to a (``aᵀb' = aᵀb``), so the positive side of a
 the negatives it creates are often harder. Synthetics are computed inside the loss from the
 gradient-carrying embeddings and are never added as labelled samples.
 
-Two ways a loss uses it:
+Three ways a loss uses it:
 
-* pair-based losses over the whole batch (triplet, contrastive, lifted, multi-similarity) call
+* pair-based losses over the whole batch (triplet mining, contrastive, lifted, multi-similarity) call
   :meth:`SymmetricalSynthesis.hardest_negatives` and use its matrix in place of their plain negative
-  distances / similarities (the paper's rule: per negative, the hardest of the original and its
-  reflections about the other members of its class);
+  distances / similarities (per negative, the hardest of the original and its reflections about the
+  other members of its class; per anchor and class this is the paper's hardest candidate, so batch-hard
+  selection matches the paper);
+* batch-all triplet calls :meth:`SymmetricalSynthesis.hardest_pair_negatives`, the paper's rule: one
+  term per (anchor, positive, same-class negative pair (x_k, x_l)) with the hardest of
+  {x_k, x_l, x_k', x_l'} (Fig. 1 of the paper);
 * N-pair-layout losses (n-pair, angular) call :meth:`SymmetricalSynthesis.pooled_logits`, the official
   code's element-wise max of the logit matrices over pairings of (A, P, S1, S2).
 
@@ -39,6 +43,14 @@ _HARDNESS_SIGN = {"euclidean": 1.0, "sqeuclidean": 1.0, "cosine": -1.0, "dot": -
 
 #: Indices of the original point sets (A, P) in ``pooled_logits``' (A, P, S1, S2).
 _ORIGINAL = {0, 1}
+
+
+def _sign(metric: str) -> float:
+    """+1 for a distance, -1 for a similarity; a clear error for an unknown metric."""
+    sign = _HARDNESS_SIGN.get(metric)
+    if sign is None:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(_HARDNESS_SIGN)}")
+    return sign
 
 
 def metric_matrix(x: Tensor, y: Tensor, metric: Metric) -> Tensor:
@@ -94,12 +106,12 @@ class SymmetricalSynthesis(nn.Module):
 
         Entry (i, k) with y_i != y_k is the smallest distance (largest similarity) from x_i to any of
         x_k and reflect(x_k about x_l) for every other member l of x_k's class; entries with y_i == y_k
-        are the plain metric(x_i, x_k). The reflections form a [B, K-1, D] tensor (K = largest class
-        count in the batch) and the candidate metrics a [B, B, K-1] tensor.
+        are the plain metric(x_i, x_k). Per anchor, the hardest entry of a class is the hardest of the
+        paper's candidates over all pairs of that class (what batch-hard and semi-hard mining need). The
+        reflections form a [B, K-1, D] tensor (K = largest class count in the batch) and the candidate
+        metrics a [B, B, K-1] tensor.
         """
-        sign = _HARDNESS_SIGN.get(metric)
-        if sign is None:
-            raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(_HARDNESS_SIGN)}")
+        sign = _sign(metric)
         b = len(labels)
         same = labels[:, None] == labels[None, :]
         others = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
@@ -113,9 +125,35 @@ class SymmetricalSynthesis(nn.Module):
             synthetic = self.reflect(embeddings[order], embeddings[:, None, :])  # [k, j]: x_k about x_l(j)
             cand = sign * metric_matrix(embeddings, synthetic.flatten(0, 1), metric).view(b, b, n_other)
             best_synthetic = cand.masked_fill(~valid[None], float("inf")).amin(-1)
-        self._record(original, best_synthetic, labels, ~same)
+        self._record(original, best_synthetic, labels, labels)
         won = ~same & (best_synthetic < original)
         return sign * torch.where(won, best_synthetic, original)
+
+    def hardest_pair_negatives(
+        self, embeddings: Tensor, labels: Tensor, metric: Metric
+    ) -> tuple[Tensor, Tensor]:
+        """The paper's batch-all rule: per anchor and same-class pair (x_k, x_l), the hardest of the four.
+
+        Returns ``values`` [B, Q], the ``metric`` from x_i to the hardest of {x_k, x_l, x_k', x_l'}
+        (x_k' = x_k reflected about x_l, x_l' = x_l about x_k) for each of the Q unordered same-class pairs
+        k < l of the batch, and ``pair_labels`` [Q], the class of each pair. A class with one image in the
+        batch gives one column with that image alone (it has no pair, hence no reflection). A loss uses the
+        columns whose label differs from the anchor's: one term per (anchor, positive, negative pair).
+        """
+        sign = _sign(metric)
+        same = labels[:, None] == labels[None, :]
+        k, l = torch.triu(same, diagonal=1).nonzero(as_tuple=True)
+        single = (same.sum(1) == 1).nonzero(as_tuple=True)[0]
+        k, l = torch.cat([k, single]), torch.cat([l, single])
+        original = sign * metric_matrix(embeddings, embeddings, metric)
+        best_original = torch.minimum(original[:, k], original[:, l])  # [B, Q]
+        synthetic = torch.cat(
+            [self.reflect(embeddings[l], embeddings[k]), self.reflect(embeddings[k], embeddings[l])]
+        )
+        cand = sign * metric_matrix(embeddings, synthetic, metric).view(len(labels), 2, len(k))
+        best_synthetic = cand.amin(1).masked_fill((k == l)[None], float("inf"))
+        self._record(best_original, best_synthetic, labels, labels[k])
+        return sign * torch.minimum(best_original, best_synthetic), labels[k]
 
     def pooled_logits(
         self,
@@ -145,20 +183,26 @@ class SymmetricalSynthesis(nn.Module):
         return pooled
 
     @torch.no_grad()
-    def _record(self, original: Tensor, best_synthetic: Tensor, labels: Tensor, negative: Tensor) -> None:
-        """Count synthetic winners per negative entry (i, k) and per (anchor i, negative class c).
+    def _record(
+        self, original: Tensor, best_synthetic: Tensor, labels: Tensor, column_labels: Tensor
+    ) -> None:
+        """Count synthetic winners per negative entry (i, column) and per (anchor i, negative class c).
 
-        Both inputs are in hardness order (smaller = harder). The hardest negative of class c for
-        anchor i is synthetic when the best synthetic over c's members beats the best original.
+        original, best_synthetic: [B, C] in hardness order (smaller = harder), the best original and the
+        best synthetic candidate of each column (a point or a same-class pair) whose class is
+        ``column_labels`` [C]. The hardest negative of class c for anchor i is synthetic when the best
+        synthetic over c's columns beats the best original.
         """
         b = len(labels)
-        classes = torch.unique(labels, return_inverse=True)[1]
+        classes = torch.unique(torch.cat([labels, column_labels]), return_inverse=True)[1]
+        rows, cols = classes[:b], classes[b:]
         n_classes = int(classes.max()) + 1 if b else 0
         per_class = original.new_full((b, n_classes), float("inf"))
-        index = classes[None, :].expand(b, b)
+        index = cols[None, :].expand(b, -1)
         orig_c = per_class.scatter_reduce(1, index, original, "amin")
         synth_c = per_class.scatter_reduce(1, index, best_synthetic, "amin")
-        neg_c = classes[:, None] != torch.arange(n_classes, device=labels.device)[None, :]
+        negative = rows[:, None] != cols[None, :]
+        neg_c = rows[:, None] != torch.arange(n_classes, device=labels.device)[None, :]
         entry_won = negative & (best_synthetic < original)
         class_won = neg_c & (synth_c < orig_c)
         self.counts += torch.stack([entry_won.sum(), negative.sum(), class_won.sum(), neg_c.sum()]).long()
@@ -168,7 +212,8 @@ class SymmetricalSynthesis(nn.Module):
 
         synthetic_hard_fraction: over (anchor, negative class), how often the hardest candidate of that
             class (originals and synthetics) was synthetic — the negative the loss actually selects.
-        synthetic_entry_fraction: over negative entries (i, k), how often a reflection of x_k beat x_k.
+        synthetic_entry_fraction: over negative entries, how often a reflection beat the originals: entries
+            (i, k) with x_k against its reflections, or under the batch-all pair rule (i, pair (k, l)).
         Empty when nothing was recorded.
         """
         entry_won, entries, class_won, selections = self.counts.tolist()

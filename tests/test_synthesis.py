@@ -142,3 +142,141 @@ def test_bf16_autocast() -> None:
         out = SymmetricalSynthesis().hardest_negatives(x, labels, "euclidean")
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+def _naive_mirror(axis: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """``2 proj_axis(point) - point`` written out (alpha=2, beta=1)."""
+    return 2 * (point @ axis) / (axis @ axis) * axis - point
+
+
+def _naive_dist(u: torch.Tensor, v: torch.Tensor, metric: str) -> float:
+    if metric == "cosine":
+        return 1 - float(u @ v / (u.norm() * v.norm()))
+    sq = float(((u - v) ** 2).sum())
+    return sq if metric == "sqeuclidean" else math.sqrt(sq)
+
+
+def _naive_paper_batch_all(x: torch.Tensor, labels: list[int], metric: str, margin: float) -> list[float]:
+    """Gu & Ko's rule, one hinge per (anchor a, positive p, same-class negative pair {x_k, x_l}) with the
+    hardest of {x_k, x_l, x_k', x_l'}; a negative class with one image in the batch gives one term with
+    that image alone (no reflection exists)."""
+    b, terms = len(labels), []
+    for a in range(b):
+        for p in range(b):
+            if p == a or labels[p] != labels[a]:
+                continue
+            d_ap = _naive_dist(x[a], x[p], metric)
+            for k in range(b):
+                members = [m for m in range(b) if labels[m] == labels[k]]
+                if labels[k] == labels[a]:
+                    continue
+                if len(members) == 1:
+                    terms.append(max(d_ap - _naive_dist(x[a], x[k], metric) + margin, 0.0))
+                for l in members:
+                    if l <= k:
+                        continue
+                    cands = (x[k], x[l], _naive_mirror(x[l], x[k]), _naive_mirror(x[k], x[l]))
+                    d_an = min(_naive_dist(x[a], c, metric) for c in cands)
+                    terms.append(max(d_ap - d_an + margin, 0.0))
+    return terms
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("reduction", ["auto", "mean"])
+def test_batch_all_triplet_follows_the_paper_rule(metric: str, reduction: str) -> None:
+    """Symm + batch-all triplet: term count and value of the paper's one-hinge-per-negative-pair rule."""
+    labels = torch.tensor([3, 0, 3, 1, 0, 3, 2, 1, 0, 3])  # classes of 4, 3, 2 images and a single one
+    torch.manual_seed(0)
+    x = torch.randn(len(labels), 3, dtype=torch.float64)
+    margin = 0.5 if metric != "cosine" else 0.2
+    loss = registry.build(
+        "loss", "triplet", context={"miner": None, "synthesis": SymmetricalSynthesis()},
+        mining="all", distance=metric, margin=margin, reduction=reduction,
+    )  # fmt: skip
+    out = loss(x, labels)
+    terms = _naive_paper_batch_all(x, labels.tolist(), metric, margin)
+    active = [t for t in terms if t > 0]
+    assert 0 < len(active) < len(terms)  # the data exercise both hinge sides
+    want = sum(terms) / (len(active) if reduction == "auto" else len(terms))
+    assert out.stats["triplets"].item() == len(terms)
+    assert out.value.item() == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_hardest_pair_negatives_matches_naive_loop(metric: str) -> None:
+    labels = torch.tensor([3, 0, 3, 1, 0, 3, 2, 1, 0])  # classes of 3, 3, 2 and a single image (class 2)
+    x = torch.randn(len(labels), 3, dtype=torch.float64)
+    s = SymmetricalSynthesis()
+    values, pair_labels = s.hardest_pair_negatives(x, labels, metric)
+    harder = min if metric in ("euclidean", "sqeuclidean") else max
+    m = lambda u, v: metric_matrix(u[None], v[None], metric).item()  # noqa: E731
+    want, pair_won, per_class = {}, 0, {}
+    for k in range(len(labels)):
+        members = [j for j in range(len(labels)) if labels[j] == labels[k]]
+        pairs = [(k, k)] if len(members) == 1 else [(k, j) for j in members if j > k]
+        for kk, ll in pairs:
+            for i in range(len(labels)):
+                orig = harder(m(x[i], x[kk]), m(x[i], x[ll]))
+                cands = [orig]
+                if kk != ll:
+                    cands += [m(x[i], _naive_mirror(x[ll], x[kk])), m(x[i], _naive_mirror(x[kk], x[ll]))]
+                best = harder(cands)
+                want[(i, kk, ll)] = best
+                if labels[i] != labels[kk]:
+                    synthetic = best != orig
+                    pair_won += synthetic
+                    key = (i, int(labels[kk]))
+                    if key not in per_class or harder(best, per_class[key][0]) == best != per_class[key][0]:
+                        per_class[key] = (best, synthetic)
+    assert values.shape[1] == len(pair_labels) == 3 + 3 + 1 + 1  # pairs of classes 3, 0, 1 + the single
+    for i in range(len(labels)):  # per anchor and class, the same values (columns in any order)
+        for c in labels.unique().tolist():
+            naive = sorted(v for (r, kk, _), v in want.items() if r == i and labels[kk] == c)
+            torch.testing.assert_close(values[i, pair_labels == c].sort().values.tolist(), naive)
+    n_neg_pairs = sum(1 for i, kk, _ in want if labels[i] != labels[kk])
+    diag = s.epoch_diagnostics()
+    assert diag["synthetic_entry_fraction"] == pytest.approx(pair_won / n_neg_pairs)
+    assert diag["synthetic_hard_fraction"] == pytest.approx(
+        sum(w for _, w in per_class.values()) / len(per_class)
+    )
+    assert 0 < pair_won < n_neg_pairs
+
+
+def test_pair_rule_hand_made() -> None:
+    # anchor 0 at 0°; class 1 has 60° and 35°: the pair's candidates are 60°, 35°, 10° (60° about 35°) and
+    # 85° (35° about 60°), so the one term of the pair uses 10°, where the per-point rule made two terms.
+    x = torch.stack([_unit(0), _unit(-90), _unit(60), _unit(35)])
+    labels = torch.tensor([0, 0, 1, 1])
+    s = SymmetricalSynthesis()
+    sim, pair_labels = s.hardest_pair_negatives(x, labels, "cosine")
+    assert pair_labels.tolist() == [0, 1]
+    assert sim[0, 1].item() == pytest.approx(math.cos(math.radians(10)))
+    dist, _ = s.hardest_pair_negatives(x, labels, "euclidean")
+    assert dist[0, 1].item() == pytest.approx(2 * math.sin(math.radians(5)))
+
+
+def test_pair_rule_agrees_with_batch_hard_per_class() -> None:
+    """Per anchor and negative class the hardest pair value equals the hardest per-point value, so
+    batch-hard (which keeps the per-point matrix) selects the same negative as the paper's rule."""
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 3])
+    x = torch.randn(10, 4, dtype=torch.float64)
+    s = SymmetricalSynthesis()
+    per_point = s.hardest_negatives(x, labels, "euclidean")
+    per_pair, pair_labels = s.hardest_pair_negatives(x, labels, "euclidean")
+    for c in labels.unique():
+        torch.testing.assert_close(per_point[:, labels == c].amin(1), per_pair[:, pair_labels == c].amin(1))
+
+
+def test_pair_rule_gradients_and_bf16() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    s = SymmetricalSynthesis()
+    for metric in ("euclidean", "cosine"):
+        assert torch.autograd.gradcheck(lambda e, m=metric: s.hardest_pair_negatives(e, labels, m)[0], (x,))
+    x32 = torch.randn(6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = registry.build("loss", "triplet", context={"miner": None, "synthesis": s}, mining="all")(
+            x32, labels
+        )
+    out.value.backward()
+    assert out.value.dtype == torch.float32 and torch.isfinite(x32.grad).all()

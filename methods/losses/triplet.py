@@ -40,9 +40,11 @@ from harness.types import LossOutput
 from methods.distances import (
     Distance,
     HardNegativeSource,
+    PairNegativeSource,
     distance_matrix,
     full_precision,
     label_masks,
+    pair_negative_distances,
     paired_distance,
     pairwise_distance,
 )
@@ -95,7 +97,8 @@ class TripletLoss(nn.Module):
     reduction: "auto" = mean over active triplets for ``all``, mean over all selected triplets otherwise;
         "mean" / "mean_nonzero" force one of the two.
     normalize: L2-normalise the embeddings first (FaceNet; PML's default).
-    synthesis: negatives are the hardest over their synthetics (symmetrical synthesis).
+    synthesis: negatives are the hardest over their synthetics (symmetrical synthesis); with ``all`` and
+        a synthesis that scores negative pairs, one term per (anchor, positive, negative pair) (Symm).
     """
 
     accepts_miner: ClassVar[tuple[str, ...]] = ("triplets",)
@@ -138,13 +141,23 @@ class TripletLoss(nn.Module):
             embeddings = F.normalize(embeddings, dim=1)
         pos, neg = label_masks(labels)
         batch_all = self.miner is None and self.mining == "all"
+        # Symm's batch-all rule: one term per (anchor, positive, negative pair), see methods/synthesis.py
+        pair_rule = batch_all and isinstance(self.synthesis, PairNegativeSource)
         dist = None  # the [B, B] matrix with gradient: only for batch-all and synthesis
-        if batch_all or self.synthesis is not None:
+        if pair_rule:
+            dist = pairwise_distance(embeddings, self.distance)
+        elif batch_all or self.synthesis is not None:
             dist = distance_matrix(embeddings, labels, self.distance, self.synthesis)
         if batch_all:
             a, p = positive_pairs(pos, neg)
-            d_ap, d_an = dist[a, p][:, None], dist[a]  # [pairs, 1], [pairs, B]
-            valid = neg.to(dist.dtype)[a]
+            neg_dist, neg_valid = dist, neg
+            if pair_rule:
+                neg_dist, pair_labels = pair_negative_distances(
+                    embeddings, labels, self.distance, self.synthesis
+                )
+                neg_valid = labels[:, None] != pair_labels[None, :]
+            d_ap, d_an = dist[a, p][:, None], neg_dist[a]  # [pairs, 1], [pairs, B or negative pairs]
+            valid = neg_valid.to(dist.dtype)[a]
             losses = self.violation(d_ap, d_an) * valid
         else:
             a, p, n = self.select(embeddings, labels, pos, neg, dist)
