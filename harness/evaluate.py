@@ -1,4 +1,4 @@
-"""Retrieval and clustering metrics of embeddings: Recall@K, MAP@R, R-precision, precision@1, NMI.
+"""Retrieval and clustering metrics of embeddings: Recall@K, MAP@R, R-precision, precision@1, NMI, F1.
 
 Every metric is a fraction in [0, 1] (multiply by 100 for the percentages papers print).
 
@@ -27,6 +27,11 @@ final order is recomputed that way, so all backends and devices rank identically
 * nmi: k-means (faiss, k = number of classes, 20 iterations, seed 1234 as pytorch-metric-learning) on every
   embedding passed (gallery plus queries when given; L2-normalised for the cosine distance), scored
   against the labels by sklearn's ``normalized_mutual_info_score``.
+* f1: the clustering F1 of the DML literature (Oh Song et al. 2016's evaluation code; the symmetrical
+  synthesis tables) on the same k-means assignment as nmi: over unordered pairs of items, precision = the
+  fraction of same-cluster pairs that are same-class, recall = the fraction of same-class pairs that are
+  same-cluster, F1 = 2PR / (P + R) (0 when no pair is shared). Computed from the class × cluster
+  contingency matrix, never an N × N one.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import faiss
 import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
 
 from harness.types import RANKING_METRICS, recall_name
 
@@ -75,7 +81,7 @@ def retrieval_metrics(
     backend: Backend = "auto",
     nmi: bool = True,
 ) -> dict[str, float]:
-    """Recall@K for each K in ``ks``, map@r, r_precision, precision@1 and (``nmi=True``) nmi.
+    """Recall@K for each K in ``ks``, map@r, r_precision, precision@1 and (``nmi=True``) nmi and f1.
 
     ``embeddings [N, D]`` and ``labels [N]`` are the gallery (torch tensors on any device or numpy arrays;
     float16/bfloat16 are computed in float32). See the module docstring for the definitions.
@@ -98,9 +104,10 @@ def retrieval_metrics(
     metrics = _ranking_metrics(hits[answerable], relevant[answerable], ks)
     if nmi:
         points = embeddings if self_mode else _cat(query_embeddings, embeddings)
-        metrics["nmi"] = _nmi(
-            points, np.concatenate([g_codes] if self_mode else [q_codes, g_codes]), distance
-        )
+        all_codes = np.concatenate([g_codes] if self_mode else [q_codes, g_codes])
+        clusters = kmeans_clusters(points, len(np.unique(all_codes)), distance)
+        metrics["nmi"] = float(normalized_mutual_info_score(all_codes, clusters))
+        metrics["f1"] = clustering_f1(all_codes, clusters)
     return metrics
 
 
@@ -260,19 +267,33 @@ def _exact_distances(
     return out
 
 
-def _nmi(points: Any, codes: np.ndarray, distance: Distance) -> float:
-    """NMI of faiss k-means clusters (k = number of classes) against the labels."""
+def kmeans_clusters(points: Any, n_clusters: int, distance: Distance) -> np.ndarray:
+    """faiss k-means cluster index of every point (KMEANS_SEED, KMEANS_NITER; L2-normalised for cosine)."""
     x = _as_float_tensor(points)
     x = _unit(x) if distance == "cosine" else x
     on_gpu = x.is_cuda and faiss.get_num_gpus() > 0
     x_np = np.ascontiguousarray(x.cpu().numpy())
-    n_classes = len(np.unique(codes))
     kmeans = faiss.Kmeans(
-        x_np.shape[1], n_classes, niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=on_gpu, min_points_per_centroid=1
+        x_np.shape[1], n_clusters, niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=on_gpu, min_points_per_centroid=1
     )
     kmeans.train(x_np)
-    clusters = kmeans.index.search(x_np, 1)[1].ravel()
-    return float(normalized_mutual_info_score(codes, clusters))
+    return kmeans.index.search(x_np, 1)[1].ravel()
+
+
+def clustering_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Pairwise clustering F1 of ``clusters`` against ``labels`` (module docstring), from the contingency
+    matrix: same-class-and-cluster pairs Σ C(n_ck, 2), same-cluster pairs Σ_k C(n_k, 2), same-class Σ_c."""
+    table = contingency_matrix(labels, clusters, sparse=True)
+
+    def pairs(counts: np.ndarray) -> float:
+        counts = np.asarray(counts, dtype=np.float64).ravel()
+        return float((counts * (counts - 1)).sum() / 2)
+
+    both = pairs(table.data)
+    if both == 0:
+        return 0.0
+    precision, recall = both / pairs(table.sum(axis=0)), both / pairs(table.sum(axis=1))
+    return 2 * precision * recall / (precision + recall)
 
 
 def _resolve_backend(backend: Backend, device: torch.device, work: int = 0, dim: int = 0) -> str:

@@ -71,13 +71,20 @@ class DataConfig:
 RECALL_PREFIX = "recall@"
 #: Ranking metrics besides Recall@K, from the ranked neighbours (definitions: ``harness.evaluate``).
 RANKING_METRICS = ("map@r", "r_precision", "precision@1")
-#: Clustering metrics: k-means on the embeddings (slow: on validation only when it selects the epoch).
-CLUSTERING_METRICS = ("nmi",)
+#: Clustering metrics: one k-means of the embeddings, scored as NMI and pairwise F1 (slow: on validation only
+#: when one of them selects the epoch).
+CLUSTERING_METRICS = ("nmi", "f1")
 #: Every metric name besides Recall@K.
 METRICS = RANKING_METRICS + CLUSTERING_METRICS
 #: The metrics tables show after Recall@K (precision@1 equals recall@1).
 TABLE_METRICS = ("map@r", "r_precision")
-METRIC_TITLES = {"map@r": "MAP@R", "r_precision": "R-Precision", "precision@1": "P@1", "nmi": "NMI"}
+METRIC_TITLES = {
+    "map@r": "MAP@R",
+    "r_precision": "R-Precision",
+    "precision@1": "P@1",
+    "nmi": "NMI",
+    "f1": "F1",
+}
 
 
 def recall_name(k: int) -> str:

@@ -286,3 +286,64 @@ def test_cuda_matches_cpu(distance):
             retrieval_metrics(cuda, torch.from_numpy(y).cuda(), distance=distance, backend=backend, nmi=False)
             == cpu
         )
+
+
+def naive_pair_f1(labels, clusters):
+    """Pairwise clustering F1 by a loop over unordered pairs (Oh Song et al. 2016's definition)."""
+    tp = fp = fn = 0
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            same_class, same_cluster = labels[i] == labels[j], clusters[i] == clusters[j]
+            tp += same_class and same_cluster
+            fp += same_cluster and not same_class
+            fn += same_class and not same_cluster
+    if tp == 0:
+        return 0.0
+    p, r = tp / (tp + fp), tp / (tp + fn)
+    return 2 * p * r / (p + r)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clustering_f1_matches_pair_loop_and_sklearn(seed):
+    from sklearn.metrics.cluster import pair_confusion_matrix
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 7, 90)
+    clusters = np.where(rng.random(90) < 0.6, labels, rng.integers(0, 9, 90))  # partly right clusters
+    got = evaluate.clustering_f1(labels, clusters)
+    assert got == pytest.approx(naive_pair_f1(labels, clusters), rel=1e-12)
+    (_, fp), (fn, tp) = pair_confusion_matrix(labels, clusters)  # ordered pairs: all counts doubled
+    assert got == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-12)
+    assert 0.2 < got < 0.9
+
+
+def test_clustering_f1_edge_cases():
+    y = np.array([0, 0, 1, 1, 2])
+    assert evaluate.clustering_f1(y, np.array([5, 5, 3, 3, 9])) == 1.0  # same partition, other names
+    assert evaluate.clustering_f1(y, np.arange(5)) == 0.0  # no pair shares a cluster
+    assert evaluate.clustering_f1(y, np.zeros(5)) == pytest.approx(naive_pair_f1(y, np.zeros(5)))
+
+
+def test_f1_uses_the_nmi_kmeans_assignment(monkeypatch):
+    x, y = gaussian_data(300, 16, 30, seed=14)
+    seen = []
+    real = evaluate.kmeans_clusters
+
+    def spy(points, n, distance):
+        seen.append(real(points, n, distance))
+        return seen[-1]
+
+    monkeypatch.setattr(evaluate, "kmeans_clusters", spy)
+    m = retrieval_metrics(x, y)
+    assert len(seen) == 1  # one k-means for both metrics
+    codes = np.unique(y, return_inverse=True)[1]
+    assert m["f1"] == pytest.approx(naive_pair_f1(codes, seen[0]))
+    assert "f1" not in retrieval_metrics(x, y, nmi=False) and "nmi" not in retrieval_metrics(x, y, nmi=False)
+
+
+def test_f1_scores_clusterable_data_high_and_noise_low():
+    centers = np.random.default_rng(10).standard_normal((10, 32)) * 10
+    y = np.repeat(np.arange(10), 30)
+    x = (centers[y] + np.random.default_rng(11).standard_normal((300, 32))).astype(np.float32)
+    assert retrieval_metrics(x, y)["f1"] > 0.8  # k-means may merge a pair of classes
+    assert retrieval_metrics(np.random.default_rng(12).standard_normal((300, 32)), y)["f1"] < 0.2
