@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -49,7 +49,13 @@ class DataSection(_Section):
     transform: Literal["auto", "imagenet", "grey"] = "auto"
     input_size: int | None = None
     resize_size: int | None = None
-    num_workers: int = Field(0, ge=0)
+    #: DataLoader worker processes; ``auto``: 0 for in-memory images, else the CPUs available minus one
+    #: (at most 8). Workers persist across epochs.
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    #: Decoded-image cache of image files (``harness.data.cache``): ``auto`` uses a disk cache when it fits
+    #: ``cache_budget_gib`` and the free space, ``disk``/``memory`` always, ``off`` never.
+    cache: Literal["auto", "off", "memory", "disk"] = "auto"
+    cache_budget_gib: float = Field(64.0, gt=0)
     #: Train without image files that fail to decode (their count is logged) instead of refusing to start.
     skip_bad: bool = False
 

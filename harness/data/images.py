@@ -2,7 +2,9 @@
 
 Items are either a uint8 array ``[N, H, W]`` (grey) / ``[N, H, W, C]`` held in memory (digits,
 Fashion-MNIST, synthetic) or a list of image file paths decoded lazily with PIL and converted to
-RGB (CUB, Cars, SOP, In-Shop), optionally cropped to a bounding box ``(x1, y1, x2, y2)``.
+RGB (CUB, Cars, SOP, In-Shop), optionally cropped to a bounding box ``(x1, y1, x2, y2)``; with a
+``DecodedCache`` attached (``with_cache``), file images are read from it instead, already decoded, cropped
+and resized (``harness.data.cache``).
 ``__getitem__`` hands a PIL image to the transform, so the same torchvision transforms serve both.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from harness.errors import DatasetError
+
+if TYPE_CHECKING:
+    from harness.data.cache import DecodedCache
 
 Transform = Callable[[Image.Image], Any]
 
@@ -57,6 +62,8 @@ class ImageSet(torch.utils.data.Dataset):
                 raise ValueError(f"boxes must be [N, 4] (x1, y1, x2, y2) for image files, got {boxes.shape}")
         self.boxes = boxes
         self.transform = transform
+        self.cache: DecodedCache | None = None
+        self.rows: np.ndarray | None = None  # row in ``cache`` of each item
 
     @property
     def in_memory(self) -> bool:
@@ -73,6 +80,8 @@ class ImageSet(torch.utils.data.Dataset):
         """Image ``i`` as a PIL image (mode L or RGB), before any transform."""
         if self.in_memory:
             return Image.fromarray(self.items[i])
+        if self.cache is not None and self.rows is not None:
+            return Image.fromarray(self.cache[int(self.rows[i])])
         path = self.items[i]
         try:
             with Image.open(path) as f:
@@ -96,6 +105,13 @@ class ImageSet(torch.utils.data.Dataset):
         out.transform = transform
         return out
 
+    def with_cache(self, cache: DecodedCache, rows: np.ndarray) -> ImageSet:
+        """A shallow copy that reads image ``i`` from row ``rows[i]`` of ``cache``."""
+        assert not self.in_memory and len(rows) == len(self), "a cache holds image files, one row each"
+        out = copy.copy(self)
+        out.cache, out.rows = cache, np.asarray(rows, dtype=np.int64)
+        return out
+
     def subset(self, indices: Sequence[int] | np.ndarray, relabel: bool = False) -> ImageSet:
         """The images at ``indices``; ``relabel`` maps the labels present to 0..C-1 in sorted order
         (what proxies and softmax heads need)."""
@@ -104,6 +120,7 @@ class ImageSet(torch.utils.data.Dataset):
         out.items = self.items[idx]
         out.labels = self.labels[idx]
         out.boxes = self.boxes[idx] if self.boxes is not None else None
+        out.rows = self.rows[idx] if self.rows is not None else None
         if relabel:
             out.labels = np.unique(out.labels, return_inverse=True)[1].astype(np.int64)
         return out
