@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from harness.rundir import format_metrics, write_run
 
     cfg = config.load(args.config, args.overrides)
-    result = train.run(cfg)
     out = Path(args.results) / "runs" / (args.name or cfg.name)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise HarnessError(
+            f"{out} already holds a run; pass --overwrite to replace it, or --name NEW to keep both"
+        )
+    result = train.run(cfg)
     write_run(result, out, save_checkpoint=cfg.train.save_checkpoint)
     print(format_metrics(result))
     print(f"run written to {out}")
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="RunConfig YAML")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.margin=0.1 train.epochs=3")
     r.add_argument("--name", help="run folder name (default: the config's name)")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier run of that name")
     r.set_defaults(func=_cmd_run)
 
     ls = sub.add_parser("list", help="list registered components with their parameters")
@@ -161,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dmlh list | head`: the reader left; exit quietly like other tools
+        # Python would report the failed flush of stdout at exit: point stdout at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

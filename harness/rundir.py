@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
+from harness.errors import HarnessError
 from harness.reporting import embeddings
 
 if TYPE_CHECKING:
@@ -29,15 +30,50 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+#: Written last into a run folder: a folder without it is not a complete run (a crash or a full disk
+#: while writing). Readers that need a complete record check ``is_complete``.
+COMPLETE = "complete"
+
+
+def is_complete(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a completely written run record."""
+    return (Path(directory) / COMPLETE).is_file()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def write_run(result: RunResult, directory: str | Path, *, save_checkpoint: bool = False) -> Path:
-    """Write config.yaml, metrics.json, history.csv, diagnostics.json (and checkpoint.pt) to ``directory``."""
+    """Write config.yaml, metrics.json, history.csv, diagnostics.json, test_embeddings.npz (and
+    checkpoint.pt) to ``directory``, atomically: everything goes to a hidden temporary folder next to it,
+    flushed to disk, the ``complete`` marker last, then one rename. A failure (e.g. a full disk) removes the
+    temporary folder and raises HarnessError; an earlier run in ``directory`` is kept untouched."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        _write_files(result, tmp, save_checkpoint)
+        for f in tmp.iterdir():
+            _fsync(f)
+        (tmp / COMPLETE).write_text(f"{result.run_key}\n")
+        _fsync(tmp / COMPLETE)
+        _replace(tmp, directory)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HarnessError(f"cannot write the run record {directory}: {e} (nothing was written)") from e
+    return directory
+
+
+def _write_files(result: RunResult, tmp: Path, save_checkpoint: bool) -> None:
     (tmp / "config.yaml").write_text(yaml.safe_dump(result.config, sort_keys=False))
     summary = {
         "run_key": result.run_key,
         "best_epoch": result.best_epoch,
+        "selection": result.selection,
+        "collapsed": bool(result.metrics.get("train/collapsed", 0.0)),
+        "warnings": result.warnings,
         "metrics": result.metrics,
         "timings": result.timings,
     }
@@ -49,23 +85,49 @@ def write_run(result: RunResult, directory: str | Path, *, save_checkpoint: bool
         import torch
 
         torch.save(result.checkpoint, tmp / "checkpoint.pt")
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        os.replace(directory, old)
+
+
+def _replace(tmp: Path, directory: Path) -> None:
+    """Move the finished folder ``tmp`` to ``directory`` (an existing one is replaced, never half)."""
+    if not directory.exists():
         os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
+    os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_failure(
+    directory: str | Path, record: dict[str, Any], config: dict[str, Any] | None = None
+) -> Path:
+    """Record a failed run: ``failed.json`` (reason, traceback, trial) written atomically, and the run's
+    ``config.yaml`` unless the folder already holds one (from an earlier, complete run)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".failed.json.tmp"
+    tmp.write_text(json.dumps(_json_safe(record), indent=2))
+    os.replace(tmp, directory / "failed.json")
+    if config is not None and not (directory / "config.yaml").exists():
+        (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return directory
 
 
 def format_metrics(result: RunResult) -> str:
-    """The metrics as a small table: rows = metric, columns = val / test / test_last."""
+    """The metrics as a small table: rows = metric, columns = val / test / test_last; without a validation
+    split one ``test`` column of the last epoch, said plainly; then the run's warnings."""
     rows: dict[str, dict[str, float]] = {}
     for key, value in result.metrics.items():
         split, _, metric = key.partition("/")
         rows.setdefault(metric, {})[split] = value
-    df = pd.DataFrame(rows).T.reindex(
-        columns=[c for c in ("val", "test", "test_last") if any(c in r for r in rows.values())]
+    last = result.selection == "last"
+    columns = ("test",) if last else ("val", "test", "test_last")
+    df = pd.DataFrame(rows).T.reindex(columns=[c for c in columns if any(c in r for r in rows.values())])
+    head = (
+        f"no validation split (data.val_fraction: 0): the last epoch ({result.best_epoch}) is reported"
+        if last
+        else f"best epoch {result.best_epoch} (on validation)"
     )
-    return f"best epoch {result.best_epoch}\n" + df.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")
+    table = df.dropna(how="all").to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")
+    return "\n".join([head, table, *(f"WARNING: {w}" for w in result.warnings)])

@@ -8,6 +8,8 @@ only) → test metrics of the best-on-validation state and of the last state.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import logging
 import math
 import random
@@ -22,14 +24,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.config import RunConfig
+from harness.config import RunConfig, validate
 from harness.data import PKSampler, build_transforms, load_splits
-from harness.errors import NonFiniteLossError, TrainingError
+from harness.data.cache import cached_splits, num_workers
+from harness.errors import ConfigError, NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.model import StagedBackbone, build_component, build_model
+from harness.monitor import CollapseCheck, Progress, embedding_stats
 from harness.plugins import EpochDiagnostics, HasBackbone, param_options
 from harness.reporting import embeddings as reporting_embeddings
-from harness.types import LossOutput, ModelOutput
+from harness.types import CLUSTERING_METRICS, LossOutput, ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,10 @@ class RunResult:
     checkpoint: dict[str, Any] | None = None
     #: The final test evaluation's neighbours and embedding sample (``harness.reporting.embeddings``).
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    #: How the reported ``test/…`` state was chosen: ``best_val`` or ``last`` (no validation split).
+    selection: str = "best_val"
+    #: What a reader of the results must know (a collapsed embedding, ...), also logged as warnings.
+    warnings: list[str] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -116,7 +124,11 @@ def embed(
     """Embeddings (float32, CPU) and labels of a whole split, in order."""
     model.eval()
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     embs, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
@@ -174,6 +186,7 @@ class Learner:
             total = total + value
             stats[f"aux/{name}"] = _scalar(value)
         stats.update({f"model/{k}": _scalar(v) for k, v in out.stats.items()})
+        stats.update(embedding_stats(out.embeddings, labels))  # collapse shows here first
         return total, stats
 
 
@@ -194,6 +207,8 @@ class _Trainer:
         self.optimizer = self.learner.optimizer
         backbone = cast(StagedBackbone, self.model.backbone)
         train_tf, test_tf = build_transforms(cfg.data, backbone.data_config, self.splits.channels)
+        self.splits = cached_splits(self.splits, cfg.data, backbone.data_config)
+        self.num_workers = num_workers(cfg.data, self.splits)
         self.train_set = self.splits.train.with_transform(train_tf)
         self.eval_sets = {
             name: s.with_transform(test_tf)
@@ -222,12 +237,13 @@ class _Trainer:
         self.loader = torch.utils.data.DataLoader(
             self.train_set,
             batch_sampler=self.sampler,
-            num_workers=cfg.data.num_workers,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.learner.amp)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int, progress: Progress) -> dict[str, float]:
         self.model.train()
         self.loss.train()
         self.regularizers.train()
@@ -237,6 +253,7 @@ class _Trainer:
         self.sampler.set_epoch(epoch)
         sums: dict[str, float] = defaultdict(float)
         n = 0
+        progress.begin_epoch()
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False, disable=None)
         for step, (images, labels) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
@@ -262,6 +279,7 @@ class _Trainer:
                 sums[k] += v
             n += 1
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            progress.step(epoch, step + 1, stats["loss"], len(labels), bar_shown=not bar.disable)
         if self.scheduler is not None:
             self.scheduler.step()
         return {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
@@ -277,7 +295,7 @@ class _Trainer:
                 self.eval_sets[name],
                 ev.batch_size,
                 self.device,
-                self.cfg.data.num_workers,
+                self.num_workers,
                 desc=f"embed {name}",
             )
 
@@ -298,7 +316,7 @@ class _Trainer:
             distance=ev.distance,
             backend=ev.backend,
             # k-means is the slowest metric (minutes on SOP): on validation only when it selects the epoch
-            nmi=ev.nmi and (split == "test" or self.cfg.train.selection_metric == "nmi"),
+            nmi=ev.nmi and (split == "test" or self.cfg.train.selection_metric in CLUSTERING_METRICS),
         )
 
     def epoch_diagnostics(self) -> tuple[dict[str, float], dict[str, Any]]:
@@ -343,11 +361,6 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     seed_everything(cfg.seed)
     tr = _Trainer(cfg)
     has_val = "val" in tr.eval_sets
-    selection = cfg.train.selection_metric
-    history: list[dict[str, Any]] = []
-    diagnostics: list[dict[str, Any]] = []
-    best_score, best_epoch, best_state, best_val = -math.inf, cfg.train.epochs, None, {}
-    train_time = eval_time = 0.0
     log.info(
         "run %s: %d train / %s val / %d test images, %d train classes, device %s",
         cfg.name,
@@ -357,54 +370,126 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         tr.splits.num_train_classes,
         tr.device,
     )
+    if not has_val:
+        log.info("run %s: no validation split (data.val_fraction: 0): the last epoch is reported", cfg.name)
+    margin = cfg.to_dict()["loss"].get("margin")
+    collapse = CollapseCheck(margin=float(margin) if isinstance(margin, (int, float)) else None)
+    fit = _fit(tr, reporter, collapse, t0)
+    t = time.perf_counter()
+    metrics = {f"val/{k}": v for k, v in fit.best_val.items()}
+    last_test = tr.evaluate("test")
+    metrics.update({f"test_last/{k}": v for k, v in last_test.items()})
+    if fit.best_state is not None and fit.best_epoch != cfg.train.epochs:
+        tr.load_state(fit.best_state)
+        metrics.update({f"test/{k}": v for k, v in tr.evaluate("test").items()})
+    else:
+        metrics.update({f"test/{k}": v for k, v in last_test.items()})
+    metrics["train/collapsed"] = float(collapse.collapsed(cfg.train.epochs))
+    saved = reporting_embeddings.capture(*tr.embedded, tr.eval_sets, cfg.eval.distance)
+    eval_time = fit.eval_time + time.perf_counter() - t
+    warnings = collapse.warnings(cfg.train.epochs)
+    for w in warnings:
+        log.warning("run %s: %s", cfg.name, w)
+    return RunResult(
+        config=cfg.to_dict(),
+        run_key=cfg.run_key(),
+        metrics=metrics,
+        best_epoch=fit.best_epoch,
+        history=fit.history,
+        diagnostics=fit.diagnostics,
+        timings={"total_s": time.perf_counter() - t0, "train_s": fit.train_time, "eval_s": eval_time},
+        checkpoint=fit.best_state if fit.best_state is not None else tr.state(),
+        embeddings=saved,
+        selection="best_val" if has_val else "last",
+        warnings=warnings,
+    )
+
+
+@dataclass
+class _Fit:
+    """What the epochs of a run leave: history, diagnostics, the best-on-validation state, time spent."""
+
+    best_epoch: int
+    best_score: float = -math.inf
+    best_state: dict[str, Any] | None = None
+    best_val: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    train_time: float = 0.0
+    eval_time: float = 0.0
+
+
+def _fit(tr: _Trainer, reporter: Reporter | None, collapse: CollapseCheck, t0: float) -> _Fit:
+    """Train every epoch, validating every ``train.eval_every``; one history row and log line per epoch
+    with its training time, validation time and training images/s."""
+    cfg = tr.cfg
+    selection = cfg.train.selection_metric
+    fit = _Fit(best_epoch=cfg.train.epochs)
+    progress = Progress(cfg.name, cfg.train.epochs, len(tr.sampler))
     for epoch in tqdm(range(cfg.train.epochs), desc=f"{cfg.name}", disable=None):
         t = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"]}
-        row.update(tr.train_epoch(epoch))
-        train_time += time.perf_counter() - t
+        row.update(tr.train_epoch(epoch, progress))
+        row["train_s"] = time.perf_counter() - t
+        row["images_per_s"] = progress.images / max(row["train_s"], 1e-9)
+        fit.train_time += row["train_s"]
         scalars, records = tr.epoch_diagnostics()
         row.update(scalars)
         if records:
-            diagnostics.append({"epoch": epoch + 1, **records})
+            fit.diagnostics.append({"epoch": epoch + 1, **records})
+        collapse.update(row)
+        row["eval_s"], val = 0.0, None
         last = epoch + 1 == cfg.train.epochs
-        if has_val and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+        if "val" in tr.eval_sets and ((epoch + 1) % cfg.train.eval_every == 0 or last):
             t = time.perf_counter()
             val = tr.evaluate("val")
-            eval_time += time.perf_counter() - t
+            row["eval_s"] = time.perf_counter() - t
+            fit.eval_time += row["eval_s"]
             row.update({f"val/{k}": v for k, v in val.items()})
             if selection not in val:
                 raise TrainingError(
                     f"train.selection_metric {selection!r} is not a metric (have {sorted(val)})"
                 )
-            if val[selection] > best_score:
-                best_score, best_epoch, best_state, best_val = val[selection], epoch + 1, tr.state(), val
-            log.info(
-                "epoch %d: loss %.4f, val %s %.4f", epoch + 1, row["train/loss"], selection, val[selection]
-            )
-            if reporter is not None:
-                reporter(epoch + 1, val)
+            if val[selection] > fit.best_score:
+                fit.best_score, fit.best_epoch, fit.best_state = val[selection], epoch + 1, tr.state()
+                fit.best_val = val
         row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-    t = time.perf_counter()
-    metrics = {f"val/{k}": v for k, v in best_val.items()}
-    last_test = tr.evaluate("test")
-    metrics.update({f"test_last/{k}": v for k, v in last_test.items()})
-    if best_state is not None and best_epoch != cfg.train.epochs:
-        tr.load_state(best_state)
-        metrics.update({f"test/{k}": v for k, v in tr.evaluate("test").items()})
-    else:
-        metrics.update({f"test/{k}": v for k, v in last_test.items()})
-    saved = reporting_embeddings.capture(*tr.embedded, tr.eval_sets, cfg.eval.distance)
-    eval_time += time.perf_counter() - t
-    timings = {"total_s": time.perf_counter() - t0, "train_s": train_time, "eval_s": eval_time}
-    return RunResult(
-        config=cfg.to_dict(),
-        run_key=cfg.run_key(),
-        metrics=metrics,
-        best_epoch=best_epoch,
-        history=history,
-        diagnostics=diagnostics,
-        timings=timings,
-        checkpoint=best_state if best_state is not None else tr.state(),
-        embeddings=saved,
-    )
+        fit.history.append(row)
+        log.info("%s", progress.epoch_line(row, selection))
+        if reporter is not None and val is not None:
+            reporter(epoch + 1, val)
+    return fit
+
+
+#: The config sections ``Learner.build`` reads: configs equal in these assemble alike (built once).
+_ASSEMBLED = (
+    "backbone",
+    "pooling",
+    "model",
+    "loss",
+    "miner",
+    "synthesis",
+    "regularizers",
+    "optimizer",
+    "train",
+)
+
+
+def check_assembly(cfg: RunConfig) -> list[str]:
+    """Problems only assembling the components shows (a stage name, a component combination): the model,
+    loss, regularizers and optimizer are built on the CPU without weights, so that a study fails at
+    validation rather than in every trial of an arm."""
+    raw = cfg.to_dict()
+    if "pretrained" in raw["backbone"]:
+        raw["backbone"]["pretrained"] = False
+    return list(_assemble(json.dumps({k: raw[k] for k in _ASSEMBLED}, sort_keys=True, default=str)))
+
+
+@functools.lru_cache(maxsize=64)
+def _assemble(sections: str) -> tuple[str, ...]:
+    try:
+        cfg = validate(json.loads(sections))
+        Learner.build(cfg, num_classes=4, in_channels=3, device=torch.device("cpu"))
+    except ConfigError as e:
+        return tuple(e.problems)
+    return ()

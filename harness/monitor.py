@@ -1,0 +1,168 @@
+"""What a long run tells its log: progress lines without a terminal, per-epoch speed, collapse warnings.
+
+tqdm turns itself off when stderr is not a terminal (a batch job, ``nohup``, ``> log``), so a run also
+logs through ``logging``: one line per epoch, and one every ``PROGRESS_EVERY_S`` seconds within an epoch
+when no bar is showing. ``CollapseCheck`` reads each epoch's embedding statistics (``embedding_stats`` of
+the training batches) and warns when the embedding has collapsed: every image mapped to (nearly) the
+same point, which a margin loss then reports as a loss pinned at its margin.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two progress lines within one epoch when no progress bar is showing.
+PROGRESS_EVERY_S = 300.0
+#: An epoch counts as collapsed when the mean distance between different-class embeddings of its training
+#: batches is below this fraction of the mean embedding norm (healthy runs: 0.3-1.4; the collapsed
+#: batch-hard triplet run of issue #15: 0.010).
+COLLAPSE_SPREAD = 0.05
+#: Mean embedding norm below which the embeddings count as all zero.
+ZERO_NORM = 1e-6
+#: A metric loss within this fraction of ``loss.margin`` counts as pinned at the margin.
+MARGIN_TOLERANCE = 0.05
+
+
+def embedding_stats(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Mean Euclidean distance of same-class pairs (``embed/pos_dist``, NaN without any) and of
+    different-class pairs (``embed/neg_dist``) in a batch, and the mean embedding norm (``embed/norm``):
+    the quantities that shrink to 0 when the embedding collapses. One host sync per batch."""
+    e = embeddings.detach().float()
+    dist = torch.cdist(e, e)
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    neg = ~same
+    sums = torch.stack([(dist * pos).sum(), pos.sum(), (dist * neg).sum(), neg.sum(), e.norm(dim=1).mean()])
+    pos_sum, n_pos, neg_sum, n_neg, norm = sums.tolist()
+    return {
+        "embed/pos_dist": pos_sum / n_pos if n_pos else math.nan,
+        "embed/neg_dist": neg_sum / n_neg if n_neg else math.nan,
+        "embed/norm": norm,
+    }
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Progress:
+    """Progress lines of one run: ``step`` after every batch (a line every ``PROGRESS_EVERY_S`` when no bar
+    shows), ``epoch_line`` after every epoch (always logged)."""
+
+    def __init__(self, name: str, epochs: int, steps_per_epoch: int):
+        self.name, self.epochs, self.steps = name, epochs, steps_per_epoch
+        self.start = time.perf_counter()
+        self.epoch_start = self.start
+        self.last_line = self.start
+        self.images = 0
+
+    def begin_epoch(self) -> None:
+        self.epoch_start = self.last_line = time.perf_counter()
+        self.images = 0
+
+    def remaining(self, epoch: int, step: int) -> float:
+        """Estimated seconds left after ``step`` of 0-based ``epoch``: the run's pace so far."""
+        done = epoch + step / max(self.steps, 1)
+        elapsed = time.perf_counter() - self.start
+        return elapsed / done * (self.epochs - done) if done > 0 else math.nan
+
+    def step(self, epoch: int, step: int, loss: float, images: int, bar_shown: bool) -> None:
+        """Count ``images`` of batch ``step`` (1-based); log a line if none was logged for a while."""
+        self.images += images
+        now = time.perf_counter()
+        if bar_shown or now - self.last_line < PROGRESS_EVERY_S:
+            return
+        self.last_line = now
+        rate = self.images / max(now - self.epoch_start, 1e-9)
+        log.info(
+            "%s: epoch %d/%d, step %d/%d: loss %.4f, %.1f images/s, elapsed %s, remaining ~%s",
+            self.name,
+            epoch + 1,
+            self.epochs,
+            step,
+            self.steps,
+            loss,
+            rate,
+            _duration(now - self.start),
+            _duration(self.remaining(epoch, step)),
+        )
+
+    def epoch_line(self, row: dict[str, Any], selection: str) -> str:
+        """One line for the epoch's history ``row``: loss, speed, times, validation metric if any."""
+        epoch = int(row["epoch"])
+        val = row.get(f"val/{selection}")
+        return (
+            f"{self.name}: epoch {epoch}/{self.epochs}, step {self.steps}/{self.steps}: "
+            f"loss {row['train/loss']:.4f}, {row['images_per_s']:.1f} images/s, "
+            f"train {_duration(row['train_s'])}"
+            + (f", val {_duration(row['eval_s'])}, val {selection} {val:.4f}" if val is not None else "")
+            + f", elapsed {_duration(time.perf_counter() - self.start)}"
+            + f", remaining ~{_duration(self.remaining(epoch, 0))}"
+        )
+
+
+@dataclass
+class CollapseCheck:
+    """Watches the per-epoch embedding statistics of the training batches for a collapsed embedding.
+
+    ``margin`` is the metric loss's ``margin`` from the resolved config (None without one): a collapsed
+    embedding makes a margin loss sit exactly at its margin, which the warning then says."""
+
+    margin: float | None = None
+    first: int | None = None
+    last: int | None = None
+    reason: str = ""
+    epochs: list[int] = field(default_factory=list)
+
+    def update(self, row: dict[str, Any]) -> str | None:
+        """Check the epoch's history ``row``; the reason (also logged as a warning) if it collapsed."""
+        norm = row.get("train/embed/norm", math.nan)
+        neg = row.get("train/embed/neg_dist", math.nan)
+        pos = row.get("train/embed/pos_dist", math.nan)
+        if not math.isfinite(norm) or not math.isfinite(neg):
+            return None
+        if norm < ZERO_NORM:
+            reason = f"the embeddings are all zero (mean norm {norm:.2g})"
+        elif neg / norm < COLLAPSE_SPREAD:
+            reason = (
+                f"every image maps to nearly the same point: mean distance {pos:.4f} within classes, "
+                f"{neg:.4f} between classes, at an embedding norm of {norm:.3g}"
+            )
+        else:
+            return None
+        loss = row.get("train/loss/metric", math.nan)
+        if self.margin and abs(loss - self.margin) <= MARGIN_TOLERANCE * self.margin:
+            reason += f"; the loss ({loss:.4f}) is pinned at loss.margin ({self.margin:g})"
+        epoch = int(row["epoch"])
+        self.first = epoch if self.first is None else self.first
+        self.last, self.reason = epoch, reason
+        self.epochs.append(epoch)
+        log.warning("epoch %d: embedding collapsed: %s (try a lower optimizer.lr)", epoch, reason)
+        return reason
+
+    def collapsed(self, last_epoch: int) -> bool:
+        """Whether the embedding was still collapsed at ``last_epoch``."""
+        return self.last is not None and self.last == last_epoch
+
+    def warnings(self, last_epoch: int) -> list[str]:
+        """The run summary's warnings (empty for a healthy run)."""
+        if self.first is None:
+            return []
+        when = f"in {len(self.epochs)} of {last_epoch} epochs (first epoch {self.first}, " + (
+            "still at the last)" if self.collapsed(last_epoch) else f"recovered by epoch {last_epoch})"
+        )
+        return [f"embedding collapsed {when}: {self.reason}; try a lower optimizer.lr"]
