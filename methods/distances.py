@@ -45,11 +45,12 @@ class PairNegativeSource(Protocol):
 def full_precision(forward: Callable[..., _T]) -> Callable[..., _T]:
     """Decorator for ``forward(self, embeddings, labels, ...)``: autocast off, half inputs upcast to float32.
 
-    The loss value comes out in float32; autograd casts the gradient back to the input's dtype.
+    The loss value comes out in float32; autograd casts the gradient back to the input's dtype. ``labels``
+    may be omitted where the forward does not need them (regularizers such as MDR).
     """
 
     @functools.wraps(forward)
-    def wrapper(self: Any, embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> _T:
+    def wrapper(self: Any, embeddings: Tensor, labels: Tensor | None = None, *args: Any, **kwargs: Any) -> _T:
         if embeddings.dtype in (torch.float16, torch.bfloat16):
             embeddings = embeddings.float()
         with torch.autocast(device_type=embeddings.device.type, enabled=False):

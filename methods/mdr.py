@@ -22,6 +22,7 @@ from torch import nn
 from harness.plugins import BenchVariant
 from harness.registry import register
 from harness.types import LossOutput
+from methods.distances import full_precision
 
 #: The histogram of normalised distances in ``epoch_diagnostics`` has fixed bins over
 #: [-HIST_RANGE, HIST_RANGE]; values outside are counted in the end bins.
@@ -65,7 +66,8 @@ class MDR(nn.Module):
     Running statistics update only in training mode; eval mode uses them as they are (or the batch's
     own statistics before the first training call). Unlike the official code, μ̂, σ̂ and the
     ``initialized`` flag are buffers, so a checkpoint restores them instead of re-initialising on resume.
-    σ̂ is clamped at 1e-12 (all distances equal would otherwise divide by zero).
+    σ̂ is clamped at 1e-12 (all distances equal would otherwise divide by zero). Under AMP the term is
+    computed in float32 (half-precision embeddings are upcast, autocast is off inside).
 
     ``epoch_diagnostics()``: the levels, a histogram of the normalised distances of the epoch's training
     batches (``HIST_BINS`` fixed bins over ±``HIST_RANGE``) and how many pairs each level was the nearest
@@ -111,7 +113,10 @@ class MDR(nn.Module):
             running.copy_(torch.where(self.initialized, blended, value))
         self.initialized.fill_(True)
 
+    @full_precision
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> LossOutput:
+        """The MDR term in float32 with autocast off, whatever precision the model ran in (the official code
+        runs in fp32; bf16 distances lose the small differences the normalisation by σ̂ magnifies)."""
         levels = self.levels.to(embeddings.dtype)
         penalty = self.level_l2 * levels.pow(2).sum()
         b = len(embeddings)

@@ -171,3 +171,20 @@ def test_levels_are_learned_and_bad_config_rejected() -> None:
     yaml_params = {"levels": [-3, 0, 3], "weight": 0.6, "level_l2": 0.01, "momentum": 0.9}
     assert registry.validate_params("regularizer", "mdr", yaml_params, "regularizers.0") == []
     assert registry.validate_params("regularizer", "mdr", {"stats_diagonal": "off"}, "regularizers.0")
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_mdr_runs_in_float32_under_bf16_autocast(input_dtype: torch.dtype) -> None:
+    """Under AMP (CPU bf16 autocast here) the MDR term is float32 and equals the fp32 computation."""
+    torch.manual_seed(3)
+    e = (torch.randn(16, 32) * 3).to(input_dtype)
+    reference, amp = make_mdr(), make_mdr()
+    want = reference(e.float())
+    x = e.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = amp(x)
+    assert got.value.dtype == torch.float32
+    torch.testing.assert_close(got.value, want.value, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(amp.running_mean, reference.running_mean)
+    got.value.backward()
+    assert x.grad is not None and x.grad.dtype == input_dtype and torch.isfinite(x.grad.float()).all()
