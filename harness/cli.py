@@ -51,25 +51,32 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
 def _cmd_study_run(args: argparse.Namespace) -> None:
     from harness import study
 
-    out = study.run_study(
-        args.study,
-        storage=args.storage,
-        workers=args.workers,
-        name=args.name,
-        results=args.results,
-        overrides=args.overrides,
-    )
+    incomplete = None
+    try:
+        out = study.run_study(
+            args.study,
+            storage=args.storage,
+            workers=args.workers,
+            name=args.name,
+            results=args.results,
+            overrides=args.overrides,
+            protocol=args.protocol,
+        )
+    except study.StudyIncompleteError as e:  # the report is written: show it, then fail with the reason
+        out, incomplete = e.report, e
     if out is not None:
         comparison = out / "tables" / "comparison.md"
         if comparison.is_file():
             print(f"\n{comparison.read_text()}")
         print(f"tables: {out / 'tables'}\nplots: {out / 'plots'}\noverview: {out / 'report.md'}")
+    if incomplete is not None:
+        raise incomplete
 
 
 def _cmd_study_status(args: argparse.Namespace) -> None:
-    from harness import study
+    from harness.reporting.status import status
 
-    print(study.status(args.name, storage=args.storage, results=args.results))
+    print(status(args.name, storage=args.storage, results=args.results))
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -128,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     sr.add_argument("--name", default=None, help="study name (default: from the YAML)")
+    sr.add_argument(
+        "--protocol",
+        choices=["fair", "literature", "both"],
+        default=None,
+        help="fair (tuned on validation classes), literature (the paper's recipe) or both (default: the "
+        "study file's protocol)",
+    )
     sr.set_defaults(func=_cmd_study_run)
     ss = ssub.add_parser("status", help="counts by state, best arms, time spent")
     ss.add_argument("name")
@@ -141,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     b = sub.add_parser("bench", help="speed benchmarks against reference implementations")
-    b.add_argument("what", choices=["eval", "losses", "study", "methods"])
+    b.add_argument("what", choices=["eval", "losses", "study", "methods", "data", "train", "gpu", "fixture"])
     b.add_argument("options", nargs=argparse.REMAINDER, help="benchmark options (see dmlh bench WHAT --help)")
     b.set_defaults(func=_cmd_bench)
     return p

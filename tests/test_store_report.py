@@ -18,6 +18,7 @@ from test_study import tiny_study, write
 from harness import report, store, study
 from harness.cli import main
 from harness.errors import HarnessError
+from harness.reporting.status import status
 
 ARMS = [
     "mining=batch_hard, synthesis=none",
@@ -133,7 +134,7 @@ def test_report_is_idempotent_and_takes_a_baseline_option(
 
 
 def test_status_shows_counts_best_arms_and_time(grid: Path) -> None:
-    text = study.status("grid", results=grid)
+    text = status("grid", results=grid)
     assert "COMPLETE" in text and "test/recall@1 mean" in text and "time:" in text
     assert all(arm in text for arm in ARMS)
 
@@ -184,10 +185,10 @@ def test_a_variant_factor_is_a_column_of_the_store_and_of_its_ablation_table(tmp
 
 def test_report_mid_study_and_of_an_unknown_study(tmp_path: Path) -> None:
     spec = study.parse_study(tiny_study("fresh"))
-    study._prepare(store.open_storage(None, "fresh", tmp_path, create=True), spec)
+    study.queue.prepare(store.open_storage(None, "fresh", tmp_path, create=True), spec)
     folder = report.write_report("fresh", results=tmp_path)
     assert "No final run has completed yet" in (folder / "report.md").read_text()
-    assert "0 trials" in study.status("fresh", results=tmp_path)
+    assert "0 trials" in status("fresh", results=tmp_path)
     with pytest.raises(HarnessError, match="no study 'nope'"):
         report.write_report("nope", results=tmp_path)
 

@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -295,7 +296,10 @@ def test_failures_are_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
         arms={"optimizer": [{"name": "adam", "lr": 1e-3}, {"name": "sgd", "lr": 1e30}]}, final={"seeds": [0]}
     )
     spec["base"]["model"]["normalize"] = "none"
-    study.run_study(write(tmp_path, spec), results=tmp_path, report=False)
+    with pytest.raises(
+        study.StudyIncompleteError, match=r"1 arm\(s\) have no completed final run: optimizer=sgd"
+    ):
+        study.run_study(write(tmp_path, spec), results=tmp_path, report=False)
     trials = {t.user_attrs["arm"]: t for t in trials_by_study("tiny", tmp_path)["tiny"]}
     ok, nan = trials["optimizer=adam"], trials["optimizer=sgd"]
     assert ok.state == TrialState.COMPLETE
@@ -352,7 +356,8 @@ def test_tune_trials_below_the_median_are_pruned_and_recorded(
 
 def test_the_timeout_stops_starting_trials_and_a_rerun_finishes_the_study(tmp_path: Path) -> None:
     path = write(tmp_path, tiny_study(arms={"loss.mining": ["batch_hard", "all"]}, timeout=1e-9))
-    study.run_study(path, results=tmp_path, report=False)
+    with pytest.raises(study.StudyIncompleteError, match="2 arm"):  # non-zero exit, one line
+        study.run_study(path, results=tmp_path, report=False)
     assert complete_units(trials_by_study("tiny", tmp_path)["tiny"]) == Counter()  # past the deadline at once
     study.run_study(path, results=tmp_path, report=False, overrides=["timeout=null"])
     assert sum(complete_units(trials_by_study("tiny", tmp_path)["tiny"]).values()) == 4
@@ -415,3 +420,151 @@ def test_a_killed_worker_is_detected_and_its_trial_rerun(tmp_path: Path) -> None
     assert trials[1].user_attrs["run_key"] == trials[0].user_attrs["run_key"]
     df = store.load("tiny", results=tmp_path)
     assert df.lost.tolist() == [True, False]
+
+
+# -- reproducible, fair studies (issues #10, #15) ---------------------------------------------------------
+
+
+def _tuned_and_final(results: Path) -> tuple[list[tuple[str, Any]], dict[str, float]]:
+    trials = trials_by_study("tiny", results)
+    tuned = sorted(
+        (t.user_attrs["arm"] + "/" + t.user_attrs["unit"], t.params)
+        for name, ts in trials.items()
+        if "/tune/" in name
+        for t in ts
+    )
+    final = {t.user_attrs["unit"]: t.user_attrs["metrics"]["test/recall@1"] for t in trials["tiny"]}
+    return tuned, final
+
+
+def test_the_same_study_and_seed_reproduce_every_tuned_value_and_final_metric(tmp_path: Path) -> None:
+    """One worker, fresh results folder each time: identical suggestions (seeded per arm and slot) and
+    identical final metrics; another study seed suggests other values."""
+    spec = tiny_study(
+        arms={"loss.mining": ["batch_hard", "all"]},
+        tune={"n_trials": 3, "params": {"optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True}}},
+        final={"seeds": [0]},
+        seed=7,
+    )
+    runs = []
+    for i, seed in enumerate([7, 7, 8]):
+        folder = tmp_path / str(i)
+        study.run_study(write(tmp_path, {**spec, "seed": seed}), results=folder, report=False)
+        runs.append(_tuned_and_final(folder))
+    assert runs[0] == runs[1]
+    assert runs[0][0] != runs[2][0]
+    seeds = {
+        t.user_attrs["sampler_seed"]
+        for n, ts in trials_by_study("tiny", tmp_path / "0").items()
+        for t in ts
+        if "/tune/" in n
+    }
+    assert len(seeds) == 6  # every tune trial records its own sampler seed (replayable on its own)
+
+
+def test_units_are_interleaved_across_arms_so_a_timeout_is_fair() -> None:
+    spec = study.parse_study(
+        tiny_study(
+            arms={"loss.mining": ["batch_hard", "all", "semi_hard"]},
+            tune={"n_trials": 2, "params": {"optimizer.lr": [1e-3, 1e-2]}},
+        )
+    )
+    order = [(u.attrs["stage"], u.attrs["arm"].split("=")[1]) for u in spec.units()]
+    assert order[:6] == [("tune", m) for m in ("batch_hard", "all", "semi_hard")] * 2
+    assert order[6:9] == [("final", m) for m in ("batch_hard", "all", "semi_hard")]
+
+
+def test_a_study_stopped_by_its_timeout_has_spent_its_trials_evenly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each trial takes 'one unit of time'; the study stops after four: every arm got its share."""
+    from harness.study import runner
+
+    real_run, calls = train.run, []
+
+    def counted(config: Any, reporter: Any = None) -> Any:
+        calls.append(config)
+        if len(calls) >= 4:
+            # the deadline has passed (for the runner's clock only)
+            clock = SimpleNamespace(
+                time=lambda: float("inf"), sleep=time.sleep, perf_counter=time.perf_counter
+            )
+            monkeypatch.setattr(runner, "time", clock)
+        return real_run(config, reporter)
+
+    monkeypatch.setattr(train, "run", counted)
+    spec = tiny_study(
+        arms={"loss.mining": ["batch_hard", "all"]},
+        tune={"n_trials": 3, "params": {"optimizer.lr": {"low": 1e-3, "high": 3e-3}}},
+        final={"seeds": [0]},
+        timeout=3600,
+    )
+    with pytest.raises(study.StudyIncompleteError):
+        study.run_study(write(tmp_path, spec), results=tmp_path, report=False)
+    per_arm = Counter(
+        t.user_attrs["arm"]
+        for n, ts in trials_by_study("tiny", tmp_path).items()
+        for t in ts
+        if t.state == TrialState.COMPLETE and "/tune/" in n
+    )
+    assert per_arm == {"mining=batch_hard": 2, "mining=all": 2}
+
+
+# -- the literature protocol (issue #9) --------------------------------------------------------------------
+
+
+def test_literature_protocol_runs_the_papers_recipe_on_every_training_class(tmp_path: Path) -> None:
+    spec = tiny_study(
+        arms={"loss.mining": ["batch_hard", "all"]},
+        tune={"n_trials": 1, "params": {"optimizer.lr": [1e-3]}},
+        final={"seeds": [0, 1]},
+        protocol="both",
+        literature={"optimizer.lr": 5e-3, "train.epochs": 2},
+        published={"mining=all": {"source": "Table 1, row 'batch all'", "recall@1": 55.0}},
+        unpublished=["the batch composition"],
+    )
+    out = study.run_study(write(tmp_path, spec), results=tmp_path)
+    trials = trials_by_study("tiny", tmp_path)["tiny"]
+    lit = [t for t in trials if t.user_attrs.get("protocol") == "literature"]
+    fair = [t for t in trials if t.user_attrs.get("protocol") == "fair"]
+    assert len(lit) == 4 and len(fair) == 4
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert {t.user_attrs["unit"] for t in lit} == {
+        f"mining={m}/literature/seed={s}" for m in ("batch_hard", "all") for s in (0, 1)
+    }
+    for t in lit:
+        cfg = yaml.safe_load((tmp_path / "tiny/runs" / t.user_attrs["run_key"] / "config.yaml").read_text())
+        assert cfg["data"]["val_fraction"] == 0.0 and cfg["optimizer"]["lr"] == 5e-3
+        assert cfg["train"]["epochs"] == 2 and t.user_attrs["tuned"] == {}
+        assert t.value == t.user_attrs["metrics"]["test_last/recall@1"]  # no validation: the last epoch
+    df = store.load("tiny", results=tmp_path)
+    assert df.attrs["meta"]["published"]["mining=all"]["recall@1"] == 55.0
+    assert df.attrs["meta"]["unpublished"] == ["the batch composition"]
+    assert out is not None
+    table = (out / "tables" / "paper.md").read_text()
+    assert "55.0" in table and "Table 1, row 'batch all'" in table
+    # --protocol literature alone on a fresh name: no tuning at all
+    study.run_study(write(tmp_path, spec), results=tmp_path, name="lit", protocol="literature", report=False)
+    storage = store.resolve("lit", None, tmp_path)[2]
+    assert store.study_names(storage, "lit") == ["lit"]  # no tune stage
+    stored = optuna.load_study(study_name="lit", storage=storage).get_trials()
+    assert {t.user_attrs["protocol"] for t in stored} == {"literature"} and len(stored) == 4
+
+
+def test_published_blocks_name_arms_and_metrics() -> None:
+    spec = tiny_study(
+        arms={"loss.mining": ["batch_hard", "all"]},
+        protocol="literature",
+        published={
+            "mining=al": {"recall@1": 50.0},
+            "mining=all": {"recal@1": 50.0, "recall@2": "high"},
+        },
+        literature={"optimizer.lrr": 1},
+    )
+    with pytest.raises(ConfigError) as err:
+        study.parse_study(spec)
+    text = "\n".join(err.value.problems)
+    assert "published.mining=al: not an arm label" in text
+    assert "published.mining=all.recal@1: not a metric" in text
+    assert "published.mining=all.recall@2: expected a number in %" in text
+    assert "literature: optimizer.lrr" in text

@@ -1,0 +1,308 @@
+"""The study runner: queue a study's units, run worker processes until every unit is settled, report.
+
+``run_study`` runs ``workers`` workers: this process plus ``workers - 1`` loky worker processes (joblib's
+process pool). Each worker loops: reap the trials of dead workers (re-queued), claim a queued unit, run
+it through the objective. A worker process that dies (killed, out of memory) costs only its trial: the
+others re-queue and finish it, and the study ends with one line saying what happened, then the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from harness.errors import ConfigError, HarnessError, TrainingError
+from harness.store import lost_numbers, open_storage
+from harness.study.objective import Objective, make_pruner, make_sampler
+from harness.study.queue import Snapshot, WorkQueue, open_studies, prepare
+from harness.study.spec import StudySpec, load_study
+
+log = logging.getLogger(__name__)
+
+#: Stop when more than this fraction of the trials finished in this run failed (after MIN_FINISHED).
+FAIL_FRACTION, MIN_FINISHED = 0.5, 4
+#: Seconds an idle worker waits before looking for work again.
+POLL_S = 0.5
+
+
+class StudyIncompleteError(HarnessError):
+    """The study ended (report written, folder ``report``) with arms that have no completed final run."""
+
+    def __init__(self, message: str, report: Path | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a worker process needs (picklable)."""
+
+    spec: StudySpec
+    storage: str | None
+    results: Path
+    invocation: str
+    threads: int
+    deadline: float | None
+    log_level: int
+
+
+class Worker:
+    """Claims queued units and runs them until every unit is settled (done or failed)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.spec = ctx.spec
+
+        def options(name: str) -> dict[str, Any]:
+            return {"sampler": make_sampler(self.spec, name), "pruner": make_pruner(self.spec, name)}
+
+        self.queue = WorkQueue(ctx.spec, ctx.storage, ctx.results, ctx.invocation, options)
+        self.objective = Objective(ctx.spec, self.queue, ctx.results / ctx.spec.name)
+
+    def work(self) -> int:
+        """Run units until all are settled, the deadline passes or most trials fail; return how many ran."""
+        ran = 0
+        while True:
+            snap = self.queue.snapshot()
+            if self.queue.reap_lost(snap):
+                continue
+            self._check_failures(snap)
+            if self.ctx.deadline is not None and time.time() > self.ctx.deadline:
+                log.info("study %s: timeout reached, not starting new trials", self.spec.name)
+                return ran
+            if all(snap.status(u) in ("done", "failed", "missing") for u in self.spec.units()):
+                return ran
+            for unit, trial in self.queue.candidates(snap):
+                trial_id = self.queue.claim(unit, trial)
+                if trial_id is not None:
+                    self.objective(unit, trial_id, snap)
+                    ran += 1
+                    break
+            else:
+                time.sleep(POLL_S)
+
+    def _check_failures(self, snap: Snapshot) -> None:
+        """Stop the study when most trials this invocation finished failed: the configs are broken."""
+        lost = {(s, n) for s, ts in snap.trials.items() for n in lost_numbers(ts)}
+        mine = [
+            t
+            for s, t in snap.all()
+            if t.user_attrs.get("invocation") == self.ctx.invocation
+            and t.state.is_finished()
+            and (s, t.number) not in lost
+            and not t.user_attrs.get("duplicate")
+        ]
+        failed = [t for t in mine if t.state == TrialState.FAIL]
+        if len(mine) >= MIN_FINISHED and len(failed) > FAIL_FRACTION * len(mine):
+            first = min(failed, key=lambda t: t.number)
+            raise TrainingError(
+                f"stopping study {self.spec.name!r}: {len(failed)} of the {len(mine)} trials finished in "
+                f"this run failed, so the configs are probably broken. First failure "
+                f"({first.user_attrs.get('arm')}): "
+                f"{first.user_attrs.get('reason')}. Tracebacks: `dmlh study status {self.spec.name}` and "
+                f"failed.json in {self.ctx.results / self.spec.name / 'runs'}/*/"
+            )
+
+
+def _work(ctx: Context) -> int:
+    """Worker entry point (in this process or a loky worker process)."""
+    import torch
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=ctx.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(ctx.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return Worker(ctx).work()
+
+
+class Progress:
+    """A bar of settled units / all units, with the running trials' arm and epoch (own storage and thread);
+    without a terminal, one log line per settled unit with the arm, its value and the study's progress."""
+
+    def __init__(self, ctx: Context, period: float = 1.0):
+        from tqdm.auto import tqdm
+
+        self.ctx = ctx
+        self.period = period
+        self.studies = open_studies(
+            open_storage(ctx.storage, ctx.spec.name, ctx.results, create=True), ctx.spec
+        )
+        self.units = ctx.spec.units()
+        self.bar = tqdm(total=len(self.units), desc=f"study {ctx.spec.name}", unit="trial", disable=None)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="study-progress")
+        self.t0 = time.time()
+        self.settled: set[tuple[str, str]] | None = None
+
+    def _update(self) -> None:
+        snap = Snapshot(self.studies, self.ctx.spec)
+        settled = {(u.study, u.key): u for u in self.units if snap.status(u) in ("done", "failed")}
+        if self.settled is not None and self.bar.disable:
+            for key in settled.keys() - self.settled:
+                self._log_settled(snap, settled[key], len(settled))
+        self.settled = set(settled)
+        self.bar.update(len(settled) - self.bar.n)
+        running = [t for _, t in snap.all() if t.state == TrialState.RUNNING]
+        self.bar.set_postfix_str(
+            "; ".join(
+                f"{t.user_attrs.get('arm')} {t.user_attrs.get('stage')} "
+                f"epoch {max(t.intermediate_values, default=0)}"
+                for t in running
+            )
+        )
+
+    def _log_settled(self, snap: Snapshot, unit: Any, done: int) -> None:
+        trials = snap.units[(unit.study, unit.key)]
+        last = max(trials, key=lambda t: t.number)
+        elapsed = time.time() - self.t0
+        left = elapsed / max(done, 1) * (len(self.units) - done)
+        value = f"{last.value:.4f}" if last.value is not None else last.state.name.lower()
+        log.info(
+            "study %s: %s %s (%s): %s %s; %d/%d units, %.0fs elapsed, ~%.0fs left",
+            self.ctx.spec.name,
+            unit.attrs["stage"],
+            unit.key,
+            unit.attrs["arm"],
+            self.ctx.spec.metric,
+            value,
+            done,
+            len(self.units),
+            elapsed,
+            left,
+        )
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.period):
+            self._update()
+
+    def __enter__(self) -> Progress:
+        self._update()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._update()
+        self.bar.close()
+
+
+def _run_workers(ctx: Context, workers: int) -> list[str]:
+    """``workers`` workers: this process (already warm, so it starts at once) plus ``workers - 1`` loky
+    worker processes, each with its share of the CPU threads. Returns one line per worker process that
+    died; the work it left is finished here."""
+    import torch
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    threads = torch.get_num_threads()
+    futures = []
+    executor = None
+    lost: list[str] = []
+    if workers > 1:
+        from joblib.externals.loky import get_reusable_executor
+
+        executor = get_reusable_executor(max_workers=workers - 1)
+        futures = [executor.submit(_work, ctx) for _ in range(workers - 1)]
+    try:
+        _work(ctx)
+        for f in futures:
+            try:
+                f.result()
+            except TerminatedWorkerError as e:
+                lost.append(str(e).splitlines()[0])
+        if lost:  # the dead workers' trials were re-queued by the living: finish whatever is left
+            executor = None  # loky replaces a broken executor on the next get_reusable_executor
+            _work(ctx)
+    except BaseException:
+        if executor is not None:
+            executor.shutdown(wait=True, kill_workers=True)  # don't leave workers behind on an error
+            executor = None
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        if executor is not None:
+            executor.shutdown(wait=False)  # idle workers exit on their own
+    return lost
+
+
+def incomplete_arms(spec: StudySpec, storage: str | None, results: str | Path) -> list[str]:
+    """``arm (protocol)`` of every arm and protocol of the study with no completed final run."""
+    studies = open_studies(open_storage(storage, spec.name, results, create=True), spec)
+    snap = Snapshot(studies, spec)
+    done = {
+        (u.attrs["arm"], u.attrs["protocol"])
+        for u in spec.units()
+        if u.attrs["stage"] == "final"
+        and any(t.state == TrialState.COMPLETE for t in snap.units[(u.study, u.key)])
+    }
+    return [f"{a.label} ({p})" for p in spec.protocols for a in spec.arms if (a.label, p) not in done]
+
+
+def run_study(
+    path: str | Path,
+    storage: str | None = None,
+    workers: int = 1,
+    name: str | None = None,
+    results: str | Path = "results",
+    overrides: list[str] | None = None,
+    *,
+    protocol: str | None = None,
+    report: bool = True,
+) -> Path | None:
+    """Run (or resume) a study: validate it, queue its units, run ``workers`` worker processes until
+    every unit is settled, then write the report. Returns the report folder (None with ``report=False``).
+
+    ``protocol`` (fair | literature | both) replaces the study file's. Raises StudyIncompleteError (after
+    writing the report) when an arm has no completed final run, naming the arms and why."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1 (got {workers})")
+    spec = load_study(path, overrides, name, protocol)
+    prepare(open_storage(storage, spec.name, results, workers=workers, create=True), spec)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ctx = Context(
+        spec=spec,
+        storage=storage,
+        results=Path(results),
+        invocation=uuid.uuid4().hex,
+        threads=max(1, cores // workers),
+        deadline=time.time() + spec.timeout if spec.timeout else None,
+        log_level=logging.getLogger("harness").getEffectiveLevel(),
+    )
+    t0 = time.perf_counter()
+    with Progress(ctx):
+        lost = _run_workers(ctx, workers)
+    for line in lost:
+        log.warning(
+            "study %s: a worker process died (%s); its trial was re-queued and finished", spec.name, line
+        )
+    log.info("study %s: this run took %.1fs", spec.name, time.perf_counter() - t0)
+    from harness.reporting.status import status
+
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", status(spec.name, storage, results))
+    out = None
+    if report:
+        from harness.report import write_report
+
+        out = write_report(spec.name, storage=storage, results=results)
+    missing = incomplete_arms(spec, storage, results)
+    if missing:
+        raise StudyIncompleteError(
+            f"study {spec.name}: {len(missing)} arm(s) have no completed final run: {'; '.join(missing)} "
+            f"(reasons: `dmlh study status {spec.name}`"
+            + (f"; report: {out}" if out is not None else "")
+            + ")",
+            out,
+        )
+    return out

@@ -1,0 +1,496 @@
+"""The study spec: the YAML sections, their validation (every problem at once, with its YAML path), the
+arms the runner enumerates and the units of work (tune slots, final seeds, literature seeds) they make.
+
+Protocols (DESIGN.md "Studies"): ``fair`` tunes each arm on validation classes with an equal budget and
+reruns its best config with every final seed; ``literature`` reruns a paper's fixed recipe (the arm's
+config with the study's ``literature`` overrides) on every training class, without tuning, once per
+seed. A study runs either or both (``protocol:``; ``dmlh study run --protocol``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import pydantic
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness import config
+from harness.config import RunConfig
+from harness.errors import ConfigError
+from harness.store import tune_study_name
+from harness.study.labels import format_value, format_values, short_names
+from harness.study.space import TuneParam, matches, parse_param, representative, when_holds
+from harness.types import CLUSTERING_METRICS, METRICS, recall_k
+
+Protocol = Literal["fair", "literature", "both"]
+#: What a literature-protocol run always sets: every training class trains (no validation carve-out).
+LITERATURE_FIXED: dict[str, Any] = {"data.val_fraction": 0.0}
+
+
+class _StrictModel(BaseModel):
+    """A study YAML section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Tune(_StrictModel):
+    n_trials: int = Field(ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband"] | None = None
+
+
+class _Final(_StrictModel):
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+
+class _Objective(_StrictModel):
+    metric: str = "recall@1"
+    split: Literal["val"] = "val"
+
+
+class _StudyYAML(_StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: dict[str, Any] = Field(default_factory=dict)
+    # a factor is a dotted config path with a list of values, or a name with named variants, each a
+    # mapping of dotted paths to values (several config changes compared as one factor level)
+    arms: dict[str, Any] = Field(default_factory=dict)  # checked in parse_study (one message per factor)
+    baseline: dict[str, Any] | None = None
+    tune: _Tune | None = None
+    final: _Final = Field(default_factory=_Final)
+    objective: _Objective = Field(default_factory=_Objective)
+    timeout: float | None = Field(None, gt=0)
+    #: Seeds every tune trial's sampler (one seed per arm and slot, derived from this one).
+    seed: int = 0
+    protocol: Protocol = "fair"
+    #: Dotted config overrides of the literature protocol (the paper's fixed recipe), on top of each arm.
+    literature: dict[str, Any] = Field(default_factory=dict)
+    #: Published numbers per arm label: ``{<arm label>: {source: "Table 1, row 'Triplet'", recall@1: 52.3}}``
+    #: (values in %, as papers print them).
+    published: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Settings no paper or official code gives (our choices), shown in the paper table's caption.
+    unpublished: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One combination of factor values: ``raw`` is the base config with them applied (unresolved)."""
+
+    label: str
+    values: dict[str, Any]
+    display: dict[str, str]
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: an arm's tune slot or an arm's final seed, in Optuna study ``study``."""
+
+    study: str
+    key: str
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study: what the runner enumerates and what reports need to know."""
+
+    name: str
+    raw: dict[str, Any]
+    arms: list[Arm]
+    factors: list[str]
+    baseline: str | None
+    params: list[TuneParam]
+    n_trials: int
+    sampler: str
+    pruner: str | None
+    seeds: list[int]
+    metric: str
+    timeout: float | None
+    seed: int = 0
+    protocol: Protocol = "fair"
+    literature: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """The protocols this study runs, ``fair`` and/or ``literature``."""
+        return ("fair", "literature") if self.protocol == "both" else (self.protocol,)
+
+    def arm(self, label: str) -> Arm:
+        return next(a for a in self.arms if a.label == label)
+
+    def config(self, arm: Arm, assignments: dict[str, Any]) -> config.RunConfig:
+        """The resolved RunConfig of ``arm`` with ``assignments`` (tuned values, seed) applied."""
+        return config.validate(config.assign(arm.raw, assignments))
+
+    def literature_config(self, arm: Arm, seed: int) -> RunConfig:
+        """The literature-protocol RunConfig of ``arm``: the study's ``literature`` overrides, every
+        training class, ``seed``; nothing tuned."""
+        return self.config(arm, {**self.literature, **LITERATURE_FIXED, "seed": seed})
+
+    def suggest(self, trial: optuna.Trial | optuna.trial.FixedTrial, arm: Arm) -> dict[str, Any]:
+        """Sample the tune params that apply to ``arm`` (each ``when`` is checked on the config so far)."""
+        tuned: dict[str, Any] = {}
+        for p in self.params:
+            if p.when and not when_holds(p.when, self.config(arm, tuned).to_dict()):
+                continue
+            d = p.distribution
+            if isinstance(d, CategoricalDistribution):
+                tuned[p.path] = trial.suggest_categorical(p.path, d.choices)  # type: ignore[arg-type]
+            elif isinstance(d, IntDistribution):
+                tuned[p.path] = trial.suggest_int(p.path, d.low, d.high, step=d.step, log=d.log)
+            else:
+                assert isinstance(d, FloatDistribution)
+                tuned[p.path] = trial.suggest_float(p.path, d.low, d.high, step=d.step, log=d.log)
+        return tuned
+
+    def tune_studies(self) -> list[str]:
+        """The Optuna study of each arm's tune stage (none without tuning or the fair protocol)."""
+        if not self.n_trials or "fair" not in self.protocols:
+            return []
+        return [tune_study_name(self.name, a.label) for a in self.arms]
+
+    def units(self) -> list[Unit]:
+        """Every unit of work of the study's protocols, interleaved across arms so that a study stopped at
+        any time (``timeout``) has spent its budget evenly: tune slot 0 of every arm, slot 1 of every arm,
+        ..., then final seeds the same way, then literature seeds."""
+
+        def common(arm: Arm) -> dict[str, Any]:
+            return {"arm": arm.label, "arm_display": arm.display}
+
+        out = []
+        if "fair" in self.protocols:
+            out += [
+                Unit(
+                    tune_study_name(self.name, a.label),
+                    f"tune/{s}",
+                    {"stage": "tune", "slot": s, **common(a)},
+                )
+                for s in range(self.n_trials)
+                for a in self.arms
+            ]
+            out += [
+                Unit(
+                    self.name,
+                    f"{a.label}/seed={s}",
+                    {"stage": "final", "protocol": "fair", "seed": s, **common(a)},
+                )
+                for s in self.seeds
+                for a in self.arms
+            ]
+        if "literature" in self.protocols:
+            out += [
+                Unit(
+                    self.name,
+                    f"{a.label}/literature/seed={s}",
+                    {"stage": "final", "protocol": "literature", "seed": s, **common(a)},
+                )
+                for s in self.seeds
+                for a in self.arms
+            ]
+        return out
+
+    def sampler_seed(self, arm: Arm, slot: int) -> int:
+        """The seed of the sampler that suggests tune slot ``slot`` of ``arm`` (from the study's ``seed``):
+        a rerun with one worker suggests the same values, and any trial can be replayed on its own."""
+        blob = f"{self.seed}/{arm.label}/{slot}".encode()
+        return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big")
+
+    def fingerprint(self) -> str:
+        """Hash of what the stored results depend on (arms, seeds and budgets may change between runs)."""
+        keep = {k: self.raw.get(k) for k in ("base", "objective")}
+        keep["tune_params"] = (self.raw.get("tune") or {}).get("params")
+        if self.literature:  # only when set, so that studies without one keep their fingerprint
+            keep["literature"] = self.literature
+        blob = json.dumps(keep, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def meta(self) -> dict[str, Any]:
+        """What the store and the reports read back (JSON)."""
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint(),
+            "factors": self.factors,
+            "arms": [{"label": a.label, "values": a.values, "display": a.display} for a in self.arms],
+            "baseline": self.baseline,
+            "metric": self.metric,
+            "seeds": self.seeds,
+            "n_trials": self.n_trials,
+            "tune_params": [p.path for p in self.params],
+            "sampler": self.sampler if self.n_trials else None,
+            "pruner": self.pruner,
+            "seed": self.seed,
+            "protocol": self.protocol,
+            "published": self.raw.get("published") or {},
+            "unpublished": self.raw.get("unpublished") or [],
+            "spec": json.loads(json.dumps(self.raw, default=str)),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _metric_names(raw: dict[str, Any]) -> set[str] | None:
+    """The validation metrics a config's evaluation produces (None if its ``eval`` or ``train`` section is
+    itself invalid): clustering ones only where one selects the epoch (k-means is too slow to run at
+    every validation)."""
+    try:
+        ev = config.EvalSection.model_validate(raw.get("eval") or {})
+        clustering = (
+            ev.nmi
+            and config.TrainSection.model_validate(raw.get("train") or {}).selection_metric
+            in CLUSTERING_METRICS
+        )
+    except pydantic.ValidationError:
+        return None
+    return {f"recall@{k}" for k in ev.ks} | {m for m in METRICS if m not in CLUSTERING_METRICS or clustering}
+
+
+def _config_problems(raw: dict[str, Any]) -> tuple[config.RunConfig | None, list[str]]:
+    """The validated RunConfig of ``raw`` (None if invalid) and its problems."""
+    try:
+        return config.validate(raw), []
+    except ConfigError as e:
+        return None, e.problems
+
+
+def _arm_problems(
+    arm: Arm, model: _StudyYAML, params: list[TuneParam], protocols: tuple[str, ...]
+) -> list[str]:
+    """Problems of one arm under the protocols that run: its fair config, tune params and objective; its
+    literature config."""
+    problems = _fair_problems(arm, params, model.objective.metric) if "fair" in protocols else []
+    if "literature" in protocols:
+        problems += _literature_problems(arm, model.literature)
+    return problems
+
+
+def _literature_problems(arm: Arm, literature: dict[str, Any]) -> list[str]:
+    """Problems of the arm's literature-protocol config (its ``literature`` overrides applied)."""
+    from harness.train import check_assembly
+
+    try:
+        cfg, problems = _config_problems(config.assign(arm.raw, {**literature, **LITERATURE_FIXED}))
+    except ConfigError as e:
+        cfg, problems = None, e.problems
+    problems = [f"literature: {p}" for p in problems]
+    return problems if cfg is None or problems else [f"literature: {p}" for p in check_assembly(cfg)]
+
+
+def _published_problems(model: _StudyYAML, arms: list[Arm]) -> list[str]:
+    """``published:`` names arms that exist and gives numbers of metrics the harness computes."""
+    labels = {a.label for a in arms}
+    problems = []
+    for label, row in model.published.items():
+        if label not in labels:
+            problems.append(f"published.{label}: not an arm label (arms: {'; '.join(sorted(labels))})")
+        for key, value in row.items():
+            if key == "source":
+                continue
+            if recall_k(key) is None and key not in METRICS:
+                problems.append(f"published.{label}.{key}: not a metric (recall@K, {', '.join(METRICS)})")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"published.{label}.{key}: expected a number in %, got {value!r}")
+    return problems
+
+
+def _protocols(protocol: str) -> tuple[str, ...]:
+    return ("fair", "literature") if protocol == "both" else (protocol,)
+
+
+def _fair_problems(arm: Arm, params: list[TuneParam], metric: str) -> list[str]:
+    """Problems of one arm's fair protocol: its config, the tune params that apply to it, the objective."""
+    from harness.train import check_assembly
+
+    cfg, problems = _config_problems(arm.raw)
+    resolved = cfg.to_dict() if cfg is not None else arm.raw
+    applying = {}
+    for p in params:
+        try:
+            if when_holds(p.when, resolved):
+                applying[p.path] = representative(p.distribution)
+        except KeyError as e:
+            if cfg is not None:
+                problems.append(f"tune.params.{p.path}.when: {e.args[0]!r} is not a config path")
+    try:
+        _, tuned_problems = _config_problems(config.assign(arm.raw, applying))
+    except ConfigError as e:
+        tuned_problems = e.problems
+    problems += [f"tune.params: {x}" for x in tuned_problems if x not in problems]
+    names = _metric_names(arm.raw)
+    if names is not None and metric not in names:
+        problems.append(
+            f"objective.metric: {metric!r} is not a validation metric of this config (have "
+            f"{', '.join(sorted(names))})"
+            + ("; for nmi set train.selection_metric: nmi" if metric == "nmi" else "")
+        )
+    if cfg is not None and not problems:
+        problems += check_assembly(cfg)
+    if cfg is not None and cfg.data.val_fraction <= 0:
+        problems.append(
+            "base.data.val_fraction: must be > 0 (tuning and epoch selection use validation classes, "
+            "never test classes)"
+        )
+    return problems
+
+
+def _yaml_place(problem: str, factors: list[str], label: str | None) -> str:
+    """Prefix a config problem with its place in the study YAML: an arm factor, the base, or one arm."""
+    if problem.startswith(("base.", "tune.", "objective.", "literature")):
+        return problem if label is None else f"arms ({label}): {problem}"
+    if any(problem.startswith(f + ".") or problem.startswith(f + ":") for f in factors):
+        return f"arms.{problem}" if label is None else f"arms ({label}): {problem}"
+    return f"base.{problem}" if label is None else f"arms ({label}): {problem}"
+
+
+def _baseline(
+    raw: dict[str, Any] | None, arms: list[Arm], factors: list[str]
+) -> tuple[str | None, list[str]]:
+    """The label of the one arm ``baseline:`` names (None without one) and the problems finding it."""
+    if not raw:
+        return None, []
+    unknown = [p for p in raw if p not in factors]
+    if unknown:
+        return None, [f"baseline: {', '.join(unknown)} not an arm factor (factors: {', '.join(factors)})"]
+    hits = [
+        a
+        for a in arms
+        if all(matches(a.values[p], v) or a.display[p] == format_value(v) for p, v in raw.items())
+    ]
+    if len(hits) != 1:
+        labels = ", ".join(repr(a.label) for a in hits) or "none"
+        return None, [f"baseline: {raw!r} must match exactly one arm (matches: {labels})"]
+    return hits[0].label, []
+
+
+def _validate_top(raw: dict[str, Any]) -> tuple[_StudyYAML, list[str]]:
+    """The top-level sections; a broken section is reported and left out so that the rest is still checked."""
+    try:
+        return _StudyYAML.model_validate(raw), []
+    except pydantic.ValidationError as e:
+        problems = config._pydantic_problems(e, _StudyYAML)
+        bad = {err["loc"][0] for err in e.errors() if err["loc"]}
+        rest = {k: v for k, v in raw.items() if k not in bad} | ({"name": "invalid"} if "name" in bad else {})
+        try:
+            return _StudyYAML.model_validate(rest), problems
+        except pydantic.ValidationError:
+            raise ConfigError(problems) from e
+
+
+def _arms(model: _StudyYAML, problems: list[str]) -> tuple[list[Arm], list[str]]:
+    """The arms (the product of the factor levels, each applied to the base) and the factors; problems
+    are appended to ``problems``."""
+    for f, vs in model.arms.items():
+        if not isinstance(vs, (list, dict)) or not vs:
+            problems.append(
+                f"arms.{f}: give a non-empty list of values or a mapping of named variants, got {vs!r}"
+            )
+    factors = [f for f, vs in model.arms.items() if isinstance(vs, (list, dict)) and vs]
+    variants = {f: model.arms[f] for f in factors if isinstance(model.arms[f], dict)}
+    for f, vs in variants.items():
+        problems += [
+            f"arms.{f}.{name}: a variant is a mapping of dotted config paths to values, got {v!r}"
+            for name, v in vs.items()
+            if not isinstance(v, dict) or not v
+        ]
+    levels = {f: list(model.arms[f]) for f in factors}  # a variant factor's levels are its names
+    short = short_names([f for f in factors if f not in variants]) | {f: f for f in variants}
+    shown = {f: list(vs) if f in variants else format_values(vs) for f, vs in levels.items()}
+    arms = []
+    for combo in product(*(range(len(levels[f])) for f in factors)):
+        values = {f: levels[f][i] for f, i in zip(factors, combo, strict=True)}
+        display = {f: shown[f][i] for f, i in zip(factors, combo, strict=True)}
+        label = ", ".join(f"{short[f]}={display[f]}" for f in factors) or "base"
+        assignments: dict[str, Any] = {}
+        for f, v in values.items():
+            changes = variants[f][v] if f in variants else {f: v}
+            assignments.update(changes if isinstance(changes, dict) else {})
+        try:
+            base = {"name": model.name, **model.base}  # runs are named after their study unless base says
+            arm_raw = config.assign(config.name_default_components(base), assignments)
+        except ConfigError as e:
+            problems += [f"arms ({label}): {x}" for x in e.problems]
+            continue
+        arms.append(Arm(label, values, display, arm_raw))
+    if len({a.label for a in arms}) != len(arms):
+        problems.append("arms: two arms have the same label; give the values of a factor distinct names")
+    return arms, factors
+
+
+def parse_study(raw: dict[str, Any], name: str | None = None, protocol: str | None = None) -> StudySpec:
+    """Validate a study dict; raise ConfigError listing every problem (with its YAML path) at once.
+    ``protocol`` (fair | literature | both) replaces the file's ``protocol:``."""
+    raw = dict(raw)
+    if name:
+        raw["name"] = name
+    if protocol:
+        raw["protocol"] = protocol
+    model, problems = _validate_top(raw)
+    arms, factors = _arms(model, problems)
+    params = []
+    if model.tune is not None and not model.tune.params:
+        problems.append(
+            "tune.params: empty; list the hyperparameters to tune, or leave out tune: to skip the stage"
+        )
+    for path, dist_spec in (model.tune.params if model.tune else {}).items():
+        param, errs = parse_param(path, dist_spec)
+        problems += errs
+        if path in factors:
+            problems.append(f"tune.params.{path}: is also an arm factor (a factor is compared, not tuned)")
+        if param:
+            params.append(param)
+    protocols = _protocols(model.protocol)
+    per_arm = {a.label: _arm_problems(a, model, params, protocols) for a in arms}
+    common = set.intersection(*(set(v) for v in per_arm.values())) if per_arm else set()
+    problems += [_yaml_place(p, factors, None) for p in sorted(common)]
+    for label, errs in per_arm.items():
+        problems += [_yaml_place(p, factors, label) for p in errs if p not in common]
+    for p in params:
+        if p.when and not any(_holds_for(p, a) for a in arms):
+            problems.append(f"tune.params.{p.path}.when: {p.when} holds for no arm (it would never be tuned)")
+    baseline, errs = _baseline(model.baseline, arms, factors)
+    problems += errs + _published_problems(model, arms)
+    if problems:
+        raise ConfigError(problems)
+    return StudySpec(
+        name=model.name,
+        raw=raw,
+        arms=arms,
+        factors=factors,
+        baseline=baseline,
+        params=params,
+        n_trials=model.tune.n_trials if model.tune else 0,
+        sampler=model.tune.sampler if model.tune else "tpe",
+        pruner=model.tune.pruner if model.tune else None,
+        seeds=model.final.seeds,
+        metric=model.objective.metric,
+        timeout=model.timeout,
+        seed=model.seed,
+        protocol=model.protocol,
+        literature=model.literature,
+    )
+
+
+def _holds_for(p: TuneParam, arm: Arm) -> bool:
+    try:
+        return when_holds(p.when, config.validate(arm.raw).to_dict())
+    except (KeyError, ConfigError):
+        return False
+
+
+def load_study(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+    protocol: str | None = None,
+) -> StudySpec:
+    """Load, override (``base.train.epochs=1``, ``tune.n_trials=2``) and validate a study YAML."""
+    return parse_study(config.apply_overrides(config.load_yaml(path), list(overrides or [])), name, protocol)
