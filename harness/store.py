@@ -11,6 +11,7 @@ many machines, with Optuna's heartbeats so that a dead worker's trial is detecte
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import optuna
 import pandas as pd
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -82,12 +84,14 @@ def open_storage(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
-                    url,
-                    engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                    grace_period=HEARTBEAT_GRACE_S,
-                    heartbeat_stale_trial_callback=on_stale,
+                return RetryingStorage(
+                    RDBStorage(
+                        url,
+                        engine_kwargs={"pool_pre_ping": True},
+                        heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                        grace_period=HEARTBEAT_GRACE_S,
+                        heartbeat_stale_trial_callback=on_stale,
+                    )
                 )
         except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as e:
             raise ConfigError(f"--storage {url}: cannot open it ({type(e).__name__}: {e})") from e
@@ -201,3 +205,185 @@ def read_history(run_dir: str | Path) -> pd.DataFrame | None:
     """A run's per-epoch history (None when its folder is not on this machine)."""
     path = Path(run_dir) / "history.csv"
     return pd.read_csv(path) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retrying a restarted database server
+# ---------------------------------------------------------------------------------------------------------
+
+#: How long a storage call keeps retrying a lost database connection, and its first and longest pause.
+RETRY_FOR_S = 60.0
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 8.0
+
+
+def _transient(error: BaseException) -> bool:
+    """A lost or refused database connection (server restart, network), not a bad request. Optuna wraps
+    SQLAlchemy's errors in StorageInternalError; the cause tells."""
+    import sqlalchemy.exc
+
+    exc = sqlalchemy.exc
+    lost = (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)
+    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+    return isinstance(cause, lost)
+
+
+class RetryingStorage(BaseStorage, BaseHeartbeat):
+    """An RDB storage whose calls survive a database restart: a call failing with a lost connection is
+    retried with exponential back-off (RETRY_FIRST_S doubling up to RETRY_MAX_S) for up to RETRY_FOR_S,
+    one log line per retry.
+
+    Retrying is safe because every call is idempotent or made so here: reads, attribute / intermediate
+    value / heartbeat writes (upserts) and parameters (a repeated insert is ignored by Optuna) can simply run
+    again. The three writes whose first attempt may have committed before the connection dropped are checked
+    before they run again: a study that exists already is returned, a queued (WAITING) trial identical to the
+    one being created is returned instead of a second copy, and a trial already in the requested state
+    (finished with the same values, or claimed RUNNING since this call began) counts as done."""
+
+    def __init__(self, inner: RDBStorage):
+        self.inner = inner
+
+    def _call(self, what: str, fn: Callable[[], Any], check: Callable[[], Any] | None = None) -> Any:
+        """``fn()``, retried on a lost connection; before a retry ``check()`` may return the result of an
+        attempt that committed (anything but None)."""
+        deadline, pause, attempt = time.monotonic() + RETRY_FOR_S, RETRY_FIRST_S, 0
+        while True:
+            try:
+                if attempt and check is not None:
+                    done = check()
+                    if done is not None:
+                        return done
+                return fn()
+            except Exception as e:
+                if not _transient(e) or time.monotonic() + pause > deadline:
+                    raise
+                attempt += 1
+                cause = e.__cause__ or e
+                log.warning(
+                    "storage: %s lost the database connection (%s); retry %d in %.1fs",
+                    what,
+                    str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__,
+                    attempt,
+                    pause,
+                )
+                time.sleep(pause)
+                pause = min(2 * pause, RETRY_MAX_S)
+
+    # -- the writes a retry could repeat -----------------------------------------------------------------
+    def create_new_study(self, directions: Any, study_name: str | None = None) -> int:
+        def existing() -> int | None:
+            try:
+                return self.inner.get_study_id_from_name(study_name) if study_name else None
+            except KeyError:
+                return None
+
+        create = lambda: self.inner.create_new_study(directions, study_name)  # noqa: E731
+        return int(self._call("create_new_study", create, existing))
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        def queued_copy() -> int | None:
+            if template_trial is None or template_trial.state != TrialState.WAITING:
+                return None
+            for t in self.inner.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+                if (t.params, t.user_attrs, t.system_attrs) == (
+                    template_trial.params,
+                    template_trial.user_attrs,
+                    template_trial.system_attrs,
+                ):
+                    return t._trial_id
+            return None
+
+        create = lambda: self.inner.create_new_trial(study_id, template_trial)  # noqa: E731
+        return int(self._call("create_new_trial", create, queued_copy))
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        since = datetime.datetime.now()  # Optuna stamps datetime_start with the client's clock
+
+        def committed() -> bool | None:
+            t = self.inner.get_trial(trial_id)
+            if t.state != state:
+                return None
+            if state == TrialState.RUNNING:
+                return True if t.datetime_start is not None and t.datetime_start >= since else None
+            return True if values is None or list(values) == t.values else None
+
+        update = lambda: self.inner.set_trial_state_values(trial_id, state, values)  # noqa: E731
+        return bool(self._call("set_trial_state_values", update, committed))
+
+    # -- idempotent calls ----------------------------------------------------------------------------------
+    def delete_study(self, study_id: int) -> None:
+        self._call("delete_study", lambda: self.inner.delete_study(study_id))
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._call("set_study_user_attr", lambda: self.inner.set_study_user_attr(study_id, key, value))
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._call("set_study_system_attr", lambda: self.inner.set_study_system_attr(study_id, key, value))
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return int(self._call("get_study_id", lambda: self.inner.get_study_id_from_name(study_name)))
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return str(self._call("get_study_name_from_id", lambda: self.inner.get_study_name_from_id(study_id)))
+
+    def get_study_directions(self, study_id: int) -> Any:
+        return self._call("get_study_directions", lambda: self.inner.get_study_directions(study_id))
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return dict(self._call("get_study_user_attrs", lambda: self.inner.get_study_user_attrs(study_id)))
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return dict(self._call("get_study_system_attrs", lambda: self.inner.get_study_system_attrs(study_id)))
+
+    def get_all_studies(self) -> Any:
+        return self._call("get_all_studies", self.inner.get_all_studies)
+
+    def set_trial_param(
+        self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any
+    ) -> None:
+        self._call(
+            "set_trial_param",
+            lambda: self.inner.set_trial_param(trial_id, param_name, param_value_internal, distribution),
+        )
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return int(
+            self._call(
+                "get_trial_id",
+                lambda: self.inner.get_trial_id_from_study_id_trial_number(study_id, trial_number),
+            )
+        )
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._call(
+            "set_trial_intermediate_value",
+            lambda: self.inner.set_trial_intermediate_value(trial_id, step, intermediate_value),
+        )
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._call("set_trial_user_attr", lambda: self.inner.set_trial_user_attr(trial_id, key, value))
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._call("set_trial_system_attr", lambda: self.inner.set_trial_system_attr(trial_id, key, value))
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return self._call("get_trial", lambda: self.inner.get_trial(trial_id))  # type: ignore[no-any-return]
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        trials = self._call("get_all_trials", lambda: self.inner.get_all_trials(study_id, deepcopy, states))
+        return list(trials)
+
+    def remove_session(self) -> None:
+        self.inner.remove_session()
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self._call("record_heartbeat", lambda: self.inner.record_heartbeat(trial_id))
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return list(self._call("get_stale_trial_ids", lambda: self.inner._get_stale_trial_ids(study_id)))
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.inner.get_heartbeat_interval()
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.inner.get_heartbeat_stale_trial_callback()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,67 +34,67 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Server:
+    """A throwaway PostgreSQL server in a temporary folder on a free port, which a test may stop and start."""
+
+    def __init__(self) -> None:
+        self.bindir = Path(BIN[-1]).parent
+        self.root = Path(tempfile.mkdtemp(prefix="dmlh-pg-"))
+        self.data, self.port = self.root / "data", _free_port()
+        self.as_postgres: list[str] = []
+        if os.geteuid() == 0:  # the server refuses to run as root
+            shutil.chown(self.root, "postgres", "postgres")
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/dmlh"
+
+    def pg(self, tool: str, *args: str) -> None:
+        cmd = [*self.as_postgres, str(self.bindir / tool), *args]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        opts += " -c max_connections=50"
+        self.pg("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", opts, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self.pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+
 @pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """Start a PostgreSQL server in a temporary folder on a free port; stop and remove it afterwards."""
-    bindir = Path(BIN[-1]).parent
-    root = Path(tempfile.mkdtemp(prefix="dmlh-pg-"))
-    data, port = root / "data", _free_port()
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(root, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-
-    def pg(*args: str) -> None:
-        subprocess.run([*as_postgres, *args], check=True, capture_output=True, timeout=60)
-
-    pg(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", opts, "-w", "start")
+def server() -> Iterator[Server]:
+    """Start the server and create database ``dmlh``; stop and remove it afterwards."""
+    srv = Server()
+    srv.pg("initdb", "-D", str(srv.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+    srv.start()
     try:
-        pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "dmlh")
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/dmlh"
+        srv.pg("createdb", "-h", "127.0.0.1", "-p", str(srv.port), "-U", "postgres", "dmlh")
+        yield srv
     finally:
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        srv.stop("immediate")
+        shutil.rmtree(srv.root, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_two_workers_on_one_postgresql_storage_run_every_arm_and_seed_once(
-    postgres_url: str, tmp_path: Path
-) -> None:
-    spec = tiny_study(
-        "shared",
-        arms={"loss.mining": ["batch_hard", "all"]},
-        final={"seeds": [0, 1, 2]},
-        tune={"n_trials": 2, "params": {"optimizer.lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
-    )
-    path = tmp_path / "shared.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    machines = [
+@pytest.fixture(scope="module")
+def postgres_url(server: Server) -> str:
+    return server.url
+
+
+def _machines(path: Path, url: str, tmp_path: Path) -> list[subprocess.Popen[str]]:
+    """Two `dmlh study run` processes on one storage, each with its own results folder (two machines)."""
+    return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "harness.cli",
-                "--results",
-                str(tmp_path / f"machine{i}"),
-                "study",
-                "run",
-                str(path),
-                "--storage",
-                postgres_url,
-            ],
+            [sys.executable, "-m", "harness.cli", "--results", str(tmp_path / f"machine{i}")]
+            + ["study", "run", str(path), "--storage", url],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for i in range(2)
     ]
-    outputs = [m.communicate(timeout=300)[0] for m in machines]
-    assert [m.returncode for m in machines] == [0, 0], outputs
 
-    storage = store.open_storage(postgres_url, "shared", tmp_path)
+
+def _assert_every_unit_once(url: str, tmp_path: Path, seeds: tuple[int, ...]) -> None:
+    storage = store.open_storage(url, "shared", tmp_path)
     names = store.study_names(storage, "shared")
     assert names == ["shared", "shared/tune/mining=all", "shared/tune/mining=batch_hard"]
     for name in names:
@@ -102,11 +103,63 @@ def test_two_workers_on_one_postgresql_storage_run_every_arm_and_seed_once(
         expected = (
             {"tune/0", "tune/1"}
             if "/tune/" in name
-            else {f"mining={m}/seed={s}" for m in ("batch_hard", "all") for s in (0, 1, 2)}
+            else {f"mining={m}/seed={s}" for m in ("batch_hard", "all") for s in seeds}
         )
         assert done == Counter(expected), name  # every unit exactly once
         # anything else is a concurrently queued copy that was never run
         assert all(t.user_attrs.get("duplicate") for t in trials if t.state == TrialState.FAIL)
-    df = store.load("shared", storage=postgres_url, results=tmp_path)
-    assert len(df) == 10 and set(df.state) == {"COMPLETE"}
+    df = store.load("shared", storage=url, results=tmp_path)
+    assert len(df) == 4 + 2 * len(seeds) and set(df.state) == {"COMPLETE"}
     assert {p.name for p in tmp_path.glob("machine*/shared/runs/*")} >= set(df.run_key)
+
+
+def _spec(tmp_path: Path, seeds: tuple[int, ...]) -> Path:
+    spec = tiny_study(
+        "shared",
+        arms={"loss.mining": ["batch_hard", "all"]},
+        final={"seeds": list(seeds)},
+        tune={"n_trials": 2, "params": {"optimizer.lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
+    )
+    path = tmp_path / "shared.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_postgresql_storage_run_every_arm_and_seed_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    machines = _machines(_spec(tmp_path, (0, 1, 2)), postgres_url, tmp_path)
+    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs
+    _assert_every_unit_once(postgres_url, tmp_path, (0, 1, 2))
+
+
+@pytest.mark.slow
+def test_a_postgresql_restart_mid_study_is_retried_and_loses_or_duplicates_nothing(
+    server: Server, tmp_path: Path
+) -> None:
+    url = server.url.replace("/dmlh", "/restart")
+    server.pg("createdb", "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", "restart")
+    seeds = (0, 1, 2)
+    machines = _machines(_spec(tmp_path, seeds), url, tmp_path)
+    storage = store.open_storage(url, "shared", tmp_path)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(m.poll() is None for m in machines):
+        names = [s.study_name for s in storage.get_all_studies()]
+        done = sum(
+            t.state == TrialState.COMPLETE
+            for n in names
+            for t in optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)
+        )
+        if done >= 2:
+            break
+        time.sleep(0.5)
+    assert all(m.poll() is None for m in machines), "the study ended before the restart"
+    server.stop("fast")  # drops every connection, as a restart does
+    time.sleep(5)
+    server.start()
+    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs
+    assert "lost the database connection" in "".join(outputs)
+    _assert_every_unit_once(url, tmp_path, seeds)
