@@ -32,7 +32,7 @@ from harness import store  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.reporting import diagnostics as method_diagnostics  # noqa: E402
 from harness.reporting import figures as pictures  # noqa: E402
-from harness.reporting import page, paper, stats  # noqa: E402
+from harness.reporting import page, paper, search, stats  # noqa: E402
 from harness.types import TABLE_METRICS, metric_title, recall_k  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -538,6 +538,7 @@ def write_report(
             f"Question: how do {', '.join(f'`{f}`' for f in meta['factors'])} change test "
             f"{metric_title(metric)}, and is each difference larger than seed noise?",
         ]
+    lines += [search.search_line(meta), ""]
     if final.empty:
         lines.append("No final run has completed yet; run `dmlh report` again later.")
         _write_pages(name, lines, folder, final, [])
@@ -633,6 +634,9 @@ def write_report(
         figures += pictures.plot_embedding_maps(saved, order, plots)
         figures += method_diagnostics.plot_mdr_histograms(final, order, plots)
         figures += method_diagnostics.plot_learner_similarity(final, order, plots)
+    budget = search.trials_per_arm(df, order)
+    budget.to_csv(tables / "trials_per_arm.csv")
+    lines += ["## Trials per arm", "", to_markdown(budget.reset_index()), ""]
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in figures if p.suffix == ".png"]
     _write_pages(name, lines, folder, final, order)

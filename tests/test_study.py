@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -543,6 +544,13 @@ def test_literature_protocol_runs_the_papers_recipe_on_every_training_class(tmp_
     assert out is not None
     table = (out / "tables" / "paper.md").read_text()
     assert "55.0" in table and "Table 1, row 'batch all'" in table
+    overview = (out / "report.md").read_text()
+    assert "Search: 1 trials per arm over `optimizer.lr`, sampler tpe seeded from study seed 0" in overview
+    budget = pd.read_csv(out / "tables" / "trials_per_arm.csv", index_col=0)
+    assert (
+        budget.loc["mining=all", "literature COMPLETE"] == 2
+        and budget.loc["mining=all", "tune COMPLETE"] == 1
+    )
     # --protocol literature alone on a fresh name: no tuning at all
     study.run_study(write(tmp_path, spec), results=tmp_path, name="lit", protocol="literature", report=False)
     storage = store.resolve("lit", None, tmp_path)[2]
@@ -568,3 +576,37 @@ def test_published_blocks_name_arms_and_metrics() -> None:
     assert "published.mining=all.recal@1: not a metric" in text
     assert "published.mining=all.recall@2: expected a number in %" in text
     assert "literature: optimizer.lrr" in text
+
+
+@pytest.mark.slow
+def test_a_killed_worker_process_is_one_line_and_the_others_finish_and_report(tmp_path: Path) -> None:
+    """`--workers 2`: kill -9 the loky worker process mid-trial. The command says so in one line (no
+    traceback), the main process re-queues and finishes its trial, the report is written, exit code 0."""
+    spec = tiny_study(arms={"loss.mining": ["batch_hard", "all"]}, final={"seeds": [0, 1]})
+    spec["base"]["sampler"]["batches_per_epoch"] = 150
+    path = write(tmp_path, spec)
+    cmd = [sys.executable, "-m", "harness.cli", "--results", str(tmp_path), "study", "run", str(path)]
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline, victim = time.time() + 120, None
+    while victim is None:
+        assert proc.poll() is None and time.time() < deadline, "the worker process never started a trial"
+        time.sleep(0.2)
+        if (tmp_path / "tiny").is_dir():
+            running = [
+                t
+                for t in trials_by_study("tiny", tmp_path).get("tiny", [])
+                if t.state == TrialState.RUNNING and t.user_attrs.get("worker", {}).get("pid") != proc.pid
+            ]
+            victim = running[0].user_attrs["worker"]["pid"] if running else None
+    os.kill(victim, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "TerminatedWorkerError" not in output.split("died (")[0]
+    assert len(re.findall("a worker process died", output)) == 1
+    trials = trials_by_study("tiny", tmp_path)["tiny"]
+    assert complete_units(trials) == Counter(
+        f"mining={m}/seed={s}" for m in ("batch_hard", "all") for s in (0, 1)
+    )
+    assert (tmp_path / "tiny" / "report.md").is_file()
