@@ -46,7 +46,7 @@ class DataSection(_Section):
     dataset: Component = Field(default_factory=lambda: {"name": "digits"})
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
-    transform: Literal["auto", "imagenet", "grey"] = "auto"
+    transform: Literal["auto", "imagenet", "grey", "symm_official", "mdr_official", "abe_official"] = "auto"
     input_size: int | None = None
     resize_size: int | None = None
     #: DataLoader worker processes; ``auto``: 0 for in-memory images, else the CPUs available minus one

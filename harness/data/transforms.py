@@ -9,6 +9,18 @@ input channels); transforms read it, so a user never retypes those numbers. Two 
   (RandomCrop with padding input/8, at least 1 pixel), no flip (digits are not mirror-symmetric);
   test none. Both resize to the input size first (a no-op when the sizes already match).
 
+The papers' official preprocessing, as named recipes (sizes from ``data.input_size``/``resize_size``
+when set, else the backbone's):
+
+- ``symm_official`` (Gu & Ko's code): train a random border crop (each border trimmed by 1–5 % of the
+  short side, independently: our reading of "random border crop"), squash to 1.125 × input, random crop
+  of input, flip; test squash the whole image to input × input.
+- ``mdr_official`` (Kim & Park's code): train squash to resize × resize (Lanczos), RandomResizedCrop(input,
+  scale 0.16–1), flip; test squash to resize × resize, centre crop input.
+- ``abe_official`` (Kim et al.): resize the longer side to resize keeping the aspect ratio and pad to a
+  square (black; the fill is not published), random crop of input + flip for training, centre crop at
+  test; normalisation subtracts the channel mean only (std 1).
+
 ``auto`` picks grey for 1-channel datasets and imagenet otherwise. Images are converted to the
 backbone's ``in_channels`` (grey replicated to 3 channels, colour to grey), then ToTensor, then the
 declared convention (×255 and RGB→BGR for Caffe-style weights such as BN-Inception), then
@@ -21,6 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 from harness.types import DataConfig
@@ -45,6 +58,79 @@ class ChannelConvention:
         return f"{type(self).__name__}(scale={self.scale}, bgr={self.bgr})"
 
 
+class RandomBorderCrop:
+    """Trim each border of a PIL image by a random ``low``–``high`` fraction of its short side."""
+
+    def __init__(self, low: float = 0.01, high: float = 0.05):
+        self.low, self.high = low, high
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        left, top, right, bottom = (
+            round(f * min(w, h)) for f in torch.empty(4).uniform_(self.low, self.high).tolist()
+        )
+        return img.crop((left, top, w - right, h - bottom))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(low={self.low}, high={self.high})"
+
+
+class ResizePad:
+    """Resize a PIL image so that its longer side is ``size`` (aspect ratio kept), then pad the shorter
+    side equally on both ends to a ``size`` × ``size`` square."""
+
+    def __init__(self, size: int, fill: int = 0):
+        self.size, self.fill = size, fill
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        scale = self.size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        out = Image.new(img.mode, (self.size, self.size), self.fill)
+        out.paste(img, ((self.size - nw) // 2, (self.size - nh) // 2))
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+#: Resize size / input size of the symmetrical-synthesis recipe (official code: 1.125 × input).
+SYMM_RESIZE_RATIO = 1.125
+
+
+def _recipe(kind: str, size: int, resize: int) -> tuple[list[Callable], list[Callable]]:
+    """(train, test) geometry of transform family ``kind``."""
+    if kind == "imagenet":
+        return [T.RandomResizedCrop(size, scale=(0.16, 1.0)), T.RandomHorizontalFlip()], [
+            T.Resize(resize),
+            T.CenterCrop(size),
+        ]
+    if kind == "symm_official":
+        return [
+            RandomBorderCrop(0.01, 0.05),
+            T.Resize((resize, resize)),
+            T.RandomCrop(size),
+            T.RandomHorizontalFlip(),
+        ], [T.Resize((size, size))]
+    if kind == "mdr_official":
+        squash = T.Resize((resize, resize), interpolation=T.InterpolationMode.LANCZOS)
+        return [squash, T.RandomResizedCrop(size, scale=(0.16, 1.0)), T.RandomHorizontalFlip()], [
+            squash,
+            T.CenterCrop(size),
+        ]
+    if kind == "abe_official":
+        return [ResizePad(resize), T.RandomCrop(size), T.RandomHorizontalFlip()], [
+            ResizePad(resize),
+            T.CenterCrop(size),
+        ]
+    assert kind == "grey", f"unknown transform {kind!r}"
+    return [T.Resize(size), T.RandomCrop(size, padding=max(1, size // 8))], [
+        T.Resize(size),
+        T.CenterCrop(size),
+    ]
+
+
 def sizes(data: DataSection, dc: DataConfig) -> tuple[int, int]:
     """(input size, resize size): ``data.input_size``/``data.resize_size`` when set, else the backbone's.
 
@@ -67,15 +153,13 @@ def build_transforms(
     assert len(dc.mean) == len(dc.std) == dc.in_channels, f"inconsistent {dc}"
     kind = data.transform if data.transform != "auto" else ("grey" if channels == 1 else "imagenet")
     size, resize = sizes(data, dc)
+    if kind == "symm_official" and data.resize_size is None:
+        resize = round(SYMM_RESIZE_RATIO * size)
     convert: list[Callable] = [T.Grayscale(dc.in_channels)] if channels != dc.in_channels else []
     finish: list[Callable] = [T.ToTensor()]
     if dc.scale != 1.0 or dc.channel_order != "RGB":
         finish.append(ChannelConvention(dc.scale, dc.channel_order))
-    finish.append(T.Normalize(dc.mean, dc.std))
-    if kind == "imagenet":
-        train = [T.RandomResizedCrop(size, scale=(0.16, 1.0)), T.RandomHorizontalFlip()]
-        test = [T.Resize(resize), T.CenterCrop(size)]
-    else:
-        train = [T.Resize(size), T.RandomCrop(size, padding=max(1, size // 8))]
-        test = [T.Resize(size), T.CenterCrop(size)]
+    std = (1.0,) * len(dc.std) if kind == "abe_official" else dc.std  # ABE: mean subtraction only
+    finish.append(T.Normalize(dc.mean, std))
+    train, test = _recipe(kind, size, resize)
     return T.Compose(convert + train + finish), T.Compose(convert + test + finish)
