@@ -1,6 +1,5 @@
-"""Speed benchmarks (`dmlh bench eval|losses|study|methods`) against reference implementations.
-
-Speed and memory targets are checked here, never by timed tests.
+"""Speed benchmarks of components (`dmlh bench eval|losses|study|methods`) against reference
+implementations. Speed and memory targets are checked here, never by timed tests.
 """
 
 from __future__ import annotations
@@ -10,12 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-
-def main(what: str, options: list[str]) -> None:
-    """Dispatch `dmlh bench WHAT [options]`."""
-    benches = {"eval": bench_eval, "losses": bench_losses, "study": bench_study, "methods": bench_methods}
-    benches[what](options)
 
 
 def bench_eval(options: list[str]) -> None:
@@ -92,7 +85,10 @@ def bench_eval(options: list[str]) -> None:
 
     if args.memory_n <= 0:
         return
-    child = f"import harness.bench as b; b._eval_peak_memory({args.memory_n}, {args.memory_dim}, {args.seed})"
+    child = (
+        "import harness.bench.components as b; "
+        f"b._eval_peak_memory({args.memory_n}, {args.memory_dim}, {args.seed})"
+    )
     out = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout
     embeddings_mib, peak_mib, run_s = (float(v) for v in out.split())
     print(

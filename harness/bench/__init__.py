@@ -1,0 +1,29 @@
+"""Speed benchmarks, `dmlh bench WHAT [options]`: components (eval, losses, study, methods) in
+``components``, the input pipeline and training loop (data, train, gpu) in ``pipeline``, and
+``fixture`` (a folder of JPEGs to measure the pipeline on)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from harness.bench.components import bench_eval, bench_losses, bench_methods, bench_study
+from harness.bench.fixtures import bench_fixture
+from harness.bench.pipeline import bench_data, bench_gpu, bench_train
+
+BENCHES: dict[str, Callable[[list[str]], None]] = {
+    "eval": bench_eval,
+    "losses": bench_losses,
+    "study": bench_study,
+    "methods": bench_methods,
+    "data": bench_data,
+    "train": bench_train,
+    "gpu": bench_gpu,
+    "fixture": bench_fixture,
+}
+
+__all__ = ["BENCHES", "bench_data", "bench_eval", "bench_gpu", "bench_losses", "bench_methods", "main"]
+
+
+def main(what: str, options: list[str]) -> None:
+    """Dispatch `dmlh bench WHAT [options]`."""
+    BENCHES[what](options)

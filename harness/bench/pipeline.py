@@ -1,0 +1,253 @@
+"""Benchmarks of the input pipeline and the training loop (`dmlh bench data|train|gpu`).
+
+- ``data CONFIG``: images/s of (a) the input pipeline alone, decoding the files (JPEG) and from the
+  decoded-image cache, (b) the model's training step alone on synthetic tensors, (c) both together, and
+  (c)/(b): 1.0 means the input pipeline costs the training nothing.
+- ``train CONFIG``: ms per step of the harness's training epoch against a bare PyTorch loop with the same
+  model, loss and optimizer on the same batches (target: harness / bare <= 1.05).
+- ``gpu``: on a GPU, the training step of GoogLeNet at 224 px and batch 128, a synthetic CUB-sized epoch
+  (6,000 JPEGs of 500×375) through the cache, and the evaluation of 60k×512 embeddings; on a machine
+  without one it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _parser(prog: str, config: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog)
+    if config:
+        parser.add_argument("config", help="RunConfig YAML")
+        parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.num_workers=1")
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the training process")
+    return parser
+
+
+def _setup(args: argparse.Namespace) -> Any:
+    """The config of ``args`` (device resolved), with logging of the harness quietened."""
+    from harness import config
+
+    logging.getLogger("harness").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return config.load(args.config, args.overrides)
+
+
+def _rate(batches: Iterable[Any], step: Callable[[Any], None], warmup: int, n: int, device: Any) -> float:
+    """Images/s of ``step`` over ``n`` batches of ``batches`` after ``warmup`` untimed ones."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(next(it))
+    _sync(device)
+    start, images = time.perf_counter(), 0
+    for _ in range(n):
+        batch = next(it)
+        step(batch)
+        images += len(batch[1])
+    _sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _endless(loader: torch.utils.data.DataLoader, sampler: Any) -> Iterator[Any]:
+    """Batches of ``loader`` epoch after epoch (the sampler's epoch advancing)."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _trainer(cfg: Any, cache: str) -> Any:
+    """The harness's own trainer of ``cfg`` with ``data.cache`` set to ``cache``."""
+    from harness.config import validate
+    from harness.train import _Trainer, seed_everything
+
+    raw = cfg.to_dict()
+    raw["data"]["cache"] = cache
+    seed_everything(cfg.seed)
+    return _Trainer(validate(raw))
+
+
+def _train_step(tr: Any) -> Callable[[Any], None]:
+    """One optimisation step of the trainer's learner on a batch (images moved to its device)."""
+
+    def step(batch: Any) -> None:
+        images, labels = batch
+        images = images.to(tr.device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(tr.device, non_blocking=True)
+        total, _ = tr.learner.objective(images, labels)
+        tr.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        tr.optimizer.step()
+
+    return step
+
+
+def bench_data(options: list[str]) -> None:
+    """Images/s of the input pipeline (JPEG and cached), the training step, and both (see the module)."""
+    args = _parser("dmlh bench data").parse_args(options)
+    cfg = _setup(args)
+    rows, steps = [], {}
+    for cache in ("off", "disk"):
+        tr = _trainer(cfg, cache)
+        if tr.splits.train.in_memory and cache == "disk":
+            break  # in-memory images: nothing to decode or cache
+        loader = _endless(tr.loader, tr.sampler)
+        path = "in-memory arrays" if tr.splits.train.in_memory else ("cached" if cache == "disk" else "JPEG")
+        rows.append(
+            {
+                "measurement": f"(a) input pipeline, {path}",
+                "images/s": _rate(loader, lambda b: None, args.warmup, args.batches, tr.device),
+            }
+        )
+        tr.model.train()
+        images, labels = next(loader)
+        synthetic = (torch.rand_like(images.float()), labels)
+        steps[path] = (tr, loader, images.shape)
+        if len(steps) == 1:
+            b = _rate(_repeat(synthetic), _train_step(tr), args.warmup, args.batches, tr.device)
+            rows.append({"measurement": "(b) training step, synthetic tensors", "images/s": b})
+        c = _rate(loader, _train_step(tr), args.warmup, args.batches, tr.device)
+        rows.append({"measurement": f"(c) pipeline + step, {path}", "images/s": c, "(c)/(b)": c / b})
+    tr, _, shape = next(iter(steps.values()))
+    table = pd.DataFrame(rows)
+    print(
+        f"{cfg.name}: {cfg.data.dataset.get('name')}, batch {tuple(shape)}, {tr.num_workers} DataLoader "
+        f"workers, {torch.get_num_threads()} torch threads, device {tr.device}; {args.batches} batches"
+    )
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep=""))
+    rates = dict(zip(table.measurement, table["images/s"], strict=True))
+    jpeg, cached = rates.get("(a) input pipeline, JPEG"), rates.get("(a) input pipeline, cached")
+    if jpeg and cached:
+        print(f"cached / JPEG pipeline = {cached / jpeg:.2f} (target >= 5); (c)/(b) cached target >= 0.95")
+
+
+def _repeat(batch: Any) -> Iterator[Any]:
+    while True:
+        yield batch
+
+
+def bench_train(options: list[str]) -> None:
+    """ms per step of the harness's ``train_epoch`` against a bare loop (same model, loss, optimizer and
+    batches); both start from the same seed and step through the same pre-gathered batches."""
+    from harness.monitor import Progress
+
+    parser = _parser("dmlh bench train")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
+    args = parser.parse_args(options)
+    cfg = _setup(args)
+    harness_tr, bare_tr = _trainer(cfg, cfg.data.cache), _trainer(cfg, cfg.data.cache)
+    batches = list(itertools.islice(_endless(harness_tr.loader, harness_tr.sampler), args.batches))
+    harness_tr.loader = batches  # the same batches for both: this measures the loop, not the data
+
+    def harness_epoch() -> None:
+        harness_tr.train_epoch(0, Progress(cfg.name, 1, len(batches)))
+
+    bare_step = _train_step(bare_tr)
+
+    def bare_epoch() -> None:
+        bare_tr.model.train()
+        bare_tr.loss.train()
+        for batch in batches:
+            bare_step(batch)
+
+    times: dict[str, list[float]] = {"harness": [], "bare PyTorch loop": []}
+    for epoch in (harness_epoch, bare_epoch):
+        epoch()  # warm-up
+    for _ in range(args.rounds):  # interleaved rounds: load changes hit both alike
+        for name, epoch in (("harness", harness_epoch), ("bare PyTorch loop", bare_epoch)):
+            _sync(harness_tr.device)
+            start = time.perf_counter()
+            epoch()
+            _sync(harness_tr.device)
+            times[name].append(1000 * (time.perf_counter() - start) / len(batches))
+    ms = {name: float(np.median(t)) for name, t in times.items()}
+    print(
+        f"{cfg.name}: ms per training step (median of {args.rounds} rounds of {len(batches)} steps), "
+        f"device {harness_tr.device}, {torch.get_num_threads()} threads"
+    )
+    for name, v in ms.items():
+        print(f"  {name:<18} {v:8.2f} ms")
+    print(f"harness / bare = {ms['harness'] / ms['bare PyTorch loop']:.3f} (target <= 1.05)")
+
+
+def bench_gpu(options: list[str]) -> None:
+    """GPU figures (see the module docstring); says "no GPU present" and returns on a CPU-only machine."""
+    parser = _parser("dmlh bench gpu", config=False)
+    parser.add_argument("--images", type=int, default=6000, help="JPEGs of the synthetic CUB-sized epoch")
+    parser.add_argument("--eval-n", type=int, default=60_000)
+    args = parser.parse_args(options)
+    if not torch.cuda.is_available():
+        print("no GPU present: dmlh bench gpu measures nothing on this machine")
+        return
+    logging.getLogger("harness").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="dmlh-bench-gpu-") as tmp:
+        rows = _gpu_training(Path(tmp), args)
+    rows.append(_gpu_eval(args.eval_n))
+    print(f"{torch.cuda.get_device_name()}")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep=""))
+
+
+def _gpu_training(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """GoogLeNet at 224 px, batch 128 (P=32, K=4) on a synthetic CUB-like folder: cache build time,
+    synthetic-tensor step and cached pipeline + step images/s."""
+    from harness import config
+    from harness.bench.fixtures import write_cub_like
+
+    root = write_cub_like(tmp / "CUB_200_2011", args.images, (500, 375))
+    raw = {
+        "name": "gpu",
+        "data": {"dataset": {"name": "cub200", "root": str(root)}, "cache": "disk", "val_fraction": 0},
+        "sampler": {"p": 32, "k": 4},
+        "backbone": {"name": "googlenet", "pretrained": False},
+        "loss": {"name": "multi_similarity"},
+        "train": {"device": "cuda"},
+    }
+    cfg = config.validate(raw)
+    start = time.perf_counter()
+    tr = _trainer(cfg, "disk")
+    build_s = time.perf_counter() - start
+    tr.model.train()
+    loader = _endless(tr.loader, tr.sampler)
+    images, labels = next(loader)
+    synthetic = (torch.rand_like(images.float()).cuda(), labels)
+    b = _rate(_repeat(synthetic), _train_step(tr), args.warmup, args.batches, tr.device)
+    c = _rate(loader, _train_step(tr), args.warmup, args.batches, tr.device)
+    return [
+        {"measurement": f"decode {args.images} JPEGs 500×375 into the cache (s)", "value": build_s},
+        {"measurement": "GoogLeNet 224 px B=128 step, synthetic tensors (images/s)", "value": b},
+        {"measurement": "GoogLeNet 224 px B=128, cached pipeline + step (images/s)", "value": c},
+        {"measurement": "(c)/(b)", "value": c / b},
+    ]
+
+
+def _gpu_eval(n: int) -> dict[str, Any]:
+    """Seconds of the retrieval metrics of ``n``×512 embeddings (faiss on the GPU where it has one)."""
+    from harness.bench.components import _eval_data
+    from harness.evaluate import retrieval_metrics
+
+    x, y = _eval_data(n, 512, 0)
+    start = time.perf_counter()
+    retrieval_metrics(x, y, nmi=False, backend="faiss")
+    return {"measurement": f"retrieval metrics of {n}×512 (s)", "value": time.perf_counter() - start}
