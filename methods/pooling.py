@@ -56,6 +56,8 @@ class GeM(nn.Module):
 
     With ``learn_p`` the exponent is a parameter carrying ``lr_mult = p_lr_mult`` (cirtorch: 10× the base
     learning rate) and ``no_weight_decay = True``, which the engine turns into a parameter group of its own.
+    ``p_test``: the exponent used in eval mode instead of the trained p (MultiGrain tunes p at test
+    time, e.g. trained at 3, evaluated at a larger p for larger images); None keeps the trained p.
     Computed in float32 (x^p overflows half precision under AMP).
     """
 
@@ -66,16 +68,19 @@ class GeM(nn.Module):
         p: Annotated[float, Field(gt=0)] = 3.0,
         learn_p: bool = True,
         p_lr_mult: float = 10.0,
+        p_test: Annotated[float, Field(gt=0)] | None = None,
         eps: float = 1e-6,
     ):
         super().__init__()
         self.out_dim = in_channels
         self.eps = eps
+        self.p_test = p_test
         self.p = nn.Parameter(torch.tensor([float(p)]), requires_grad=learn_p)
         set_param_options(self.p, lr_mult=p_lr_mult, no_weight_decay=True)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        p = self.p.to(torch.promote_types(x.dtype, torch.float32))
+        p = self.p if self.training or self.p_test is None else torch.full_like(self.p, self.p_test)
+        p = p.to(torch.promote_types(x.dtype, torch.float32))
         return x.to(p.dtype).clamp_min(self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
