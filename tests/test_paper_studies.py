@@ -1,0 +1,220 @@
+"""The paper studies: their resolved settings against the papers' published recipes (written here, so an
+edit of a study file cannot drift silently), and tiny end-to-end runs on the datasets' real layouts."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from harness import config, study
+from tests import fixtures
+
+STUDIES = Path(__file__).parents[1] / "studies"
+
+#: Gu & Ko, AAAI 2020, official code (METHODS.md §4.4).
+SYMM = {
+    "optimizer.name": "adam",
+    "optimizer.lr": 1e-4,
+    "optimizer.weight_decay": 5e-3,
+    "sampler.p": 64,
+    "sampler.k": 2,
+    "sampler.batches_per_epoch": 500,
+    "train.epochs": 20,
+    "scheduler.name": "step",
+    "scheduler.step_size": 10,
+    "scheduler.gamma": 0.5,
+    "data.transform": "symm_official",
+    "data.input_size": 227,
+    "backbone.name": "googlenet",
+    "model.embedding_dim": 512,
+    "model.normalize": "none",
+    "train.head_lr_mult": 1.0,  # w_fc=10: no-op under Adam
+    "eval.distance": "cosine",
+}
+#: Kim & Park, AAAI 2021, official code per dataset: (lr, MDR weight, P, K) (METHODS.md §6.4, README).
+MDR = {
+    "cub200": (5e-5, 0.6, 32, 4),
+    "cars196": (5e-5, 0.2, 32, 4),
+    "sop": (1e-4, 0.1, 86, 3),
+    "inshop": (1e-4, 0.1, 86, 3),
+}
+MDR_COMMON = {
+    "optimizer.name": "adam",
+    "optimizer.weight_decay": 1e-5,
+    "train.epochs": 100,
+    "sampler.batches_per_epoch": 100,
+    "scheduler.name": "multistep",
+    "scheduler.milestones": [40, 60, 80],
+    "scheduler.gamma": 0.2,
+    "backbone.name": "bn_inception",
+    "backbone.frozen_bn": True,
+    "data.transform": "mdr_official",
+    "model.embedding_dim": 512,
+    "model.normalize": "mean_distance",
+    "loss.name": "triplet",
+    "loss.margin": 0.2,
+    "miner.name": "distance_weighted",
+    "regularizers.0.name": "mdr",
+    "regularizers.0.levels": [-3.0, 0.0, 3.0],
+    "regularizers.0.level_l2": 0.01,
+    "regularizers.0.momentum": 0.9,
+    "eval.distance": "euclidean",
+}
+#: Kim et al., ECCV 2018 (issue #9's summary of the paper).
+ABE = {
+    "optimizer.name": "sgd",
+    "optimizer.momentum": 0.9,
+    "loss.name": "contrastive",
+    "loss.neg_margin": 1.0,
+    "model.name": "abe",
+    "model.m_div": 1.0,
+    "model.init": "xavier",
+    "model.embedding_dim": 512,
+    "model.branch": "pool3",
+    "model.attention_depth": "inception4e",
+    "data.transform": "abe_official",
+    "backbone.name": "googlenet",
+}
+DATASETS = ("cub200", "cars196", "sop", "inshop")
+
+
+def _check(cfg: config.RunConfig, want: dict[str, Any]) -> None:
+    resolved = cfg.to_dict()
+    wrong = {
+        p: (config.lookup(resolved, p, None), v)
+        for p, v in want.items()
+        if config.lookup(resolved, p, None) != v
+    }
+    assert not wrong, f"{cfg.name}: (study, paper) differ: {wrong}"
+
+
+@pytest.mark.parametrize("name", ["paper_cub200", "paper_cars196", "paper_sop"])
+def test_symmetrical_synthesis_studies_follow_the_official_recipe(name: str) -> None:
+    spec = study.load_study(STUDIES / f"{name}.yaml")
+    assert spec.protocol == "both" and set(spec.arm(a.label).values["synthesis"] for a in spec.arms) == {
+        None,
+        "symmetrical",
+    }
+    for arm in spec.arms:
+        _check(spec.literature_config(arm, 0), SYMM)
+    triplet = spec.literature_config(spec.arm("loss=triplet, synthesis=none"), 0)
+    _check(triplet, {"loss.name": "triplet", "loss.mining": "all", "loss.margin": 0.2})
+    assert spec.literature_config(spec.arms[0], 0).data.dataset.get("bbox_crop", False) == (
+        name == "paper_cars196"
+    )
+    published = spec.meta()["published"]
+    assert len(published) == 10 and all("Gu & Ko" in row["source"] for row in published.values())
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_mdr_studies_follow_the_official_settings_of_each_dataset(dataset: str) -> None:
+    spec = study.load_study(STUDIES / f"paper_mdr_{dataset}.yaml")
+    lr, weight, p, k = MDR[dataset]
+    mdr = spec.literature_config(spec.arm("head=mdr"), 0)
+    _check(
+        mdr,
+        {**MDR_COMMON, "optimizer.lr": lr, "regularizers.0.weight": weight, "sampler.p": p, "sampler.k": k},
+    )
+    l2 = spec.literature_config(spec.arm("head=l2"), 0)
+    assert l2.model["normalize"] == "l2" and l2.regularizers == []
+    assert spec.meta()["unpublished"], "say what is not from the paper"
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_abe_studies_follow_the_paper(dataset: str) -> None:
+    spec = study.load_study(STUDIES / f"paper_abe_{dataset}.yaml")
+    for arm in spec.arms:
+        cfg = spec.literature_config(arm, 0)
+        _check(cfg, ABE)
+        assert cfg.sampler.p * cfg.sampler.k == 64
+    variants = {spec.literature_config(a, 0).model["variant"] for a in spec.arms}
+    assert variants == {"attention", "heads"}
+    assert {a.values["model.m"] for a in spec.arms} == {1, 2, 4, 8}
+    (row,) = spec.meta()["published"].values()
+    assert row["recall@1"] == {"cub200": 60.6, "cars196": 85.2, "sop": 76.3, "inshop": 87.3}[dataset]
+
+
+# -- tiny end-to-end runs on each dataset's real layout, both protocols -----------------------------------
+
+TINY = {
+    "sampler": {"p": 2, "k": 2, "batches_per_epoch": 2},
+    "backbone": {"name": "small_convnet", "width": 4, "input_size": 16},
+    "train": {"epochs": 1, "eval_every": 1, "device": "cpu", "amp": False, "threads": 1},
+}
+
+
+def _shrink(name: str, root: Path, keep: int, protocol: str) -> dict[str, Any]:
+    """The study file with tiny models and schedules, its first ``keep`` levels of the first factor, one
+    tune trial and one seed; the published rows of the kept arms stay."""
+    raw = yaml.safe_load((STUDIES / f"{name}.yaml").read_text())
+    base = raw["base"]
+    base["data"] = {
+        **base["data"],
+        "input_size": 16,
+        "resize_size": 18,
+        "num_workers": 0,
+        "val_fraction": 0.3,
+    }
+    base["data"]["dataset"] = {**base["data"]["dataset"], "root": str(root)}
+    for section, values in TINY.items():
+        base[section] = {**(base.get(section, {}) if section != "backbone" else {}), **copy.deepcopy(values)}
+    base["model"] = {**base["model"], "embedding_dim": 8}
+    base["eval"] = {**base["eval"], "ks": [1, 2], "batch_size": 16}
+    first = next(iter(raw["arms"]))
+    levels = raw["arms"][first]
+    raw["arms"][first] = dict(list(levels.items())[:keep]) if isinstance(levels, dict) else levels[:keep]
+    raw["tune"]["n_trials"] = 1
+    raw["final"] = {"seeds": [0]}
+    raw["protocol"] = protocol
+    raw["literature"] = {"sampler.p": 2}
+    labels = {a.label for a in study.parse_study(dict(raw, published={})).arms}
+    raw["published"] = {k: v for k, v in raw["published"].items() if k in labels}
+    return raw
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "make", "keep", "protocol"),
+    [
+        (
+            "paper_cub200",
+            lambda r: fixtures.make_cub200(r, classes=(*range(1, 7), 101, 102, 103), per_class=3),
+            1,
+            "both",
+        ),
+        (
+            "paper_cars196",
+            lambda r: fixtures.make_cars196(r, classes=(*range(1, 7), 99, 100, 101), per_class=3),
+            1,
+            "both",
+        ),
+        (
+            "paper_mdr_sop",
+            lambda r: fixtures.make_sop(r, train_classes=6, test_classes=3, per_class=3),
+            3,
+            "both",
+        ),
+        ("paper_mdr_inshop", fixtures.make_inshop, 2, "literature"),  # the fixture has 2 training items
+    ],
+    ids=["symm-cub200", "symm-cars196", "mdr-sop", "mdr-inshop"],
+)
+def test_paper_studies_run_end_to_end_and_report_the_paper_table(
+    tmp_path: Path, name: str, make: Any, keep: int, protocol: str
+) -> None:
+    root = tmp_path / "data"
+    make(root)
+    raw = _shrink(name, root, keep, protocol)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = study.run_study(path, results=tmp_path / "results")
+    assert out is not None
+    table = (out / "tables" / "paper.md").read_text()
+    assert "literature" in table
+    if protocol == "both":
+        assert "fair" in table
+    for row in raw["published"].values():
+        assert f"{row['recall@1']:.1f}" in table
