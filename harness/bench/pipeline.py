@@ -175,8 +175,9 @@ def bench_train(options: list[str]) -> None:
     times: dict[str, list[float]] = {"harness": [], "bare PyTorch loop": []}
     for epoch in (harness_epoch, bare_epoch):
         epoch()  # warm-up
-    for _ in range(args.rounds):  # interleaved rounds: load changes hit both alike
-        for name, epoch in (("harness", harness_epoch), ("bare PyTorch loop", bare_epoch)):
+    order = [("harness", harness_epoch), ("bare PyTorch loop", bare_epoch)]
+    for r in range(args.rounds):  # interleaved rounds, alternating which goes first: load hits both alike
+        for name, epoch in order[:: 1 if r % 2 == 0 else -1]:
             _sync(harness_tr.device)
             start = time.perf_counter()
             epoch()
