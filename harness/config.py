@@ -63,11 +63,15 @@ class DataSection(_Section):
 
 
 class SamplerSection(_Section):
-    """P×K batches: P classes × K images. An epoch is ``batches_per_epoch`` batches, by default
-    ``ceil(n_train_images / (P·K))`` so that an epoch sees about as many images as the split has."""
+    """``kind: pk``: P×K batches, P classes × K images. ``kind: pairs``: ABE-M's batches of
+    ``positive_pairs`` same-class and ``negative_pairs`` different-class random pairs. An epoch is
+    ``batches_per_epoch`` batches, by default about as many images as the training split has."""
 
+    kind: Literal["pk", "pairs"] = "pk"
     p: int = Field(8, ge=2)
     k: int = Field(4, ge=1)
+    positive_pairs: int = Field(16, ge=0)
+    negative_pairs: int = Field(16, ge=0)
     batches_per_epoch: int | None = Field(None, ge=1)
 
 

@@ -25,8 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.config import RunConfig, validate
-from harness.data import PKSampler, build_transforms, load_splits
+from harness.data import build_transforms, load_splits
 from harness.data.cache import cached_splits, num_workers
+from harness.data.sampler import build_sampler
 from harness.errors import ConfigError, NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.model import StagedBackbone, build_component, build_model
@@ -227,13 +228,7 @@ class _Trainer:
             if cfg.scheduler
             else None
         )
-        self.sampler = PKSampler(
-            self.splits.train.labels,
-            cfg.sampler.p,
-            cfg.sampler.k,
-            cfg.sampler.batches_per_epoch,
-            seed=cfg.seed,
-        )
+        self.sampler = build_sampler(cfg.sampler, self.splits.train.labels, cfg.seed)
         self.loader = torch.utils.data.DataLoader(
             self.train_set,
             batch_sampler=self.sampler,

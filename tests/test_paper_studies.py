@@ -130,7 +130,7 @@ def test_abe_studies_follow_the_paper(dataset: str) -> None:
     for arm in spec.arms:
         cfg = spec.literature_config(arm, 0)
         _check(cfg, ABE)
-        assert cfg.sampler.p * cfg.sampler.k == 64
+        assert (cfg.sampler.kind, cfg.sampler.positive_pairs, cfg.sampler.negative_pairs) == ("pairs", 16, 16)
     variants = {spec.literature_config(a, 0).model["variant"] for a in spec.arms}
     assert variants == {"attention", "heads"}
     assert {a.values["model.m"] for a in spec.arms} == {1, 2, 4, 8}

@@ -1,14 +1,19 @@
-"""The P×K batch sampler every pair- and proxy-based DML loss trains with."""
+"""Batch samplers: the P×K sampler every pair- and proxy-based DML loss trains with, and ABE-M's random
+pair sampler (``sampler.kind: pairs``)."""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harness.errors import ConfigError
+
+if TYPE_CHECKING:
+    from harness.config import SamplerSection
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +92,73 @@ class PKSampler:
         for _ in range(self.num_batches):
             chosen = rng.choice(len(self.groups), self.p, replace=False)
             yield np.concatenate([self._draw(rng, self.groups[c]) for c in chosen]).tolist()
+
+
+class PairSampler:
+    """Batches of ``positive_pairs`` random same-class pairs and ``negative_pairs`` random different-class
+    pairs (2 images each), as ABE-M trains (Kim et al. 2018: 16 + 16 pairs = 64 images).
+
+    A positive pair is a class drawn uniformly among those with at least 2 images, then 2 distinct images
+    of it; a negative pair is 2 images drawn uniformly from the whole split whose classes differ. A batch
+    lists the positive pairs first, then the negative pairs, each pair as 2 consecutive indices. The loss
+    sees the batch with its labels as usual (so a pair loss also uses the batch's other pairs). An epoch is
+    ``batches_per_epoch`` batches (default: about as many images as the split holds); deterministic per
+    ``(seed, epoch)``.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        positive_pairs: int,
+        negative_pairs: int,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+    ):
+        self.labels = np.asarray(labels)
+        classes, counts = np.unique(self.labels, return_counts=True)
+        self.groups = [np.flatnonzero(self.labels == c) for c in classes[counts >= 2]]
+        if positive_pairs and not self.groups:
+            raise ConfigError(
+                "sampler.positive_pairs: no training class has 2 images to make a positive pair"
+            )
+        if negative_pairs and len(classes) < 2:
+            raise ConfigError("sampler.negative_pairs: the training split has a single class")
+        self.positive_pairs, self.negative_pairs, self.seed, self.epoch = (
+            positive_pairs,
+            negative_pairs,
+            seed,
+            0,
+        )
+        size = 2 * (positive_pairs + negative_pairs)
+        self.num_batches = batches_per_epoch or max(1, math.ceil(len(self.labels) / size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _negatives(self, rng: np.random.Generator) -> np.ndarray:
+        """[negative_pairs, 2] image indices of different classes (rejection sampling, vectorised)."""
+        out = np.empty((0, 2), dtype=np.int64)
+        while len(out) < self.negative_pairs:
+            draw = rng.integers(0, len(self.labels), (2 * self.negative_pairs, 2))
+            out = np.concatenate([out, draw[self.labels[draw[:, 0]] != self.labels[draw[:, 1]]]])
+        return out[: self.negative_pairs]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed % 2**32, self.epoch])
+        for _ in range(self.num_batches):
+            chosen = rng.integers(0, max(1, len(self.groups)), self.positive_pairs)
+            positives = [rng.choice(self.groups[c], 2, replace=False) for c in chosen]
+            pairs = np.concatenate([np.reshape(positives, (-1, 2)), self._negatives(rng)])
+            yield pairs.reshape(-1).tolist()
+
+
+def build_sampler(section: SamplerSection, labels: np.ndarray, seed: int) -> PKSampler | PairSampler:
+    """The batch sampler ``sampler.kind`` names, over the training ``labels``."""
+    if section.kind == "pairs":
+        return PairSampler(
+            labels, section.positive_pairs, section.negative_pairs, section.batches_per_epoch, seed
+        )
+    return PKSampler(labels, section.p, section.k, section.batches_per_epoch, seed=seed)

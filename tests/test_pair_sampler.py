@@ -1,0 +1,53 @@
+"""ABE-M's pair sampler: batches of random same-class and different-class pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.config import validate
+from harness.data.sampler import PairSampler, PKSampler, build_sampler
+from harness.errors import ConfigError
+
+LABELS = np.repeat(np.arange(20), 5)
+
+
+def test_each_batch_has_16_positive_then_16_negative_pairs() -> None:
+    sampler = PairSampler(LABELS, 16, 16, batches_per_epoch=50, seed=3)
+    batches = list(sampler)
+    assert len(batches) == 50
+    for batch in batches:
+        assert len(batch) == 64
+        pairs = np.asarray(batch).reshape(-1, 2)
+        same = LABELS[pairs[:, 0]] == LABELS[pairs[:, 1]]
+        assert same[:16].all() and not same[16:].any()
+        assert (pairs[:16, 0] != pairs[:16, 1]).all()  # two distinct images of the class
+    # random pairs: over many batches every class and most images appear
+    used = np.unique(np.concatenate(batches))
+    assert len(used) > 0.95 * len(LABELS)
+
+
+def test_pair_batches_depend_only_on_seed_and_epoch() -> None:
+    a, b = PairSampler(LABELS, 4, 4, 5, seed=1), PairSampler(LABELS, 4, 4, 5, seed=1)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b)
+    b.set_epoch(3)
+    assert list(a) != list(b)
+
+
+def test_single_image_classes_never_make_positive_pairs() -> None:
+    labels = np.array([0, 1, 2, 3, 3])  # only class 3 has two images
+    batch = next(iter(PairSampler(labels, 8, 2, 1)))
+    pairs = np.asarray(batch).reshape(-1, 2)
+    assert (labels[pairs[:8]] == 3).all()
+    with pytest.raises(ConfigError, match="positive_pairs"):
+        PairSampler(np.arange(5), 2, 2)
+
+
+def test_sampler_kind_selects_the_sampler() -> None:
+    cfg = validate({"sampler": {"kind": "pairs", "positive_pairs": 16, "negative_pairs": 16}})
+    assert isinstance(build_sampler(cfg.sampler, LABELS, 0), PairSampler)
+    assert isinstance(build_sampler(validate({}).sampler, LABELS, 0), PKSampler)
+    with pytest.raises(ConfigError, match="sampler.kind"):
+        validate({"sampler": {"kind": "triplets"}})
