@@ -20,7 +20,10 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 def test_defaults_are_resolved_and_saved(tmp_path: Path) -> None:
     cfg = config.load(_write(tmp_path, {"name": "x", "backbone": "small_convnet"}))
-    assert cfg.backbone == {"name": "small_convnet", "width": 32, "input_size": 28, "frozen_bn": False}
+    assert cfg.backbone == {
+        "name": "small_convnet", "width": 32, "input_size": 28, "downsampling": None, "convs_per_block": None,
+        "frozen_bn": False,
+    }  # fmt: skip
     assert cfg.optimizer["lr"] == pytest.approx(1e-3)
     assert cfg.model["embedding_dim"] == 128
 
