@@ -73,6 +73,8 @@ class SamplerSection(_Section):
     positive_pairs: int = Field(16, ge=0)
     negative_pairs: int = Field(16, ge=0)
     batches_per_epoch: int | None = Field(None, ge=1)
+    #: Each sampled image this many times per batch, each copy augmented anew (MultiGrain); 1 = off.
+    repeated_augmentations: int = Field(1, ge=1)
 
 
 class TrainSection(_Section):

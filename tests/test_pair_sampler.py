@@ -51,3 +51,33 @@ def test_sampler_kind_selects_the_sampler() -> None:
     assert isinstance(build_sampler(validate({}).sampler, LABELS, 0), PKSampler)
     with pytest.raises(ConfigError, match="sampler.kind"):
         validate({"sampler": {"kind": "triplets"}})
+
+
+def test_repeated_augmentations_repeat_each_image_and_the_copies_differ() -> None:
+    """MultiGrain's repeated augmentation: every image R times in a row, each copy augmented anew."""
+    import torch
+
+    from harness.data import ImageSet
+    from harness.data.transforms import build_transforms
+    from harness.types import DataConfig
+
+    cfg = validate({"sampler": {"p": 4, "k": 2, "repeated_augmentations": 3}})
+    sampler = build_sampler(cfg.sampler, LABELS, 0)
+    batch = next(iter(sampler))
+    assert len(batch) == 4 * 2 * 3 and len(sampler) == len(PKSampler(LABELS, 4, 2))
+    triples = np.asarray(batch).reshape(-1, 3)
+    assert (triples == triples[:, :1]).all()  # R consecutive copies of each image
+    plain = next(iter(PKSampler(LABELS, 4, 2)))
+    assert triples[:, 0].tolist() == plain  # the same images as without repetition
+    images = ImageSet(
+        np.random.default_rng(0).integers(0, 255, (len(LABELS), 32, 32), dtype=np.uint8), LABELS
+    )
+    train_tf, _ = build_transforms(
+        validate({}).data,
+        DataConfig(input_size=32, resize_size=32, in_channels=1, mean=(0.5,), std=(0.5,)),
+        1,
+    )
+    data = images.with_transform(train_tf)
+    torch.manual_seed(0)
+    copies = [data[i][0] for i in batch[:3]]
+    assert not torch.equal(copies[0], copies[1]) or not torch.equal(copies[1], copies[2])

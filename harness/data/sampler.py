@@ -155,10 +155,35 @@ class PairSampler:
             yield pairs.reshape(-1).tolist()
 
 
-def build_sampler(section: SamplerSection, labels: np.ndarray, seed: int) -> PKSampler | PairSampler:
-    """The batch sampler ``sampler.kind`` names, over the training ``labels``."""
+class RepeatedAugmentations:
+    """Every image of the wrapped sampler's batches ``repeats`` times in a row (MultiGrain's repeated
+    augmentation, Berman et al. 2019 / Hoffer et al. 2020): the dataset transform runs per item, so each
+    copy gets its own random augmentation, and the copies are positives of each other."""
+
+    def __init__(self, sampler: PKSampler | PairSampler, repeats: int):
+        self.sampler, self.repeats = sampler, repeats
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            yield np.repeat(batch, self.repeats).tolist()
+
+
+def build_sampler(
+    section: SamplerSection, labels: np.ndarray, seed: int
+) -> PKSampler | PairSampler | RepeatedAugmentations:
+    """The batch sampler ``sampler.kind`` names, over the training ``labels``, with each image repeated
+    ``sampler.repeated_augmentations`` times."""
+    sampler: PKSampler | PairSampler
     if section.kind == "pairs":
-        return PairSampler(
-            labels, section.positive_pairs, section.negative_pairs, section.batches_per_epoch, seed
-        )
-    return PKSampler(labels, section.p, section.k, section.batches_per_epoch, seed=seed)
+        pairs = (section.positive_pairs, section.negative_pairs)
+        sampler = PairSampler(labels, *pairs, section.batches_per_epoch, seed)
+    else:
+        sampler = PKSampler(labels, section.p, section.k, section.batches_per_epoch, seed=seed)
+    repeats = section.repeated_augmentations
+    return RepeatedAugmentations(sampler, repeats) if repeats > 1 else sampler
