@@ -85,7 +85,11 @@ class ABE(nn.Module):
         size differs from S's is resized to it (bilinear).
       lambda_div: weight of the divergence loss (reported as aux loss "divergence"; skipped when 0 or M = 1).
       m_div: margin of the divergence hinge on squared Euclidean distances between unit-norm learner
-        embeddings (range 0–4). The paper's value is not available to us; 1.0 = cosine similarity ≤ 0.5.
+        embeddings (range 0–4); the paper's m_div = 1 (cosine similarity ≤ 0.5). The paper's metric loss is
+        contrastive with m_c = 1: ``loss: {name: contrastive, neg_margin: 1.0, normalize: true}``.
+      init: initialisation of the last (embedding) layers and the attention 1×1 convs: "default" (PyTorch's)
+        or "xavier" (Glorot uniform per learner, zero biases: the paper's; each learner's 1×1 conv block
+        gets its own fan-out, as if the M convs were separate).
       variant: "attention" (ABE-M) or "heads" (the paper's M-heads ensemble: no attention; every head has its
         own copy of the stages after ``branch`` plus its own linear layer; with ``branch`` = the final stage
         the heads are M linear layers on the shared backbone output). ``attention_depth`` is unused there.
@@ -110,6 +114,7 @@ class ABE(nn.Module):
         lambda_div: Annotated[float, Field(ge=0)] = 1.0,
         m_div: Annotated[float, Field(ge=0, le=4)] = 1.0,
         variant: Literal["attention", "heads"] = "attention",
+        init: Literal["default", "xavier"] = "default",
     ):
         super().__init__()
         if embedding_dim % m:
@@ -139,6 +144,7 @@ class ABE(nn.Module):
         self.lambda_div = lambda_div
         self.m_div = m_div
         self.variant = variant
+        self.init = init
         in_dim, part_dim = int(pooling.out_dim), embedding_dim // m
         if variant == "attention":
             trunk = backbone.stage_range(branch, attention_depth)
@@ -152,8 +158,23 @@ class ABE(nn.Module):
                 nn.Sequential(*(copy.deepcopy(backbone.stages[s]) for s in after)) for _ in range(m - 1)
             )
             self.heads = nn.ModuleList(nn.Linear(in_dim, part_dim) for _ in range(m))
+        if init == "xavier":
+            self._xavier_init()
         self.register_buffer("_self_sim_sum", torch.zeros(m, m), persistent=False)
         self.register_buffer("_self_sim_count", torch.zeros(()), persistent=False)
+
+    @torch.no_grad()
+    def _xavier_init(self) -> None:
+        """Glorot-uniform weights and zero biases for the embedding layers and each learner's 1×1 conv."""
+        linears = [self.head] if self.variant == "attention" else list(self.heads)
+        blocks = [lin.weight for lin in linears]
+        if self.variant == "attention":
+            blocks += list(self.attention_masks.weight.chunk(self.m))  # [C, C_att, 1, 1] views per learner
+            nn.init.zeros_(self.attention_masks.bias)
+        for w in blocks:
+            nn.init.xavier_uniform_(w)
+        for lin in linears:
+            nn.init.zeros_(lin.bias)
 
     def train(self, mode: bool = True) -> ABE:
         super().train(mode)

@@ -324,3 +324,47 @@ def test_the_divergence_loss_alone_separates_the_learners_through_their_masks() 
     abe(x)
     after = abe.epoch_diagnostics()["learner_self_similarity"]
     assert before > 0.9 and after < before - 0.3, (before, after)
+
+
+def _glorot_bound(w: torch.Tensor) -> float:
+    fan_out, fan_in = w.shape[0] * w[0, 0].numel(), w.shape[1] * w[0, 0].numel()
+    return (6 / (fan_in + fan_out)) ** 0.5
+
+
+@pytest.mark.parametrize("variant", ["attention", "heads"])
+def test_xavier_init_gives_glorot_uniform_weights(variant: str) -> None:
+    """init: xavier: every embedding layer and each learner's 1×1 conv block is U(±sqrt(6/(fan_in+fan_out)))
+    (std = bound/√3), biases zero; the default keeps PyTorch's init (a different, fan-in-only bound)."""
+    torch.manual_seed(0)
+    abe = make_abe(small_convnet(), m=4, embedding_dim=64, variant=variant, init="xavier")
+    default = make_abe(small_convnet(), m=4, embedding_dim=64, variant=variant)
+    assert (abe.init, default.init) == ("xavier", "default")
+    linears = [abe.head] if variant == "attention" else list(abe.heads)
+    blocks = [lin.weight for lin in linears]
+    if variant == "attention":
+        conv = abe.attention_masks.weight
+        blocks += list(conv.chunk(4))  # per learner: fan_out = C of S, not 4·C
+        assert abe.attention_masks.bias.abs().max() == 0
+    for w in blocks:
+        bound = _glorot_bound(w)
+        assert w.abs().max() <= bound
+        assert w.std().item() == pytest.approx(bound / 3**0.5, rel=0.25)
+        assert w.abs().max() > 0.8 * bound  # fills its range, not a narrower one
+    assert all(lin.bias.abs().max() == 0 for lin in linears)
+    d_lin = default.head if variant == "attention" else default.heads[0]
+    assert d_lin.weight.abs().max() <= 1 / d_lin.weight.shape[1] ** 0.5  # PyTorch's kaiming-uniform bound
+    assert d_lin.bias.abs().max() > 0
+
+
+def test_paper_recipe_defaults() -> None:
+    """ABE-M defaults: M = 8 learners splitting a 512-D embedding, λ_div = 1, m_div = 1 (METHODS.md §5)."""
+    abe = make_abe(small_convnet())
+    assert (abe.m, abe.embedding_dim, abe.lambda_div, abe.m_div, abe.init) == (8, 512, 1.0, 1.0, "default")
+    assert abe.head.out_features == 512 // 8
+    x = torch.randn(3, 1, 16, 16)
+    abe.eval()
+    with torch.no_grad():
+        out = abe(x)
+    assert out.embeddings.shape == (3, 512) and [p.shape for p in out.parts] == [(3, 64)] * 8
+    loss = registry.build("loss", "contrastive", context={"miner": None, "synthesis": None}, neg_margin=1.0)
+    assert loss.neg_margin == 1.0  # the paper's contrastive margin m_c = 1 is a config value
