@@ -76,6 +76,27 @@ def sample_negatives(weights: Tensor, a: Tensor, p: Tensor) -> Triplets:
     return a, p, torch.multinomial(weights[a], 1).squeeze(1)
 
 
+def sample_distinct_negatives(weights: Tensor, pos: Tensor, neg: Tensor) -> Triplets:
+    """MultiGrain's draw (``DistanceWeightedSampling``): per anchor as many negatives as it has positives,
+    without replacement from ``weights[a]``, the j-th positive paired with the j-th draw. An anchor with
+    fewer eligible negatives than the batch's largest positive count draws with replacement (MultiGrain
+    falls back the same way when it cannot draw without)."""
+    a, p = positive_pairs(pos, neg)
+    if len(a) == 0:
+        return a, p, a.clone()
+    anchors, counts = torch.unique_consecutive(a, return_counts=True)  # nonzero() is row-major: a sorted
+    k = int(counts.max())
+    w = weights[anchors]
+    enough = (w > 0).sum(1) >= k
+    draws = torch.empty(len(anchors), k, dtype=torch.long, device=w.device)
+    for rows, replacement in ((enough, False), (~enough, True)):
+        if rows.any():
+            draws[rows] = torch.multinomial(w[rows], k, replacement=replacement)
+    row = torch.repeat_interleave(torch.arange(len(anchors), device=a.device), counts)
+    rank = torch.arange(len(a), device=a.device) - (torch.cumsum(counts, 0) - counts)[row]
+    return a, p, draws[row, rank]
+
+
 def random_triplets(pos: Tensor, neg: Tensor) -> Triplets:
     """One uniformly random negative per positive pair (MDR's RandomNegative)."""
     return sample_negatives(neg.float(), *positive_pairs(pos, neg))
@@ -182,7 +203,10 @@ class DistanceWeightedMiner(TripletMiner):
     """Distance-weighted sampling (Wu et al. 2017) as in MDR: one negative per ordered positive pair.
 
     Sampled on an L2-normalised, gradient-free copy of the embeddings (see ``distance_weights``); the
-    loss then uses its own (e.g. un-normalised) distances for these triplets.
+    loss then uses its own (e.g. un-normalised) distances for these triplets. draws: "per_pair" (MDR,
+    PML: each pair's negative drawn independently, with replacement) or "per_anchor_distinct"
+    (MultiGrain / Wu's official code: an anchor's negatives are distinct, see
+    ``sample_distinct_negatives``).
     """
 
     def __init__(
@@ -191,14 +215,18 @@ class DistanceWeightedMiner(TripletMiner):
         cutoff: float = 0.5,
         nonzero_loss_cutoff: float = 1.4,
         normalize_over: Literal["row", "candidates"] = "row",
+        draws: Literal["per_pair", "per_anchor_distinct"] = "per_pair",
     ):
         super().__init__()
         self.cutoff = cutoff
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
         self.normalize_over = normalize_over
+        self.draws = draws
 
     def mine(self, embeddings: Tensor, pos: Tensor, neg: Tensor) -> Triplets:
         w = distance_weights(embeddings, neg, self.cutoff, self.nonzero_loss_cutoff, self.normalize_over)
+        if self.draws == "per_anchor_distinct":
+            return sample_distinct_negatives(w, pos, neg)
         return sample_negatives(w, *positive_pairs(pos, neg))
 
 

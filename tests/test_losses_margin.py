@@ -137,3 +137,18 @@ def test_classification_head_is_weighted_cross_entropy_of_a_linear_classifier() 
     naive = -sum(logits[i].log_softmax(0)[LABELS[i]] for i in range(len(LABELS))) / len(LABELS)
     torch.testing.assert_close(out.value, 0.5 * naive)
     assert math.isclose(out.stats["accuracy"].item(), (logits.argmax(1) == LABELS).float().mean().item())
+
+
+def test_per_anchor_distinct_draws_give_each_anchor_distinct_negatives() -> None:
+    """MultiGrain's sampling: the pairs are every ordered positive pair, an anchor's negatives differ."""
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(3)
+    miner = registry.build("miner", "distance_weighted", path="miner", draws="per_anchor_distinct")
+    for _ in range(20):
+        a, p, n = miner(torch.randn(12, 8) * 0.3 + 1, labels)  # every negative within the 1.4 cutoff
+        assert len(a) == 12 * 2 and (labels[a] == labels[p]).all() and (labels[a] != labels[n]).all()
+        for anchor in range(12):
+            assert len(set(n[a == anchor].tolist())) == 2
+    few = torch.tensor([0, 0, 0, 1])  # anchors of class 0 have 2 positives but a single negative
+    a, _, n = miner(torch.randn(4, 8), few)
+    assert len(a) == 6 and (n == 3).all()
