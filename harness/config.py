@@ -80,6 +80,10 @@ class SamplerSection(_Section):
 class TrainSection(_Section):
     epochs: int = Field(5, ge=0)
     eval_every: int = Field(1, ge=1)
+    #: Evaluate the test classes every this many epochs and record the best epoch's ``test_best/…`` (by
+    #: ``selection_metric``): test-set selection, reported labelled as such, for the literature protocol of
+    #: papers whose official code selects that way (MDR, Proxy-Anchor). Never used to select anything else.
+    test_every: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     grad_clip: float | None = Field(None, gt=0)

@@ -379,6 +379,9 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         metrics.update({f"test/{k}": v for k, v in tr.evaluate("test").items()})
     else:
         metrics.update({f"test/{k}": v for k, v in last_test.items()})
+    metrics.update({f"test_best/{k}": v for k, v in fit.best_test.items()})
+    if fit.best_test_epoch is not None:
+        metrics["test_best/epoch"] = float(fit.best_test_epoch)
     metrics["train/collapsed"] = float(collapse.collapsed(cfg.train.epochs))
     saved = reporting_embeddings.capture(*tr.embedded, tr.eval_sets, cfg.eval.distance)
     eval_time = fit.eval_time + time.perf_counter() - t
@@ -408,6 +411,8 @@ class _Fit:
     best_score: float = -math.inf
     best_state: dict[str, Any] | None = None
     best_val: dict[str, float] = field(default_factory=dict)
+    best_test: dict[str, float] = field(default_factory=dict)
+    best_test_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     train_time: float = 0.0
@@ -448,6 +453,12 @@ def _fit(tr: _Trainer, reporter: Reporter | None, collapse: CollapseCheck, t0: f
             if val[selection] > fit.best_score:
                 fit.best_score, fit.best_epoch, fit.best_state = val[selection], epoch + 1, tr.state()
                 fit.best_val = val
+        every = cfg.train.test_every
+        if every and ((epoch + 1) % every == 0 or last):  # test-set selection, labelled test_best/
+            test = tr.evaluate("test")
+            row.update({f"test_epoch/{k}": v for k, v in test.items()})
+            if test.get(selection, -math.inf) > fit.best_test.get(selection, -math.inf):
+                fit.best_test, fit.best_test_epoch = test, epoch + 1
         row["seconds"] = time.perf_counter() - t0
         fit.history.append(row)
         log.info("%s", progress.epoch_line(row, selection))

@@ -66,6 +66,11 @@ def paper_table(
                 row[f"{p}_mean"] = runs.mean() if len(runs) else math.nan
                 row[f"{p}_std"] = runs.std() if len(runs) > 1 else math.nan
                 row[f"{p}_n"] = len(runs)
+            best = final.loc[(final.arm == arm) & (proto == "literature")].get(f"test_best/{m}")
+            best = pd.to_numeric(best, errors="coerce").dropna() if best is not None else pd.Series([])
+            row["literature_best_mean"] = best.mean() if len(best) else math.nan
+            row["literature_best_std"] = best.std() if len(best) > 1 else math.nan
+            row["literature_best_n"] = len(best)
             row["delta_literature_published"] = row["literature_mean"] - row["published"]
             row["delta_fair_literature"] = row["fair_mean"] - row["literature_mean"]
             rows.append(row)
@@ -93,6 +98,18 @@ def paper_display(table: pd.DataFrame, tex: bool, escape: Callable[[str], str] =
     pct = " (\\%)" if tex else " (%)"
     rows = table.reset_index()
     first = ~rows.arm.duplicated()
+    best = (
+        {
+            "ours, literature, best test epoch" + pct: [
+                _cell(m, s, n, tex)
+                for m, s, n in zip(
+                    rows.literature_best_mean, rows.literature_best_std, rows.literature_best_n, strict=True
+                )
+            ]
+        }
+        if "literature_best_mean" in rows and rows.literature_best_mean.notna().any()
+        else {}
+    )
     return pd.DataFrame(
         {
             "arm": [escape(a) if f else "" for a, f in zip(rows.arm, first, strict=True)],
@@ -103,6 +120,7 @@ def paper_display(table: pd.DataFrame, tex: bool, escape: Callable[[str], str] =
                 _cell(m, s, n, tex)
                 for m, s, n in zip(rows.literature_mean, rows.literature_std, rows.literature_n, strict=True)
             ],
+            **best,
             "ours, fair" + pct: [
                 _cell(m, s, n, tex)
                 for m, s, n in zip(rows.fair_mean, rows.fair_std, rows.fair_n, strict=True)
@@ -123,7 +141,8 @@ def paper_caption(name: str, meta: dict[str, Any]) -> str:
         f"{name}: published numbers beside ours. Literature protocol: every training class, the paper's "
         "fixed recipe, no tuning. Fair protocol: hyperparameters tuned and epochs selected on validation "
         "classes carved from the training classes. Ours: test metrics in %, mean ± sample std over seeds "
-        "(number of seeds in parentheses); Δ in points"
+        "(number of seeds in parentheses); Δ in points. 'Best test epoch' (where shown) selects the epoch on "
+        "the test classes, as the paper's official code does: not a fair number"
     )
     unpublished = [str(u) for u in meta.get("unpublished") or []]
     if unpublished:
