@@ -27,6 +27,21 @@ def test_each_batch_has_16_positive_then_16_negative_pairs() -> None:
     assert len(used) > 0.95 * len(LABELS)
 
 
+def test_positive_pairs_are_uniform_over_classes_and_ordered_image_pairs() -> None:
+    """Naive expectation: each class 1/C of the positive pairs, each ordered pair (i, j), i != j, of a
+    class equally often."""
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    sampler = PairSampler(labels, 64, 0, batches_per_epoch=400, seed=0)
+    pairs = np.concatenate([np.asarray(b).reshape(-1, 2) for b in sampler])
+    assert (labels[pairs[:, 0]] == labels[pairs[:, 1]]).all() and (pairs[:, 0] != pairs[:, 1]).all()
+    class_freq = np.bincount(labels[pairs[:, 0]], minlength=3) / len(pairs)
+    np.testing.assert_allclose(class_freq, 1 / 3, atol=0.01)
+    class2 = pairs[labels[pairs[:, 0]] == 2]
+    counts = np.unique(class2[:, 0] * 10 + class2[:, 1], return_counts=True)[1]
+    assert len(counts) == 12  # all 4 * 3 ordered pairs of class 2
+    np.testing.assert_allclose(counts / counts.sum(), 1 / 12, atol=0.01)
+
+
 def test_pair_batches_depend_only_on_seed_and_epoch() -> None:
     a, b = PairSampler(LABELS, 4, 4, 5, seed=1), PairSampler(LABELS, 4, 4, 5, seed=1)
     a.set_epoch(2)

@@ -115,9 +115,11 @@ class PairSampler:
         seed: int = 0,
     ):
         self.labels = np.asarray(labels)
-        classes, counts = np.unique(self.labels, return_counts=True)
-        self.groups = [np.flatnonzero(self.labels == c) for c in classes[counts >= 2]]
-        if positive_pairs and not self.groups:
+        classes, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
+        self.order = np.argsort(inverse, kind="stable")  # image indices grouped by class
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.starts, self.sizes = starts[counts >= 2], counts[counts >= 2]  # classes with a positive pair
+        if positive_pairs and not len(self.sizes):
             raise ConfigError(
                 "sampler.positive_pairs: no training class has 2 images to make a positive pair"
             )
@@ -146,12 +148,20 @@ class PairSampler:
             out = np.concatenate([out, draw[self.labels[draw[:, 0]] != self.labels[draw[:, 1]]]])
         return out[: self.negative_pairs]
 
+    def _positives(self, rng: np.random.Generator) -> np.ndarray:
+        """[positive_pairs, 2] image indices: a uniform class, then 2 distinct uniform images of it."""
+        if not self.positive_pairs:
+            return np.empty((0, 2), dtype=np.int64)
+        chosen = rng.integers(0, len(self.sizes), self.positive_pairs)
+        size = self.sizes[chosen]
+        first = rng.integers(0, size)
+        second = (first + rng.integers(1, size)) % size  # uniform over the other size-1 images
+        return self.order[self.starts[chosen, None] + np.stack([first, second], axis=1)]
+
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed % 2**32, self.epoch])
         for _ in range(self.num_batches):
-            chosen = rng.integers(0, max(1, len(self.groups)), self.positive_pairs)
-            positives = [rng.choice(self.groups[c], 2, replace=False) for c in chosen]
-            pairs = np.concatenate([np.reshape(positives, (-1, 2)), self._negatives(rng)])
+            pairs = np.concatenate([self._positives(rng), self._negatives(rng)])
             yield pairs.reshape(-1).tolist()
 
 
