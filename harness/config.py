@@ -83,7 +83,7 @@ class TrainSection(_Section):
     #: Evaluate the test classes every this many epochs and record the best epoch's ``test_best/…`` (by
     #: ``selection_metric``): test-set selection, reported labelled as such, for the literature protocol of
     #: papers whose official code selects that way (MDR, Proxy-Anchor). Never used to select anything else.
-    test_every: int | None = Field(None, ge=1)
+    best_test_every: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     grad_clip: float | None = Field(None, gt=0)

@@ -453,7 +453,7 @@ def _fit(tr: _Trainer, reporter: Reporter | None, collapse: CollapseCheck, t0: f
             if val[selection] > fit.best_score:
                 fit.best_score, fit.best_epoch, fit.best_state = val[selection], epoch + 1, tr.state()
                 fit.best_val = val
-        every = cfg.train.test_every
+        every = cfg.train.best_test_every
         if every and ((epoch + 1) % every == 0 or last):  # test-set selection, labelled test_best/
             test = tr.evaluate("test")
             row.update({f"test_epoch/{k}": v for k, v in test.items()})

@@ -53,7 +53,7 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
         config.load(path)
     problems = e.value.problems
     assert len(problems) == 5, problems
-    assert any(p.startswith("train.eval_evry: unknown key; did you mean 'eval_every'?") for p in problems)
+    assert any(p.startswith("train.eval_evry: unknown key; did you mean 'eval_every'") for p in problems)
     assert any(p.startswith("trian: unknown key; did you mean 'train'?") for p in problems)
     assert any(p.startswith("train.epochs") for p in problems)
     assert any(p.startswith("backbone.widht") and "'width'" in p for p in problems)
