@@ -3,6 +3,8 @@ speed targets are measured by `dmlh bench`, never by timed tests)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,15 @@ import yaml
 from harness.bench import main
 from harness.bench.fixtures import write_cub_like
 from harness.data.cache import decode_resized
+
+
+@pytest.fixture(autouse=True)
+def _harness_log_level() -> Iterator[None]:
+    """The benchmarks quieten the harness logger (a CLI choice); later tests expect it untouched."""
+    logger = logging.getLogger("harness")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 def _config(tmp_path: Path) -> Path:
