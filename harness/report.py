@@ -38,7 +38,7 @@ from harness.types import TABLE_METRICS, metric_title, recall_k  # noqa: E402
 log = logging.getLogger(__name__)
 
 #: Columns of history.csv that are not method diagnostics.
-STANDARD_HISTORY = ("epoch", "lr", "seconds", "train/loss")
+STANDARD_HISTORY = ("epoch", "lr", "seconds", "train/loss", "train_s", "eval_s", "images_per_s")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,7 +381,7 @@ def plot_diagnostics(hist: pd.DataFrame, order: list[str], stem: Path, max_panel
         c
         for c in hist.columns
         if c not in (*STANDARD_HISTORY, "arm", "seed")
-        and not c.startswith("val/")
+        and not c.startswith(("val/", "test_epoch/", "train/embed/"))
         and pd.api.types.is_numeric_dtype(hist[c])
         and hist[c].notna().any()
     ]
