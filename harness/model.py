@@ -95,13 +95,16 @@ class StagedBackbone(nn.Module):
 
 
 def mean_distance_scale(e: torch.Tensor) -> torch.Tensor:
-    """Divide a batch by its mean off-diagonal pairwise Euclidean distance (MDR 6.1; not detached)."""
+    """Divide a batch by its mean off-diagonal pairwise Euclidean distance (MDR 6.1; not detached), in
+    float32 whatever the autocast dtype (the official code trains MDR in fp32: the scale of small
+    distances must not be rounded to bf16)."""
+    e = e.float()
     b = e.shape[0]
     if b < 2:
         return e
-    d = torch.cdist(e.float(), e.float())
-    mean = d.sum() / (b * (b - 1))
-    return e / mean.clamp_min(1e-12).to(e.dtype)
+    with torch.autocast(device_type=e.device.type, enabled=False):
+        d = torch.cdist(e, e)
+        return e / (d.sum() / (b * (b - 1))).clamp_min(1e-12)
 
 
 @register("model", "embedder")

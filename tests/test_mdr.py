@@ -188,3 +188,17 @@ def test_mdr_runs_in_float32_under_bf16_autocast(input_dtype: torch.dtype) -> No
     torch.testing.assert_close(amp.running_mean, reference.running_mean)
     got.value.backward()
     assert x.grad is not None and x.grad.dtype == input_dtype and torch.isfinite(x.grad.float()).all()
+
+
+def test_mean_distance_head_gives_float32_embeddings_under_bf16_autocast() -> None:
+    """MDR's head (learning without L2 norm) is scaled in fp32 under AMP, equal to the fp32 computation."""
+    from harness.model import mean_distance_scale
+
+    e = torch.randn(16, 8)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = mean_distance_scale(e.to(torch.bfloat16))
+    assert out.dtype == torch.float32
+    want = mean_distance_scale(e.to(torch.bfloat16).float())
+    assert torch.allclose(out, want)
+    d = torch.cdist(out, out)
+    assert abs(float(d.sum() / (16 * 15)) - 1.0) < 1e-5  # mean off-diagonal distance 1 after scaling
