@@ -119,3 +119,15 @@ def test_three_seeds_are_worded_honestly(tmp_path: Path) -> None:
     write_store(tmp_path, "few", meta(), runs)
     text = (report.write_report("few", results=tmp_path) / "report.md").read_text()
     assert "3 paired seeds: the t-test has 2 degree(s) of freedom" in text and "Wilcoxon needs ≥ 6" in text
+
+
+def test_collapsed_final_runs_are_a_warning_in_the_report() -> None:
+    import pandas as pd
+
+    from harness.reporting.search import collapse_lines
+
+    final = pd.DataFrame({"arm": ["a", "a", "b"], "train/collapsed": [1.0, 0.0, 0.0]})
+    (line, _) = collapse_lines(final)
+    assert "collapsed embeddings" in line and "a (1 of 2 runs)" in line and "b (" not in line
+    assert collapse_lines(final.assign(**{"train/collapsed": 0.0})) == []
+    assert collapse_lines(final.drop(columns="train/collapsed")) == []

@@ -1,5 +1,6 @@
-"""What a study searched and what each arm got: the sampler, its seed, the tuned parameters, and the trials
-of every arm by stage and state (a timeout or failures can leave arms with fewer; the report says so)."""
+"""What a study searched and what each arm got: the sampler, its seed, the tuned parameters, the trials
+of every arm by stage and state (a timeout or failures can leave arms with fewer; the report says so),
+and the final runs whose embedding collapsed (their numbers measure a degenerate embedding)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,24 @@ def trials_per_arm(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
         stage = kept["stage"]
     counts = pd.crosstab(kept["arm"], stage + " " + kept["state"].astype(str))
     return counts.reindex([a for a in order if a in counts.index] + sorted(set(counts.index) - set(order)))
+
+
+#: The run metric that says the embedding had collapsed at the last epoch (harness.monitor).
+COLLAPSED = "train/collapsed"
+
+
+def collapse_lines(final: pd.DataFrame) -> list[str]:
+    """A warning per arm with final runs whose embedding collapsed (none when no run collapsed)."""
+    if COLLAPSED not in final:
+        return []
+    hit = final[pd.to_numeric(final[COLLAPSED], errors="coerce") > 0]
+    if hit.empty:
+        return []
+    per_arm = hit.groupby("arm").size()
+    total = final.groupby("arm").size()
+    arms = "; ".join(f"{a} ({n} of {total[a]} runs)" for a, n in per_arm.items())
+    return [
+        f"**Warning: collapsed embeddings** (different-class distances near 0 at the last epoch) in {arms}. "
+        "Their numbers measure a degenerate embedding: lower the learning rate or check the loss.",
+        "",
+    ]
