@@ -610,3 +610,17 @@ def test_a_killed_worker_process_is_one_line_and_the_others_finish_and_report(tm
         f"mining={m}/seed={s}" for m in ("batch_hard", "all") for s in (0, 1)
     )
     assert (tmp_path / "tiny" / "report.md").is_file()
+
+
+def test_without_a_terminal_each_settled_unit_is_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No tty (tqdm off): one line per finished unit with its arm, value and the study's progress."""
+    spec = tiny_study(arms={"loss.mining": ["batch_hard", "all"]}, final={"seeds": [0]})
+    with caplog.at_level("INFO", logger="harness.study.runner"):
+        study.run_study(write(tmp_path, spec), results=tmp_path, report=False)
+    lines = [r.getMessage() for r in caplog.records if "units," in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert any("final mining=all/seed=0 (mining=all): recall@1 " in m for m in lines)
+    assert lines[-1].split("; ")[1].startswith("2/2 units")
+    assert "left" in lines[-1]
