@@ -60,21 +60,23 @@ def paper_table(
             value = pub.get(m)
             row["published"] = float(value) / 100 if value is not None else math.nan
             for p in PROTOCOLS:
-                col = f"test/{m}"
-                runs = final.loc[(final.arm == arm) & (proto == p), col] if col in final else pd.Series([])
-                runs = pd.to_numeric(runs, errors="coerce").dropna()
-                row[f"{p}_mean"] = runs.mean() if len(runs) else math.nan
-                row[f"{p}_std"] = runs.std() if len(runs) > 1 else math.nan
-                row[f"{p}_n"] = len(runs)
-            best = final.loc[(final.arm == arm) & (proto == "literature")].get(f"test_best/{m}")
-            best = pd.to_numeric(best, errors="coerce").dropna() if best is not None else pd.Series([])
-            row["literature_best_mean"] = best.mean() if len(best) else math.nan
-            row["literature_best_std"] = best.std() if len(best) > 1 else math.nan
-            row["literature_best_n"] = len(best)
+                row.update(_seed_stats(final.loc[(final.arm == arm) & (proto == p)], f"test/{m}", p))
+            literature = final.loc[(final.arm == arm) & (proto == "literature")]
+            row.update(_seed_stats(literature, f"test_best/{m}", "literature_best"))
             row["delta_literature_published"] = row["literature_mean"] - row["published"]
             row["delta_fair_literature"] = row["fair_mean"] - row["literature_mean"]
             rows.append(row)
     return pd.DataFrame(rows).set_index(["arm", "metric"])
+
+
+def _seed_stats(runs: pd.DataFrame, col: str, prefix: str) -> dict[str, float]:
+    """``<prefix>_mean``/``_std`` (ddof=1)/``_n`` of column ``col`` over the runs (NaN where missing)."""
+    values = pd.to_numeric(runs[col], errors="coerce").dropna() if col in runs else pd.Series([], dtype=float)
+    return {
+        f"{prefix}_mean": values.mean() if len(values) else math.nan,
+        f"{prefix}_std": values.std() if len(values) > 1 else math.nan,
+        f"{prefix}_n": len(values),
+    }
 
 
 def _na(tex: bool) -> str:
@@ -98,33 +100,22 @@ def paper_display(table: pd.DataFrame, tex: bool, escape: Callable[[str], str] =
     pct = " (\\%)" if tex else " (%)"
     rows = table.reset_index()
     first = ~rows.arm.duplicated()
-    best = (
-        {
-            "ours, literature, best test epoch" + pct: [
-                _cell(m, s, n, tex)
-                for m, s, n in zip(
-                    rows.literature_best_mean, rows.literature_best_std, rows.literature_best_n, strict=True
-                )
-            ]
-        }
-        if "literature_best_mean" in rows and rows.literature_best_mean.notna().any()
-        else {}
-    )
+
+    def cells(prefix: str) -> list[str]:
+        stats = zip(rows[f"{prefix}_mean"], rows[f"{prefix}_std"], rows[f"{prefix}_n"], strict=True)
+        return [_cell(m, s, n, tex) for m, s, n in stats]
+
+    has_best = "literature_best_mean" in rows and rows.literature_best_mean.notna().any()
+    best = {"ours, literature, best test epoch" + pct: cells("literature_best")} if has_best else {}
     return pd.DataFrame(
         {
             "arm": [escape(a) if f else "" for a, f in zip(rows.arm, first, strict=True)],
             "metric": [escape(metric_title(m)) for m in rows.metric],
             "published" + pct: [_na(tex) if math.isnan(v) else f"{100 * v:.1f}" for v in rows.published],
             "source": [escape(s) if f else "" for s, f in zip(rows.source, first, strict=True)],
-            "ours, literature" + pct: [
-                _cell(m, s, n, tex)
-                for m, s, n in zip(rows.literature_mean, rows.literature_std, rows.literature_n, strict=True)
-            ],
+            "ours, literature" + pct: cells("literature"),
             **best,
-            "ours, fair" + pct: [
-                _cell(m, s, n, tex)
-                for m, s, n in zip(rows.fair_mean, rows.fair_std, rows.fair_n, strict=True)
-            ],
+            "ours, fair" + pct: cells("fair"),
             "Δ literature − published" if not tex else "$\\Delta$ lit. $-$ published": [
                 _delta(v, tex) for v in rows.delta_literature_published
             ],

@@ -120,7 +120,7 @@ class StudySpec:
     @property
     def protocols(self) -> tuple[str, ...]:
         """The protocols this study runs, ``fair`` and/or ``literature``."""
-        return ("fair", "literature") if self.protocol == "both" else (self.protocol,)
+        return _protocols(self.protocol)
 
     def arm(self, label: str) -> Arm:
         return next(a for a in self.arms if a.label == label)
@@ -303,6 +303,7 @@ def _published_problems(model: _StudyYAML, arms: list[Arm]) -> list[str]:
 
 
 def _protocols(protocol: str) -> tuple[str, ...]:
+    """``both`` → (fair, literature); a single protocol → itself."""
     return ("fair", "literature") if protocol == "both" else (protocol,)
 
 
