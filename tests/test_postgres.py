@@ -113,13 +113,16 @@ def _assert_every_unit_once(url: str, tmp_path: Path, seeds: tuple[int, ...]) ->
     assert {p.name for p in tmp_path.glob("machine*/shared/runs/*")} >= set(df.run_key)
 
 
-def _spec(tmp_path: Path, seeds: tuple[int, ...]) -> Path:
+def _spec(tmp_path: Path, seeds: tuple[int, ...], batches_per_epoch: int | None = None) -> Path:
+    """The shared two-arm study; ``batches_per_epoch`` lengthens each trial (default: the tiny study's)."""
     spec = tiny_study(
         "shared",
         arms={"loss.mining": ["batch_hard", "all"]},
         final={"seeds": list(seeds)},
         tune={"n_trials": 2, "params": {"optimizer.lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
     )
+    if batches_per_epoch is not None:
+        spec["base"]["sampler"]["batches_per_epoch"] = batches_per_epoch
     path = tmp_path / "shared.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -142,7 +145,9 @@ def test_a_postgresql_restart_mid_study_is_retried_and_loses_or_duplicates_nothi
     url = server.url.replace("/dmlh", "/restart")
     server.pg("createdb", "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", "restart")
     seeds = (0, 1, 2)
-    machines = _machines(_spec(tmp_path, seeds), url, tmp_path)
+    # trials long enough that the study cannot finish between the poll below and the server stop (on an
+    # idle machine the tiny study's 10 units took a few seconds and sometimes ended first)
+    machines = _machines(_spec(tmp_path, seeds, batches_per_epoch=30), url, tmp_path)
     storage = store.open_storage(url, "shared", tmp_path)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and all(m.poll() is None for m in machines):
