@@ -582,8 +582,11 @@ def test_published_blocks_name_arms_and_metrics() -> None:
 def test_a_killed_worker_process_is_one_line_and_the_others_finish_and_report(tmp_path: Path) -> None:
     """`--workers 2`: kill -9 the loky worker process mid-trial. The command says so in one line (no
     traceback), the main process re-queues and finishes its trial, the report is written, exit code 0."""
-    spec = tiny_study(arms={"loss.mining": ["batch_hard", "all"]}, final={"seeds": [0, 1]})
-    spec["base"]["sampler"]["batches_per_epoch"] = 150
+    # Enough work (8 units of 300 batches) that the main process cannot finish it all alone before the
+    # loky worker (which must import torch first) has claimed a unit, even on a loaded 2-core machine.
+    seeds = [0, 1, 2, 3]
+    spec = tiny_study(arms={"loss.mining": ["batch_hard", "all"]}, final={"seeds": seeds})
+    spec["base"]["sampler"]["batches_per_epoch"] = 300
     path = write(tmp_path, spec)
     cmd = [sys.executable, "-m", "harness.cli", "--results", str(tmp_path), "study", "run", str(path)]
     proc = subprocess.Popen(
@@ -594,12 +597,13 @@ def test_a_killed_worker_process_is_one_line_and_the_others_finish_and_report(tm
         assert proc.poll() is None and time.time() < deadline, "the worker process never started a trial"
         time.sleep(0.2)
         if (tmp_path / "tiny").is_dir():
-            running = [
-                t
+            # A claimed trial is RUNNING a moment before its worker record is written: wait for the pid.
+            pids = [
+                t.user_attrs.get("worker", {}).get("pid")
                 for t in trials_by_study("tiny", tmp_path).get("tiny", [])
-                if t.state == TrialState.RUNNING and t.user_attrs.get("worker", {}).get("pid") != proc.pid
+                if t.state == TrialState.RUNNING
             ]
-            victim = running[0].user_attrs["worker"]["pid"] if running else None
+            victim = next((pid for pid in pids if pid not in (None, proc.pid)), None)
     os.kill(victim, signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
@@ -607,7 +611,7 @@ def test_a_killed_worker_process_is_one_line_and_the_others_finish_and_report(tm
     assert len(re.findall("a worker process died", output)) == 1
     trials = trials_by_study("tiny", tmp_path)["tiny"]
     assert complete_units(trials) == Counter(
-        f"mining={m}/seed={s}" for m in ("batch_hard", "all") for s in (0, 1)
+        f"mining={m}/seed={s}" for m in ("batch_hard", "all") for s in seeds
     )
     assert (tmp_path / "tiny" / "report.md").is_file()
 
