@@ -633,8 +633,8 @@ def write_report(
         figures += plot_importances(imp, plots / "param_importances")
         figures += pictures.plot_retrieval_grids(saved, order, base, plots)
         figures += pictures.plot_embedding_maps(saved, order, plots)
-        figures += method_diagnostics.plot_mdr_histograms(final, order, plots)
-        figures += method_diagnostics.plot_learner_similarity(final, order, plots)
+        for plot in method_diagnostics.PLOTS:
+            figures += plot(final, order, plots)
     budget = search.trials_per_arm(df, order)
     budget.to_csv(tables / "trials_per_arm.csv")
     lines += ["## Trials per arm", "", to_markdown(budget.reset_index()), ""]

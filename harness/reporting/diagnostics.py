@@ -6,6 +6,7 @@ the same names is drawn too; runs without them draw nothing."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,11 @@ def plot_learner_similarity(final: pd.DataFrame, order: list[str], folder: Path)
     fig.suptitle("ABE: similarity of the learners' embeddings of the same training image", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, folder / "abe_learner_similarity")
+
+
+#: The method pictures ``write_report`` draws, in order: each ``(final runs, arm order, plots folder) ->
+#: files written`` draws nothing for a study whose runs did not record what it needs.
+PLOTS: list[Callable[[pd.DataFrame, list[str], Path], list[Path]]] = [
+    plot_mdr_histograms,
+    plot_learner_similarity,
+]
