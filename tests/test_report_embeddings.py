@@ -91,7 +91,7 @@ def test_embedding_maps_and_the_query_bootstrap(run_dir: Path, tmp_path: Path) -
 
 
 def test_every_plot_gives_an_arm_the_same_colour(tmp_path: Path) -> None:
-    from harness import report
+    from harness.reporting import plots
 
     order = ["first arm", "second arm", "third arm"]
     hist = pd.DataFrame(
@@ -105,9 +105,9 @@ def test_every_plot_gives_an_arm_the_same_colour(tmp_path: Path) -> None:
     final = pd.DataFrame(
         {"arm": order * 2, "seed": [0] * 3 + [1] * 3, "test/recall@1": np.linspace(0.1, 0.6, 6)}
     )
-    report.plot_learning_curves(hist, "recall@1", order, tmp_path / "curves")
-    report.plot_diagnostics(hist, order, tmp_path / "diag")
-    report.plot_per_arm(final, "recall@1", order, tmp_path / "bars")
+    plots.plot_learning_curves(hist, "recall@1", order, tmp_path / "curves")
+    plots.plot_diagnostics(hist, order, tmp_path / "diag")
+    plots.plot_per_arm(final, "recall@1", order, tmp_path / "bars")
     palette = figures.arm_palette(order)
     assert palette == figures.arm_palette(order) and len(set(palette.values())) == 3
     for name in ("curves", "diag", "bars"):

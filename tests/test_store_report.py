@@ -18,6 +18,7 @@ from test_study import tiny_study, write
 from harness import report, store, study
 from harness.cli import main
 from harness.errors import HarnessError
+from harness.reporting import plots
 from harness.reporting.status import status
 
 ARMS = [
@@ -200,7 +201,7 @@ def test_list_valued_factors_are_numeric_by_length() -> None:
             {"values": {"levels": [1, 2, 3], "m": 4.0, "loss": None}},
         ]
     }
-    assert [report._factor_kind(meta, f) for f in ("levels", "m", "loss")] == [
+    assert [plots.factor_kind(meta, f) for f in ("levels", "m", "loss")] == [
         "length",
         "numeric",
         "categorical",

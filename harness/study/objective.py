@@ -91,25 +91,8 @@ class Objective:
     def __call__(self, unit: Unit, trial_id: int, snap: Snapshot) -> None:
         """Run ``unit`` as trial ``trial_id`` (claimed by this worker). A failure of the run (NaN loss, OOM,
         a plugin bug) is recorded on the trial and in the run folder; the study goes on."""
-        from harness import train
-        from harness.rundir import write_run
-
         study = self.queue.studies[unit.study]
-        arm = self.spec.arm(unit.attrs["arm"])
-        stage = unit.attrs["stage"]
-        literature = unit.attrs.get("protocol") == "literature"
-        if stage == "tune":  # a sampler seeded for this slot: reruns suggest the same, any trial replays
-            sampler_seed = self.spec.sampler_seed(arm, unit.attrs["slot"])
-            study.sampler = make_sampler(self.spec, unit.study, sampler_seed)
-        trial = optuna.Trial(study, trial_id)
-        what = f"{stage} trial {trial.number} ({arm.label}, " + (
-            f"{'literature ' if literature else ''}seed {unit.attrs['seed']})"
-            if stage == "final"
-            else f"slot {unit.attrs['slot']})"
-        )
-        set_attr = trial.set_user_attr
-        if stage == "tune":
-            set_attr("sampler_seed", sampler_seed)
+        trial, what = self._open(unit, study, trial_id)
         t0 = time.perf_counter()
         try:
             tuned, cfg = self._resolve(unit, trial, snap)
@@ -117,35 +100,68 @@ class Objective:
             self._fail(study, trial, what, e, None, t0)
             return
         run_key = cfg.run_key()
-        run_dir = self.folder / "runs" / run_key
-        set_attr("run_key", run_key)
-        set_attr("tuned", tuned)
+        trial.set_user_attr("run_key", run_key)
+        trial.set_user_attr("tuned", tuned)
         reuse = self._reusable(run_key, snap)
-        if reuse is not None:  # the same resolved config already ran (e.g. the tune run of the final seed)
-            study_name, done = reuse
-            for key in ("metrics", "best_epoch"):
-                set_attr(key, done.user_attrs.get(key))
-            set_attr("duration", 0.0)
-            set_attr("reused_from", f"{study_name}#{done.number}")
-            study.tell(trial, done.value)
-            log.info("%s: same config as %s#%d, reused its results", what, study_name, done.number)
+        if reuse is None:
+            self._train(unit, study, trial_id, trial, what, cfg, t0)
             return
-        metric = self.spec.metric
+        study_name, done = reuse  # the same resolved config already ran (e.g. the tune run of the final seed)
+        for key in ("metrics", "best_epoch"):
+            trial.set_user_attr(key, done.user_attrs.get(key))
+        trial.set_user_attr("duration", 0.0)
+        trial.set_user_attr("reused_from", f"{study_name}#{done.number}")
+        study.tell(trial, done.value)
+        log.info("%s: same config as %s#%d, reused its results", what, study_name, done.number)
+
+    def _open(self, unit: Unit, study: optuna.Study, trial_id: int) -> tuple[optuna.Trial, str]:
+        """The claimed trial (a tune slot gets a sampler seeded for it: reruns suggest the same values and
+        any trial replays) and the words that name it in the log."""
+        arm = self.spec.arm(unit.attrs["arm"])
+        literature = unit.attrs.get("protocol") == "literature"
+        if unit.attrs["stage"] == "tune":
+            sampler_seed = self.spec.sampler_seed(arm, unit.attrs["slot"])
+            study.sampler = make_sampler(self.spec, unit.study, sampler_seed)
+        trial = optuna.Trial(study, trial_id)
+        if unit.attrs["stage"] == "tune":
+            trial.set_user_attr("sampler_seed", sampler_seed)
+            return trial, f"tune trial {trial.number} ({arm.label}, slot {unit.attrs['slot']})"
+        lit = "literature " if literature else ""
+        return trial, f"final trial {trial.number} ({arm.label}, {lit}seed {unit.attrs['seed']})"
+
+    def _train(
+        self,
+        unit: Unit,
+        study: optuna.Study,
+        trial_id: int,
+        trial: optuna.Trial,
+        what: str,
+        cfg: RunConfig,
+        t0: float,
+    ) -> None:
+        """Train ``cfg`` (reporting each epoch's validation metric to the pruner), write its run record and
+        tell the trial its value: the validation metric, or for a literature run (no validation classes)
+        the last epoch's test metric."""
+        from harness import train
+        from harness.rundir import write_run
+
+        metric, tune = self.spec.metric, unit.attrs["stage"] == "tune"
+        run_dir = self.folder / "runs" / cfg.run_key()
 
         def reporter(epoch: int, val: dict[str, float]) -> None:
             value = val.get(metric, math.nan)
             if math.isfinite(value):
                 trial.report(value, epoch)
-            if stage == "tune" and self.spec.pruner and trial.should_prune():
+            if tune and self.spec.pruner and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val {metric} {value:.4f})")
 
-        log.info("%s: start (run %s)", what, run_key)
+        log.info("%s: start (run %s)", what, cfg.run_key())
         try:
             with self.queue.heartbeat(trial_id):
                 result = train.run(cfg, reporter)
         except optuna.TrialPruned as e:
-            set_attr("duration", time.perf_counter() - t0)
-            set_attr("reason", str(e))
+            trial.set_user_attr("duration", time.perf_counter() - t0)
+            trial.set_user_attr("reason", str(e))
             study.tell(trial, state=TrialState.PRUNED)
             log.info("%s: %s", what, e)
             return
@@ -156,25 +172,18 @@ class Objective:
             self._fail(study, trial, what, e, run_dir, t0, cfg.to_dict())
             return
         write_run(result, run_dir, save_checkpoint=cfg.train.save_checkpoint)
-        # a literature run has no validation classes: its trial value is the last epoch's test metric
-        value = result.metrics.get(f"{'test_last' if literature else 'val'}/{metric}", math.nan)
-        set_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})
-        set_attr("best_epoch", result.best_epoch)
-        set_attr("duration", time.perf_counter() - t0)
+        key = f"{'test_last' if unit.attrs.get('protocol') == 'literature' else 'val'}/{metric}"
+        value = result.metrics.get(key, math.nan)
+        trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("duration", time.perf_counter() - t0)
         if not math.isfinite(value):
-            error = TrainingError(f"{'test_last' if literature else 'val'}/{metric} is {value}")
-            self._fail(study, trial, what, error, run_dir, t0, cfg.to_dict())
+            self._fail(study, trial, what, TrainingError(f"{key} is {value}"), run_dir, t0, cfg.to_dict())
             return
         study.tell(trial, value)
-        log.info(
-            "%s: val %s %.4f, test %s %.4f (%.1fs)",
-            what,
-            metric,
-            value,
-            metric,
-            result.metrics.get(f"test/{metric}", math.nan),
-            time.perf_counter() - t0,
-        )
+        test = result.metrics.get(f"test/{metric}", math.nan)
+        took = time.perf_counter() - t0
+        log.info("%s: val %s %.4f, test %s %.4f (%.1fs)", what, metric, value, metric, test, took)
 
     def _fail(
         self,
