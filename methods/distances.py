@@ -34,8 +34,13 @@ class HardNegativeSource(Protocol):
 
 @runtime_checkable
 class PairNegativeSource(Protocol):
-    """A synthesis that also scores negative *pairs* (Symm's batch-all rule): ``(values [B, Q],
-    labels [Q])``, per anchor the hardest candidate of each same-class pair (methods/synthesis.py)."""
+    """A synthesis that also scores negative *pairs* (Symm's rule, methods/synthesis.py): per anchor and
+    same-class pair, the candidates ``(values [B, Q, C], labels [Q])`` and the hardest of them
+    ``(values [B, Q], labels [Q])``."""
+
+    def pair_negative_candidates(
+        self, embeddings: Tensor, labels: Tensor, metric: str
+    ) -> tuple[Tensor, Tensor]: ...
 
     def hardest_pair_negatives(
         self, embeddings: Tensor, labels: Tensor, metric: str
@@ -142,10 +147,12 @@ def distance_matrix(
 
 
 def pair_negative_distances(
-    embeddings: Tensor, labels: Tensor, metric: Distance, synthesis: PairNegativeSource
+    embeddings: Tensor, labels: Tensor, metric: Distance, synthesis: PairNegativeSource, hardest: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """[B, Q] distances from each embedding to the hardest candidate of each negative pair, and [Q] labels."""
-    out, pair_labels = synthesis.hardest_pair_negatives(embeddings, labels, metric)
+    """Distances from each embedding to the hardest candidate of each same-class pair [B, Q] (to each of
+    its candidates [B, Q, C] with ``hardest=False``), and the pairs' labels [Q]."""
+    source = synthesis.hardest_pair_negatives if hardest else synthesis.pair_negative_candidates
+    out, pair_labels = source(embeddings, labels, metric)
     out = out.to(embeddings.dtype)
     return (1.0 - out if metric == "cosine" else out), pair_labels
 

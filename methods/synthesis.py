@@ -8,18 +8,21 @@ gradient-carrying embeddings and are never added as labelled samples.
 
 Three ways a loss uses it:
 
-* pair-based losses over the whole batch (triplet mining, contrastive, lifted, multi-similarity) call
+* the paper's rule (Fig. 1): a negative is a same-class pair (x_k, x_l) with the candidates
+  {x_k, x_l, x_k', x_l'} (:meth:`SymmetricalSynthesis.pair_negative_candidates`). Batch-all triplet makes
+  one term per (anchor, positive, negative pair) and lifted structured sums one log-sum-exp term per
+  negative pair, each with the pair's hardest candidate (:meth:`SymmetricalSynthesis.hardest_pair_negatives`);
+  semi-hard triplet (the paper's † rows) represents each pair by its closest candidate farther than the
+  positive, else its hardest, and makes the semi-hard choice among those (methods/miners.py);
+* the other pair-based losses (batch-hard / random triplet, contrastive, multi-similarity) call
   :meth:`SymmetricalSynthesis.hardest_negatives` and use its matrix in place of their plain negative
   distances / similarities (per negative, the hardest of the original and its reflections about the
   other members of its class; per anchor and class this is the paper's hardest candidate, so batch-hard
   selection matches the paper);
-* batch-all triplet calls :meth:`SymmetricalSynthesis.hardest_pair_negatives`, the paper's rule: one
-  term per (anchor, positive, same-class negative pair (x_k, x_l)) with the hardest of
-  {x_k, x_l, x_k', x_l'} (Fig. 1 of the paper);
 * N-pair-layout losses (n-pair, angular) call :meth:`SymmetricalSynthesis.pooled_logits`, the official
   code's element-wise max of the logit matrices over pairings of (A, P, S1, S2).
 
-Both record how often a synthetic point was the hardest (``epoch_diagnostics``).
+All record how often a synthetic point was the hardest (``epoch_diagnostics``).
 """
 
 from __future__ import annotations
@@ -129,16 +132,17 @@ class SymmetricalSynthesis(nn.Module):
         won = ~same & (best_synthetic < original)
         return sign * torch.where(won, best_synthetic, original)
 
-    def hardest_pair_negatives(
+    def pair_negative_candidates(
         self, embeddings: Tensor, labels: Tensor, metric: Metric
     ) -> tuple[Tensor, Tensor]:
-        """The paper's batch-all rule: per anchor and same-class pair (x_k, x_l), the hardest of the four.
+        """The paper's candidates: per anchor and same-class pair (x_k, x_l), ``metric`` to each of the four.
 
-        Returns ``values`` [B, Q], the ``metric`` from x_i to the hardest of {x_k, x_l, x_k', x_l'}
-        (x_k' = x_k reflected about x_l, x_l' = x_l about x_k) for each of the Q unordered same-class pairs
-        k < l of the batch, and ``pair_labels`` [Q], the class of each pair. A class with one image in the
-        batch gives one column with that image alone (it has no pair, hence no reflection). A loss uses the
-        columns whose label differs from the anchor's: one term per (anchor, positive, negative pair).
+        Returns ``values`` [B, Q, 4], the ``metric`` from x_i to x_k, x_l, x_k' and x_l' (x_k' = x_k reflected
+        about x_l, x_l' = x_l about x_k) for each of the Q unordered same-class pairs k < l of the batch, and
+        ``pair_labels`` [Q], the class of each pair. A class with one image in the batch gives one column
+        whose four candidates are that image (it has no pair, hence no reflection). A loss selects among the
+        candidates of the columns whose label differs from the anchor's: hardest (batch-all, lifted) or
+        semi-hard (``methods.miners.semi_hard_pair_negatives``).
         """
         sign = _sign(metric)
         same = labels[:, None] == labels[None, :]
@@ -146,14 +150,28 @@ class SymmetricalSynthesis(nn.Module):
         single = (same.sum(1) == 1).nonzero(as_tuple=True)[0]
         k, l = torch.cat([k, single]), torch.cat([l, single])
         original = sign * metric_matrix(embeddings, embeddings, metric)
-        best_original = torch.minimum(original[:, k], original[:, l])  # [B, Q]
         synthetic = torch.cat(
             [self.reflect(embeddings[l], embeddings[k]), self.reflect(embeddings[k], embeddings[l])]
         )
-        cand = sign * metric_matrix(embeddings, synthetic, metric).view(len(labels), 2, len(k))
-        best_synthetic = cand.amin(1).masked_fill((k == l)[None], float("inf"))
-        self._record(best_original, best_synthetic, labels, labels[k])
-        return sign * torch.minimum(best_original, best_synthetic), labels[k]
+        reflected = sign * metric_matrix(embeddings, synthetic, metric).view(len(labels), 2, len(k))
+        reflected = torch.where((k == l)[None, None], original[:, None, k], reflected)  # singles: x_k
+        cand = torch.cat([original[:, None, k], original[:, None, l], reflected], 1).transpose(1, 2)
+        best_synthetic = cand[..., 2:].amin(-1).masked_fill((k == l)[None], float("inf"))
+        self._record(cand[..., :2].amin(-1), best_synthetic, labels, labels[k])
+        return sign * cand, labels[k]
+
+    def hardest_pair_negatives(
+        self, embeddings: Tensor, labels: Tensor, metric: Metric
+    ) -> tuple[Tensor, Tensor]:
+        """The paper's rule: per anchor and same-class pair (x_k, x_l), the hardest of {x_k, x_l, x_k', x_l'}.
+
+        ``values`` [B, Q] and ``pair_labels`` [Q] as in :meth:`pair_negative_candidates`, reduced to the
+        hardest candidate of each pair (Fig. 1 of the paper). Batch-all triplet makes one term per (anchor,
+        positive, negative pair) of them; lifted structured sums them in its log-sum-exp.
+        """
+        cand, pair_labels = self.pair_negative_candidates(embeddings, labels, metric)
+        sign = _sign(metric)
+        return sign * (sign * cand).amin(-1), pair_labels
 
     def pooled_logits(
         self,
@@ -211,7 +229,8 @@ class SymmetricalSynthesis(nn.Module):
         """Fractions of synthetic hard negatives since the last call (then reset).
 
         synthetic_hard_fraction: over (anchor, negative class), how often the hardest candidate of that
-            class (originals and synthetics) was synthetic — the negative the loss actually selects.
+            class (originals and synthetics) was synthetic — the negative that hard mining selects (semi-hard
+            mining may select an easier one).
         synthetic_entry_fraction: over negative entries, how often a reflection beat the originals: entries
             (i, k) with x_k against its reflections, or under the batch-all pair rule (i, pair (k, l)).
         Empty when nothing was recorded.

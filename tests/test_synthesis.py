@@ -280,3 +280,120 @@ def test_pair_rule_gradients_and_bf16() -> None:
         )
     out.value.backward()
     assert out.value.dtype == torch.float32 and torch.isfinite(x32.grad).all()
+
+
+def _naive_negative_pairs(x: torch.Tensor, labels: list[int], a: int, metric: str) -> list[list[float]]:
+    """Per same-class pair {x_k, x_l} of a class other than a's: the distances from x_a to its candidates
+    x_k, x_l, x_k', x_l' (a class with one image in the batch: that image alone)."""
+    out = []
+    for k in range(len(labels)):
+        if labels[k] == labels[a]:
+            continue
+        members = [m for m in range(len(labels)) if labels[m] == labels[k]]
+        if len(members) == 1:
+            out.append([_naive_dist(x[a], x[k], metric)])
+        for l in (m for m in members if m > k):
+            cands = (x[k], x[l], _naive_mirror(x[l], x[k]), _naive_mirror(x[k], x[l]))
+            out.append([_naive_dist(x[a], c, metric) for c in cands])
+    return out
+
+
+def _naive_semi_hard(x: torch.Tensor, labels: list[int], metric: str, margin: float) -> list[float]:
+    """Symm + semi-hard, one hinge per positive pair (a, p): each negative pair is represented by its closest
+    candidate farther than p, else its closest candidate; the negative is the closest representative
+    farther than p, else the farthest representative (TF's semi-hard rule)."""
+    terms = []
+    for a in range(len(labels)):
+        for p in range(len(labels)):
+            if p == a or labels[p] != labels[a]:
+                continue
+            d_ap = _naive_dist(x[a], x[p], metric)
+            reps = []
+            for cands in _naive_negative_pairs(x, labels, a, metric):
+                farther = [d for d in cands if d > d_ap]
+                reps.append(min(farther) if farther else min(cands))
+            farther = [d for d in reps if d > d_ap]
+            d_an = min(farther) if farther else max(reps)
+            terms.append(max(d_ap - d_an + margin, 0.0))
+    return terms
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_semi_hard_triplet_follows_the_paper_rule(metric: str) -> None:
+    """Symm + semi-hard triplet (the paper's † rows) against a loop over (anchor, positive, negative pair)."""
+    labels = torch.tensor([3, 0, 3, 1, 0, 3, 2, 1, 0, 3])  # classes of 4, 3, 2 images and a single one
+    torch.manual_seed(1)
+    x = torch.randn(len(labels), 3, dtype=torch.float64)
+    margin = 0.5 if metric != "cosine" else 0.2
+    loss = registry.build(
+        "loss", "triplet", context={"miner": None, "synthesis": SymmetricalSynthesis()},
+        mining="semi_hard", distance=metric, margin=margin,
+    )  # fmt: skip
+    out = loss(x, labels)
+    terms = _naive_semi_hard(x, labels.tolist(), metric, margin)
+    assert 0 < sum(t > 0 for t in terms) < len(terms)
+    assert out.stats["triplets"].item() == len(terms)
+    assert out.value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
+
+
+def test_semi_hard_pair_rule_hand_made() -> None:
+    # anchor 0°, positive 40°; class 1 has 60° and 30° (candidates 60°, 30°, 0° = 60° about 30°, 90°), class 2
+    # one image at 70°. From 0°, the per-point rule keeps 0° for 60° and 30° for 30°, neither farther than
+    # 40°, so it chose 70°; the pair rule keeps the pair's 60°. From 40° (positive 0°): class 1's 90° (50°).
+    # Class 1's own pairs: from 60° (positive 30°) class 0's 0° (60° away); from 30° class 2's 70° (40°).
+    x = torch.stack([_unit(0), _unit(40), _unit(60), _unit(30), _unit(70)])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    loss = registry.build(
+        "loss", "triplet", context={"miner": None, "synthesis": SymmetricalSynthesis()},
+        mining="semi_hard", distance="cosine", margin=0.3,
+    )  # fmt: skip
+    cos = lambda deg: math.cos(math.radians(deg))  # noqa: E731
+    want = sum(max(cos(n) - cos(p) + 0.3, 0) for p, n in ((40, 60), (40, 50), (30, 60), (30, 40))) / 4
+    assert loss(x, labels).value.item() == pytest.approx(want)
+
+
+def _naive_lifted(x: torch.Tensor, labels: list[int], margin: float, generalized: bool) -> float:
+    """Symm + lifted structured (or Hermans' generalised form): every negative of a log-sum-exp is a
+    same-class negative pair at the distance of its hardest candidate."""
+    b = len(labels)
+    neg = [[min(c) for c in _naive_negative_pairs(x, labels, i, "euclidean")] for i in range(b)]
+    lse_neg = [math.log(sum(math.exp(margin - d) for d in row)) for row in neg]
+    dist = [[_naive_dist(x[i], x[j], "euclidean") for j in range(b)] for i in range(b)]
+    positives = [[j for j in range(b) if j != i and labels[j] == labels[i]] for i in range(b)]
+    if generalized:
+        terms = [
+            max(math.log(sum(math.exp(dist[i][j]) for j in positives[i])) + lse_neg[i], 0.0)
+            for i in range(b)
+            if positives[i]
+        ]
+        return sum(terms) / len(terms)
+    terms = []
+    for i in range(b):
+        for j in positives[i]:
+            both = sum(math.exp(margin - d) for d in neg[i] + neg[j])
+            terms.append(0.5 * max(math.log(both) + dist[i][j], 0.0) ** 2)
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("name", ["lifted_structured", "generalized_lifted_structured"])
+def test_lifted_follows_the_paper_rule(name: str) -> None:
+    labels = torch.tensor([3, 0, 3, 1, 0, 3, 2, 1, 0, 3])
+    torch.manual_seed(2)
+    x = torch.randn(len(labels), 3, dtype=torch.float64)
+    margin = 1.0
+    loss = registry.build("loss", name, context={"synthesis": SymmetricalSynthesis()}, margin=margin)
+    want = _naive_lifted(x, labels.tolist(), margin, generalized=name.startswith("generalized"))
+    assert want > 0
+    assert loss(x, labels).value.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_semi_hard_and_lifted_pair_rule_gradients() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    s = SymmetricalSynthesis()
+    semi = registry.build(
+        "loss", "triplet", context={"miner": None, "synthesis": s}, mining="semi_hard", margin=2.0
+    )
+    lifted = registry.build("loss", "lifted_structured", context={"synthesis": s})
+    for loss in (semi, lifted):
+        assert torch.autograd.gradcheck(lambda e, f=loss: f(e, labels).value, (x,))

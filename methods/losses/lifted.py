@@ -11,8 +11,10 @@ Generalised lifted structure (Hermans et al. 2017, PML's GeneralizedLiftedStruct
 ``[log Σ_{p∈P_a} e^{D_ap} + log Σ_{n∈N_a} e^{m - D_an}]_+``, mean over anchors that have both a positive
 and a negative (PML averages over all anchors, an anchor without positives keeping its negative term).
 
-With a synthesis the negative distances are the smallest over the synthetics (Symm+Lifted: each
-negative distance in J replaced by its min over original and synthetic candidates).
+With a synthesis that scores negative pairs (symmetrical synthesis, Gu & Ko's rule) the negatives of
+both log-sum-exps are the same-class negative pairs (x_k, x_l), each contributing the distance to its
+hardest candidate of {x_k, x_l, x_k', x_l'} (a class with one image in the batch: that image); with a
+synthesis that only scores points, each negative distance is the smallest over its synthetics.
 """
 
 from __future__ import annotations
@@ -26,22 +28,26 @@ from harness.registry import register
 from harness.types import LossOutput
 from methods.distances import (
     HardNegativeSource,
+    PairNegativeSource,
     distance_matrix,
     full_precision,
     label_masks,
     masked_logsumexp,
     masked_mean,
+    pair_negative_distances,
+    pairwise_distance,
 )
 from methods.miners import positive_pairs
 
 
-def _stats(dist: Tensor, pos: Tensor, neg: Tensor, terms: Tensor, used: Tensor) -> dict[str, Tensor]:
+def _stats(
+    dist: Tensor, pos: Tensor, neg_dist: Tensor, neg: Tensor, terms: Tensor, used: Tensor
+) -> dict[str, Tensor]:
     """Fraction of non-zero terms among the used ones (float mask), mean positive / negative distance."""
-    d = dist.detach()
     return {
         "active_fraction": torch.count_nonzero(terms.detach() * used) / used.sum().clamp_min(1),
-        "pos_dist": masked_mean(d, pos),
-        "neg_dist": masked_mean(d, neg),
+        "pos_dist": masked_mean(dist.detach(), pos),
+        "neg_dist": masked_mean(neg_dist.detach(), neg),
     }
 
 
@@ -52,10 +58,18 @@ class _LiftedBase(nn.Module):
         self.normalize = normalize
         self.synthesis = synthesis
 
-    def distances(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def distances(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``dist`` [B, B] and its positive mask, then the negatives: ``neg_dist`` [B, N] and their mask
+        (the columns of ``dist``, or with a pair-scoring synthesis the batch's N same-class pairs)."""
         if self.normalize:
             embeddings = F.normalize(embeddings, dim=1)
-        return distance_matrix(embeddings, labels, "euclidean", self.synthesis), *label_masks(labels)
+        pos, neg = label_masks(labels)
+        if isinstance(self.synthesis, PairNegativeSource):  # Symm's rule: a pair's hardest candidate
+            neg_dist, pair_labels = pair_negative_distances(embeddings, labels, "euclidean", self.synthesis)
+            dist = pairwise_distance(embeddings, "euclidean")
+            return dist, pos, neg_dist, labels[:, None] != pair_labels[None, :]
+        dist = distance_matrix(embeddings, labels, "euclidean", self.synthesis)
+        return dist, pos, dist, neg
 
 
 def _pml_lifted() -> list[Reference]:
@@ -77,7 +91,8 @@ class LiftedStructuredLoss(_LiftedBase):
     """Lifted structured loss (Oh Song et al. 2016): log-sum-exp over both ends' negatives per positive pair.
 
     margin: α in ``e^{α - D}``. normalize: L2-normalise the embeddings first (PML's default; the paper
-    does not). synthesis: negatives are the closest over their synthetics.
+    does not). synthesis: the negatives are the same-class negative pairs at their hardest candidate
+    (symmetrical synthesis), or each negative at its closest synthetic (a point-scoring synthesis).
     """
 
     def __init__(self, *, margin: float = 1.0, normalize: bool = False, synthesis: HardNegativeSource | None):
@@ -85,12 +100,12 @@ class LiftedStructuredLoss(_LiftedBase):
 
     @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        dist, pos, neg = self.distances(embeddings, labels)
-        row = masked_logsumexp(self.margin - dist, neg)  # [B] log Σ_{k∈N_i} e^{α - D_ik}
+        dist, pos, neg_dist, neg = self.distances(embeddings, labels)
+        row = masked_logsumexp(self.margin - neg_dist, neg)  # [B] log Σ_{k∈N_i} e^{α - D_ik}
         a, p = positive_pairs(pos, neg)  # ordered positive pairs (both ends then have negatives)
         terms = 0.5 * F.relu(torch.logaddexp(row[a], row[p]) + dist[a, p]).square()
         value = terms.sum() / max(len(a), 1)
-        return LossOutput(value, _stats(dist, pos, neg, terms, torch.ones_like(terms)))
+        return LossOutput(value, _stats(dist, pos, neg_dist, neg, terms, torch.ones_like(terms)))
 
 
 def _pml_generalized() -> list[Reference]:
@@ -111,7 +126,7 @@ class GeneralizedLiftedStructuredLoss(_LiftedBase):
     """Generalised lifted structure (Hermans et al. 2017): softmax positive vs softmin negative per anchor.
 
     margin: m in ``e^{m - D_an}``. normalize: L2-normalise the embeddings first (PML's default).
-    synthesis: negatives are the closest over their synthetics.
+    synthesis: as for ``lifted_structured``.
     """
 
     def __init__(self, *, margin: float = 1.0, normalize: bool = False, synthesis: HardNegativeSource | None):
@@ -119,8 +134,8 @@ class GeneralizedLiftedStructuredLoss(_LiftedBase):
 
     @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        dist, pos, neg = self.distances(embeddings, labels)
+        dist, pos, neg_dist, neg = self.distances(embeddings, labels)
         anchors = (pos.any(1) & neg.any(1)).to(dist.dtype)
-        terms = F.relu(masked_logsumexp(dist, pos) + masked_logsumexp(self.margin - dist, neg)) * anchors
+        terms = F.relu(masked_logsumexp(dist, pos) + masked_logsumexp(self.margin - neg_dist, neg)) * anchors
         value = terms.sum() / anchors.sum().clamp_min(1)
-        return LossOutput(value, _stats(dist, pos, neg, terms, anchors))
+        return LossOutput(value, _stats(dist, pos, neg_dist, neg, terms, anchors))

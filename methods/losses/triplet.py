@@ -53,6 +53,7 @@ from methods.miners import (
     batch_hard_triplets,
     positive_pairs,
     random_triplets,
+    semi_hard_pair_negatives,
     semi_hard_triplets,
 )
 
@@ -97,8 +98,11 @@ class TripletLoss(nn.Module):
     reduction: "auto" = mean over active triplets for ``all``, mean over all selected triplets otherwise;
         "mean" / "mean_nonzero" force one of the two.
     normalize: L2-normalise the embeddings first (FaceNet; PML's default).
-    synthesis: negatives are the hardest over their synthetics (symmetrical synthesis); with ``all`` and
-        a synthesis that scores negative pairs, one term per (anchor, positive, negative pair) (Symm).
+    synthesis: negatives are the hardest over their synthetics (symmetrical synthesis). With a synthesis
+        that scores negative pairs (Symm's rule): ``all`` makes one term per (anchor, positive, negative
+        pair) with the pair's hardest candidate of {x_k, x_l, x_k', x_l'}; ``semi_hard`` represents each
+        negative pair by its closest candidate farther than the positive (else its hardest) and applies
+        the semi-hard choice to those. Batch-hard takes the hardest candidate of all, the same either way.
     """
 
     accepts_miner: ClassVar[tuple[str, ...]] = ("triplets",)
@@ -141,8 +145,13 @@ class TripletLoss(nn.Module):
             embeddings = F.normalize(embeddings, dim=1)
         pos, neg = label_masks(labels)
         batch_all = self.miner is None and self.mining == "all"
-        # Symm's batch-all rule: one term per (anchor, positive, negative pair), see methods/synthesis.py
-        pair_rule = batch_all and isinstance(self.synthesis, PairNegativeSource)
+        # Symm's pair rule (methods/synthesis.py): batch-all makes one term per (anchor, positive, negative
+        # pair) with the pair's hardest candidate; semi-hard chooses among the negative pairs' candidates
+        pair_rule = (
+            self.miner is None
+            and self.mining in ("all", "semi_hard")
+            and isinstance(self.synthesis, PairNegativeSource)
+        )
         dist = None  # the [B, B] matrix with gradient: only for batch-all and synthesis
         if pair_rule:
             dist = pairwise_distance(embeddings, self.distance)
@@ -160,11 +169,21 @@ class TripletLoss(nn.Module):
             valid = neg_valid.to(dist.dtype)[a]
             losses = self.violation(d_ap, d_an) * valid
         else:
-            a, p, n = self.select(embeddings, labels, pos, neg, dist)
-            if dist is None:  # distances of the selected triplets only: no B×B backward
-                d_ap, d_an = (paired_distance(embeddings, a, b, self.distance) for b in (p, n))
+            if pair_rule:  # semi-hard: per positive pair one candidate of one negative pair
+                a, p = positive_pairs(pos, neg)
+                cand, pair_labels = pair_negative_distances(
+                    embeddings, labels, self.distance, self.synthesis, hardest=False
+                )  # [B, Q, 4]
+                d_ap = dist[a, p]
+                negs = labels[a][:, None] != pair_labels[None, :]
+                q, c = semi_hard_pair_negatives(d_ap.detach(), cand.detach()[a], negs)
+                d_an = cand[a, q, c]
             else:
-                d_ap, d_an = dist[a, p], dist[a, n]
+                a, p, n = self.select(embeddings, labels, pos, neg, dist)
+                if dist is None:  # distances of the selected triplets only: no B×B backward
+                    d_ap, d_an = (paired_distance(embeddings, a, b, self.distance) for b in (p, n))
+                else:
+                    d_ap, d_an = dist[a, p], dist[a, n]
             valid = torch.ones_like(d_an)
             losses = self.violation(d_ap, d_an)
         count, active = valid.sum(), torch.count_nonzero(losses)
