@@ -20,6 +20,8 @@ reads them through these Protocols and helpers only, never by guessing attribute
 - diagnostics (``EpochDiagnostics``): any module of the model, loss or regularizers with an
   ``epoch_diagnostics()`` method is asked once per epoch by ``train.Learner`` for scalars (history columns)
   and records (diagnostics file); it resets its accumulators.
+- attention (``AttentionMaps``): a model with spatial attention gives each learner's mask of a few test
+  images; ``train.run`` saves them with the test embeddings and the report draws them over the images.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 #: What a miner returns: (anchor, positive, negative) index tensors, or (a1, p, a2, n) pair tensors.
@@ -40,6 +43,16 @@ class EpochDiagnostics(Protocol):
 
     def epoch_diagnostics(self) -> dict[str, Any]:
         """Scalars (→ history ``diag/<key>``) and other JSON values (→ diagnostics); then reset."""
+        ...
+
+
+@runtime_checkable
+class AttentionMaps(Protocol):
+    """A model with spatial attention that can show where each of its learners looks (ABE-M's masks)."""
+
+    def attention_maps(self, images: torch.Tensor) -> torch.Tensor | None:
+        """[M, B, h, w] masks in [0, 1] at the model's own resolution (averaged over channels); None when
+        this configuration of the model has no attention (ABE's heads variant)."""
         ...
 
 

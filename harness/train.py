@@ -32,7 +32,7 @@ from harness.errors import ConfigError, NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.model import StagedBackbone, build_component, build_model
 from harness.monitor import CollapseCheck, Progress, embedding_stats
-from harness.plugins import EpochDiagnostics, HasBackbone, param_options
+from harness.plugins import AttentionMaps, EpochDiagnostics, HasBackbone, param_options
 from harness.reporting import embeddings as reporting_embeddings
 from harness.types import CLUSTERING_METRICS, LossOutput, ModelOutput
 
@@ -384,6 +384,8 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         metrics["test_best/epoch"] = float(fit.best_test_epoch)
     metrics["train/collapsed"] = float(collapse.collapsed(cfg.train.epochs))
     saved = reporting_embeddings.capture(*tr.embedded, tr.eval_sets, cfg.eval.distance)
+    if isinstance(tr.model, AttentionMaps):  # the masks of the state the test metrics report
+        saved |= reporting_embeddings.attention(tr.model, tr.eval_sets["test"], tr.device)
     eval_time = fit.eval_time + time.perf_counter() - t
     warnings = collapse.warnings(cfg.train.epochs)
     for w in warnings:

@@ -99,7 +99,8 @@ class ABE(nn.Module):
     backbone also freezes the BN layers of those copies. With ``variant="heads"`` and M = 1 the model is the
     single-learner baseline (the ``embedder`` model with an L2-normalised linear head).
     ``epoch_diagnostics()`` reports the mean cosine similarity between different learners' embeddings of the
-    same image (the paper's self-pair similarity), over the training batches of the epoch.
+    same image (the paper's self-pair similarity), over the training batches of the epoch;
+    ``attention_maps(images)`` gives each learner's mask of the images (the report draws a few test images').
     """
 
     def __init__(
@@ -188,12 +189,23 @@ class ABE(nn.Module):
         if self.variant == "heads":
             g = self.backbone(s, start=self.branch)
             return torch.cat([g, *(stages(s) for stages in self.head_stages)])
+        masks = self._masks(s)
+        return self.backbone((s.unsqueeze(0) * masks).flatten(0, 1), start=self.branch)
+
+    def _masks(self, s: torch.Tensor) -> torch.Tensor:
+        """The M learners' sigmoid attention masks of S's output ``s`` [B, C, H, W]: [M, B, C, H, W]."""
         b, c, h, w = s.shape
         logits = self.attention_masks(self.attention_trunk(s))
         if logits.shape[-2:] != (h, w):
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        masks = torch.sigmoid(logits).view(b, self.m, c, h, w).transpose(0, 1)  # [M, B, C, H, W]
-        return self.backbone((s.unsqueeze(0) * masks).flatten(0, 1), start=self.branch)
+        return torch.sigmoid(logits).view(b, self.m, c, h, w).transpose(0, 1)
+
+    def attention_maps(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Each learner's mask averaged over S's channels, [M, B, H, W] at S's resolution (the report draws
+        them over the test images); None for the heads variant, which has no attention."""
+        if self.variant != "attention":
+            return None
+        return self._masks(self.backbone(images, end=self.branch)).mean(2)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
         b = images.shape[0]

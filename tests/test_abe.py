@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import nn
 from harness import registry
 from harness.errors import ConfigError
 from harness.model import Embedder, StagedBackbone
+from harness.plugins import AttentionMaps
 from harness.types import ModelOutput
 from methods.abe import ABE, divergence_loss
 
@@ -201,6 +203,25 @@ def test_one_learner_without_divergence_has_no_aux_loss() -> None:
     assert out.aux_losses == {} and "divergence_unweighted" in out.stats
 
 
+def test_attention_maps_are_each_learners_sigmoid_mask_averaged_over_channels() -> None:
+    abe = make_abe(small_convnet(), m=3, embedding_dim=12, branch="block2", attention_depth="block4").eval()
+    x = torch.randn(2, 1, 16, 16)
+    assert isinstance(abe, AttentionMaps)
+    with torch.no_grad():
+        maps = abe.attention_maps(x)
+        s = abe.backbone(x, end="block2")  # [B, C, 8, 8]; block4's 4×4 logits are resized to it
+        c = s.shape[1]
+        logits = F.interpolate(
+            abe.attention_masks(abe.attention_trunk(s)), size=(8, 8), mode="bilinear", align_corners=False
+        )
+    assert maps is not None and maps.shape == (3, 2, 8, 8)
+    assert 0 < maps.min() and maps.max() < 1
+    for m in range(3):  # learner m's mask: the m-th channel block of the 1×1 conv (as reference_learner)
+        torch.testing.assert_close(maps[m], torch.sigmoid(logits[:, m * c : (m + 1) * c]).mean(1))
+    heads = make_abe(small_convnet(), m=3, embedding_dim=12, variant="heads")
+    assert heads.attention_maps(x) is None
+
+
 def test_heads_with_one_learner_is_the_single_learner_baseline() -> None:
     backbone, x = small_convnet(), torch.randn(3, 1, 16, 16)
     abe = make_abe(backbone, m=1, embedding_dim=8, lambda_div=0.0, variant="heads")
@@ -304,6 +325,11 @@ def test_abe_trains_end_to_end_and_records_its_diagnostics() -> None:
     row = result.history[0]
     assert row["train/aux/divergence"] > 0 and -1.0 <= row["diag/learner_self_similarity"] <= 1.0
     assert len(result.diagnostics[0]["ABE/learner_self_similarity_matrix"]) == 2
+    saved = result.embeddings  # the masks of the first image of each of the first 4 test classes
+    assert saved["attention_masks"].shape == (2, 4, 4, 4) and saved["attention_masks"].dtype == np.float16
+    assert saved["attention_images"].shape == (4, 8, 8, 3) and saved["attention_images"].dtype == np.uint8
+    labels = saved["gallery_labels"]
+    assert len(set(labels[saved["attention_index"]])) == 4 and saved["attention_index"][0] == 0
 
 
 def test_the_divergence_loss_alone_separates_the_learners_through_their_masks() -> None:

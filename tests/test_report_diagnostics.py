@@ -1,5 +1,5 @@
 """MDR distance histograms and ABE learner similarity from the diagnostics a run recorded (hand-written
-diagnostics.json files in the format train.run writes)."""
+diagnostics.json files in the format train.run writes); ABE's attention masks from a tiny study."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+from test_study import tiny_study, write
 
-from harness.reporting import diagnostics
+from harness import store, study
+from harness.reporting import diagnostics, embeddings
 
 
 def run_dir(tmp: Path, name: str, rows: list[dict]) -> str:
@@ -61,3 +64,25 @@ def test_mdr_histograms_and_abe_similarity_are_drawn_from_recorded_diagnostics(t
     svg = (tmp_path / "abe_learner_similarity.svg").read_text()
     assert "0.25" in svg and "epoch 2" in svg  # the last epoch's matrix, annotated
     assert diagnostics.plot_mdr_histograms(final[final.arm == "plain"], ["plain"], tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_study_report_draws_the_abe_attention_masks_and_only_for_abe(tmp_path: Path) -> None:
+    """A tiny study, ABE-M against an embedder: the ABE arm's runs keep their masks and the report draws
+    them; the embedder's runs keep none."""
+    abe = {"name": "abe", "m": 2, "embedding_dim": 8, "branch": "block2"}
+    embedder = {"name": "embedder", "embedding_dim": 8}
+    spec = tiny_study(
+        "attention",
+        arms={"model": {"abe": {"model": abe}, "embedder": {"model": embedder}}},
+        final={"seeds": [0]},
+    )
+    spec["base"]["loss"] = {"name": "contrastive"}
+    out = study.run_study(write(tmp_path, spec), results=tmp_path / "results")
+    assert out is not None
+    final = store.load("attention", results=tmp_path / "results")
+    saved = {arm: embeddings.read(d) for arm, d in zip(final.arm, final.run_dir, strict=True)}
+    assert saved["model=abe"]["attention_masks"].shape[:2] == (2, 4)
+    assert not any(k.startswith("attention") for k in saved["model=embedder"])
+    drawn = {p.name for p in (out / "plots").iterdir() if p.name.startswith("abe_attention_masks")}
+    assert drawn == {f"abe_attention_masks_model_abe.{ext}" for ext in ("png", "svg", "pdf")}

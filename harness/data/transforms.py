@@ -163,3 +163,11 @@ def build_transforms(
     finish.append(T.Normalize(dc.mean, std))
     train, test = _recipe(kind, size, resize)
     return T.Compose(convert + train + finish), T.Compose(convert + test + finish)
+
+
+def pil_steps(transform: object) -> T.Compose:
+    """The steps of a ``build_transforms`` transform before ``ToTensor``: the PIL image the network sees
+    (its crop and size), for figures that draw on it."""
+    assert isinstance(transform, T.Compose), f"not a build_transforms transform: {transform!r}"
+    steps = transform.transforms
+    return T.Compose(steps[: next(i for i, t in enumerate(steps) if isinstance(t, T.ToTensor))])

@@ -1,7 +1,8 @@
 """Pictures of the method diagnostics a run recorded per epoch (``diagnostics.json``, written from the
 components' ``epoch_diagnostics()``): MDR's histogram of normalised training distances with its learned
 levels, and ABE's learner × learner self-similarity. Found by key suffix, so any component that records
-the same names is drawn too; runs without them draw nothing."""
+the same names is drawn too; runs without them draw nothing. Also the attention masks a model with attention
+(ABE-M) saved with its test embeddings, over the test images they are of."""
 
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from harness.reporting.figures import save_figure  # noqa: E402
+from harness.reporting.figures import arm_palette, save_figure, saved_runs  # noqa: E402
+from harness.reporting.plots import slug  # noqa: E402
 
 #: Epochs shown of a run's history of histograms: the first, the middle and the last.
 HIST_EPOCHS = 3
+#: Colour map of the attention masks (drawn at 60% opacity over their image).
+ATTENTION_CMAP = "inferno"
 
 
 def records(run_dir: str | Path, suffix: str) -> list[tuple[int, Any]]:
@@ -116,9 +123,49 @@ def plot_learner_similarity(final: pd.DataFrame, order: list[str], folder: Path)
     return save_figure(fig, folder / "abe_learner_similarity")
 
 
+def _upsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A [h, w] float mask resized bilinearly to ``size`` (H, W)."""
+    im = Image.fromarray(mask.astype(np.float32), mode="F")
+    return np.asarray(im.resize(size[::-1], Image.Resampling.BILINEAR))
+
+
+def plot_attention_masks(final: pd.DataFrame, order: list[str], folder: Path) -> list[Path]:
+    """Per arm with saved attention masks (ABE-M), one figure: a row per test image (the same images in every
+    arm, as the network saw them), then each learner's mask (mean over channels) upsampled onto it."""
+    runs = {a: saved for a, (_, saved) in saved_runs(final, order).items() if "attention_masks" in saved}
+    colours = arm_palette(order)
+    paths: list[Path] = []
+    for arm, saved in runs.items():
+        masks, images = saved["attention_masks"].astype(np.float32), saved["attention_images"]
+        m, n = masks.shape[:2]
+        fig, axes = plt.subplots(
+            n, m + 1, figsize=(1.5 * (m + 1) + 1.2, 1.5 * n + 0.8), squeeze=False, layout="constrained"
+        )
+        for r, (row, image, index) in enumerate(zip(axes, images, saved["attention_index"], strict=True)):
+            for ax in row:
+                ax.imshow(image, interpolation="nearest")
+                ax.set(xticks=[], yticks=[])
+                ax.grid(False)
+            for j, ax in enumerate(row[1:]):
+                mask = _upsample(masks[j, r], image.shape[:2])
+                ax.imshow(mask, cmap=ATTENTION_CMAP, vmin=0, vmax=1, alpha=0.6, interpolation="nearest")
+            label = saved["gallery_labels"][index]
+            row[0].set_ylabel(f"test image {index}\n(class {label})", fontsize=8)
+            for spine in row[0].spines.values():
+                spine.set(edgecolor=colours[arm], linewidth=3)
+        for j, ax in enumerate(axes[0]):
+            ax.set_title("image" if j == 0 else f"learner {j}", fontsize=9)
+        scale = ScalarMappable(Normalize(0, 1), cmap=ATTENTION_CMAP)
+        fig.colorbar(scale, ax=axes[:, 1:].ravel().tolist(), label="attention (sigmoid)", shrink=0.8)
+        fig.suptitle(f"ABE: each learner's attention mask over test images ({arm})", fontsize=10)
+        paths += save_figure(fig, folder / f"abe_attention_masks_{slug(arm)}")
+    return paths
+
+
 #: The method pictures ``write_report`` draws, in order: each ``(final runs, arm order, plots folder) ->
 #: files written`` draws nothing for a study whose runs did not record what it needs.
 PLOTS: list[Callable[[pd.DataFrame, list[str], Path], list[Path]]] = [
     plot_mdr_histograms,
     plot_learner_similarity,
+    plot_attention_masks,
 ]

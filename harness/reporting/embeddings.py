@@ -10,6 +10,10 @@ to ``<run_dir>/test_embeddings.npz``. Compact by construction (SOP: about 2 MB):
   classes (at most ``MAP_POINTS``), for the t-SNE maps; the same items in every arm.
 - ``gallery_items`` / ``query_items``: image paths, for datasets read from files. In-memory datasets
   (digits, fashion_mnist) store none: the report reads their pixels again from the run's config.
+- ``attention_masks`` float16 [M, N, h, w] / ``attention_index`` int32 [N] / ``attention_images`` uint8
+  [N, H, W, 3], for models with attention (``harness.plugins.AttentionMaps``, ABE-M): each learner's mask
+  of the first test image of each of the first ``ATTENTION_IMAGES`` test classes (the same images in every
+  arm) and those images as the network saw them (the test transform's crop and size).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.data.images import ImageSet
+from harness.data.transforms import pil_steps
 from harness.evaluate import knn
+from harness.plugins import AttentionMaps
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,7 @@ FILE = "test_embeddings.npz"
 TOP_K = 8
 MAP_CLASSES = 10
 MAP_POINTS = 1000
+ATTENTION_IMAGES = 4
 
 
 def capture(
@@ -58,6 +66,23 @@ def capture(
         if items is not None and items.dtype == object:  # paths (pixels are read again from the config)
             out[key] = np.asarray(items, dtype=str)
     return out
+
+
+@torch.no_grad()
+def attention(model: AttentionMaps, test: ImageSet, device: torch.device) -> dict[str, np.ndarray]:
+    """The ``attention_*`` arrays of ``FILE`` from ``model`` (in eval mode) on the test split ``test`` (with
+    the test transform); none when the model's configuration has no attention."""
+    pick = np.unique(test.labels, return_index=True)[1][:ATTENTION_IMAGES]
+    images = torch.stack([test[int(i)][0] for i in pick]).to(device)
+    maps = model.attention_maps(images)
+    if maps is None:
+        return {}
+    shown = pil_steps(test.transform)
+    return {
+        "attention_masks": maps.float().cpu().numpy().astype(np.float16),
+        "attention_index": pick.astype(np.int32),
+        "attention_images": np.stack([np.asarray(shown(test.image(int(i))).convert("RGB")) for i in pick]),
+    }
 
 
 def write(directory: str | Path, arrays: dict[str, np.ndarray]) -> None:
