@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,10 @@ _HARDNESS_SIGN = {"euclidean": 1.0, "sqeuclidean": 1.0, "cosine": -1.0, "dot": -
 
 #: Indices of the original point sets (A, P) in ``pooled_logits``' (A, P, S1, S2).
 _ORIGINAL = {0, 1}
+
+#: Original points of the last training batch kept per epoch in ``synthesis_snapshot`` (with as many
+#: synthetic ones, in at most as many coordinates: about 40 KB of diagnostics.json per epoch).
+SNAPSHOT_POINTS = 48
 
 
 def _sign(metric: str) -> float:
@@ -95,6 +99,7 @@ class SymmetricalSynthesis(nn.Module):
         self.pairing = pairing
         # synthetic winners / negative entries, synthetic selections / selections (see epoch_diagnostics)
         self.register_buffer("counts", torch.zeros(4, dtype=torch.long), persistent=False)
+        self._last_batch: tuple[Tensor, Tensor] | None = None  # the last training batch, for the snapshot
 
     def reflect(self, axis: Tensor, point: Tensor) -> Tensor:
         """Reflect ``point`` about ``axis`` (broadcasting over leading dimensions, last dim = features)."""
@@ -129,6 +134,7 @@ class SymmetricalSynthesis(nn.Module):
             cand = sign * metric_matrix(embeddings, synthetic.flatten(0, 1), metric).view(b, b, n_other)
             best_synthetic = cand.masked_fill(~valid[None], float("inf")).amin(-1)
         self._record(original, best_synthetic, labels, labels)
+        self._keep(embeddings, labels)
         won = ~same & (best_synthetic < original)
         return sign * torch.where(won, best_synthetic, original)
 
@@ -158,6 +164,7 @@ class SymmetricalSynthesis(nn.Module):
         cand = torch.cat([original[:, None, k], original[:, None, l], reflected], 1).transpose(1, 2)
         best_synthetic = cand[..., 2:].amin(-1).masked_fill((k == l)[None], float("inf"))
         self._record(cand[..., :2].amin(-1), best_synthetic, labels, labels[k])
+        self._keep(embeddings, labels)
         return sign * cand, labels[k]
 
     def hardest_pair_negatives(
@@ -188,6 +195,8 @@ class SymmetricalSynthesis(nn.Module):
         diagonal. The diagonal (positive) entries take part in the max too, as in the official code.
         """
         sets = (anchors, positives, self.reflect(anchors, positives), self.reflect(positives, anchors))
+        classes = torch.arange(len(anchors), device=anchors.device)
+        self._keep(torch.cat([anchors, positives]), torch.cat([classes, classes]))
         pairs = list(official) if self.pairing == "official" else list(itertools.product(range(4), repeat=2))
         mats = torch.stack([logits(sets[x], sets[y]) for x, y in pairs], dim=-1)  # [N, N, pairings]
         self_pair = torch.tensor([x == y for x, y in pairs], device=mats.device)
@@ -225,21 +234,66 @@ class SymmetricalSynthesis(nn.Module):
         class_won = neg_c & (synth_c < orig_c)
         self.counts += torch.stack([entry_won.sum(), negative.sum(), class_won.sum(), neg_c.sum()]).long()
 
-    def epoch_diagnostics(self) -> dict[str, float]:
-        """Fractions of synthetic hard negatives since the last call (then reset).
+    def _keep(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Remember a training batch (detached, no copy) for the epoch's snapshot; evaluation is not kept."""
+        if self.training:
+            self._last_batch = (embeddings.detach(), labels.detach())
+
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, list[Any]] | None:
+        """Original and synthetic points of the last training batch, for the t-SNE figure of the report.
+
+        The first ``SNAPSHOT_POINTS`` images of classes with at least two images in the batch (a class cut
+        at the limit to one image is left out), each reflected about the next image of its class in batch
+        order (cyclically; for an N-pair loss the pairs' A and P, so the synthetic points are its S2 and
+        S1). Points are written in an orthonormal basis of the originals' span when the embedding has more
+        dimensions than points: an isometry that keeps every distance and the reflection formula (the
+        synthetic points lie in that span), with fewer numbers. Values rounded to 4 decimals.
+        """
+        if self._last_batch is None:
+            return None
+        x, labels = self._last_batch
+        x, labels = x.detach().cpu().double(), labels.cpu()
+        keep = ((labels[:, None] == labels[None, :]).sum(1) > 1).nonzero().squeeze(1)[:SNAPSHOT_POINTS]
+        kept = labels[keep]
+        keep = keep[(kept[:, None] == kept[None, :]).sum(1) > 1]
+        if not len(keep):
+            return None
+        x, labels = x[keep], labels[keep]
+        n = len(labels)
+        index = torch.arange(n)
+        gap = (index[None, :] - index[:, None]) % n  # how far after row i column j comes, cyclically
+        partner = gap.masked_fill((labels[:, None] != labels[None, :]) | (gap == 0), n).argmin(1)
+        synthetic = self.reflect(x[partner], x)
+        if x.shape[1] > n:
+            basis = torch.linalg.svd(x, full_matrices=False).Vh  # [n, D], orthonormal rows
+            x, synthetic = x @ basis.T, synthetic @ basis.T
+        return {
+            "labels": labels.tolist(),
+            "partner": partner.tolist(),
+            "original": x.round(decimals=4).tolist(),
+            "synthetic": synthetic.round(decimals=4).tolist(),
+        }
+
+    def epoch_diagnostics(self) -> dict[str, Any]:
+        """Fractions of synthetic hard negatives since the last call, and a snapshot (then reset).
 
         synthetic_hard_fraction: over (anchor, negative class), how often the hardest candidate of that
             class (originals and synthetics) was synthetic — the negative that hard mining selects (semi-hard
             mining may select an easier one).
         synthetic_entry_fraction: over negative entries, how often a reflection beat the originals: entries
-            (i, k) with x_k against its reflections, or under the batch-all pair rule (i, pair (k, l)).
+            (i, k) with x_k against its reflections, or under the pair rule (i, pair (k, l)).
+        synthesis_snapshot: :meth:`snapshot` of the epoch's last training batch (a record, not a scalar).
         Empty when nothing was recorded.
         """
         entry_won, entries, class_won, selections = self.counts.tolist()
         self.counts.zero_()
-        if not entries:
-            return {}
-        return {
-            "synthetic_hard_fraction": class_won / selections,
-            "synthetic_entry_fraction": entry_won / entries,
-        }
+        out: dict[str, Any] = {}
+        if entries:
+            out["synthetic_hard_fraction"] = class_won / selections
+            out["synthetic_entry_fraction"] = entry_won / entries
+        snapshot = self.snapshot()
+        self._last_batch = None
+        if snapshot is not None:
+            out["synthesis_snapshot"] = snapshot
+        return out

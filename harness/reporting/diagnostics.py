@@ -57,6 +57,55 @@ def _pick(n: int, k: int = HIST_EPOCHS) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()))
 
 
+def _tsne(points: np.ndarray) -> np.ndarray:
+    """2-D t-SNE of ``points`` (fixed seed, PCA start; perplexity below a third of the points)."""
+    from sklearn.manifold import TSNE  # slow to import: only for reports that draw it
+
+    perplexity = min(30.0, max((len(points) - 1) / 3, 1.0))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(points)
+
+
+def plot_synthesis_maps(final: pd.DataFrame, order: list[str], folder: Path) -> list[Path]:
+    """Per symmetrical-synthesis arm (row) and a few epochs (columns): t-SNE of the last training batch's
+    original embeddings (filled circles) and their synthetic reflections (crosses), coloured by class."""
+    from matplotlib.lines import Line2D
+
+    arms = {a: d for a in order if (d := _first_run(final, a, "synthesis_snapshot"))}
+    if not arms:
+        return []
+    fig, axes = plt.subplots(
+        len(arms), HIST_EPOCHS, figsize=(4 * HIST_EPOCHS, 3.8 * len(arms)), squeeze=False
+    )
+    for row, (arm, run_dir) in zip(axes, arms.items(), strict=True):
+        snaps = records(run_dir, "synthesis_snapshot")
+        picks = _pick(len(snaps))
+        for ax in row[len(picks) :]:
+            ax.set_visible(False)
+        for ax, i in zip(row, picks, strict=False):
+            epoch, snap = snaps[i]
+            original, synthetic = (np.asarray(snap[k], dtype=float) for k in ("original", "synthetic"))
+            xy = _tsne(np.concatenate([original, synthetic]))
+            classes = np.unique(snap["labels"], return_inverse=True)[1]
+            colours = np.asarray(sns.color_palette("husl", int(classes.max()) + 1))[classes]
+            n = len(original)
+            ax.scatter(xy[:n, 0], xy[:n, 1], c=colours, marker="o", s=28, edgecolors="white", linewidths=0.4)
+            ax.scatter(xy[n:, 0], xy[n:, 1], c=colours, marker="x", s=28, linewidths=1.2)
+            ax.set(title=f"{arm}, epoch {epoch}", xlabel="t-SNE 1", ylabel="t-SNE 2")
+            ax.title.set_fontsize(9)
+    handles = [
+        Line2D([], [], color="0.3", marker="o", linestyle="", label="original embedding"),
+        Line2D(
+            [], [], color="0.3", marker="x", linestyle="", label="synthetic (reflection about a classmate)"
+        ),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, title="colour = class")
+    fig.suptitle(
+        "Symmetrical synthesis: original and synthetic points of the last training batch", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(fig, folder / "synthesis_tsne")
+
+
 def plot_mdr_histograms(final: pd.DataFrame, order: list[str], folder: Path) -> list[Path]:
     """Per MDR arm (row) and a few epochs (columns): the histogram of normalised pairwise training distances
     of that epoch, with the learned levels as vertical lines."""
@@ -168,4 +217,5 @@ PLOTS: list[Callable[[pd.DataFrame, list[str], Path], list[Path]]] = [
     plot_mdr_histograms,
     plot_learner_similarity,
     plot_attention_masks,
+    plot_synthesis_maps,
 ]
