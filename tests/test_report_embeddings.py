@@ -90,6 +90,14 @@ def test_embedding_maps_and_the_query_bootstrap(run_dir: Path, tmp_path: Path) -
     assert (row.ci_low, row.ci_high) == pytest.approx(stats.bootstrap_mean_ci(found.astype(float)))
 
 
+def test_a_collapsed_arm_is_left_out_of_the_maps(run_dir: Path, tmp_path: Path) -> None:
+    runs, order = two_arms(run_dir)
+    collapsed = {**runs["b"][1], "map_embeddings": np.ones_like(runs["b"][1]["map_embeddings"])}
+    runs["b"] = (runs["b"][0], collapsed)
+    assert figures.plot_embedding_maps(runs, order, tmp_path)  # arm a alone (t-SNE of one point: NaN)
+    assert figures.plot_embedding_maps({"b": runs["b"]}, ["b"], tmp_path) == []
+
+
 def test_every_plot_gives_an_arm_the_same_colour(tmp_path: Path) -> None:
     from harness.reporting import plots
 

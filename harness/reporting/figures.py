@@ -216,6 +216,10 @@ def plot_embedding_maps(
     from sklearn.manifold import TSNE
 
     arms = [a for a in order if a in runs and len(runs[a][1]["map_index"]) >= 5]
+    collapsed = [a for a in arms if len(np.unique(runs[a][1]["map_embeddings"], axis=0)) < 2]
+    if collapsed:  # t-SNE's PCA start divides by the spread of the points: NaN
+        log.info("t-SNE maps: %s left out (every test embedding is the same point)", ", ".join(collapsed))
+        arms = [a for a in arms if a not in collapsed]
     if not arms:
         return []
     cols = min(3, len(arms))
