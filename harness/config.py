@@ -56,6 +56,10 @@ class DataSection(_Section):
     #: ``cache_budget_gib`` and the free space, ``disk``/``memory`` always, ``off`` never.
     cache: Literal["auto", "off", "memory", "disk"] = "auto"
     cache_budget_gib: float = Field(64.0, gt=0)
+    #: Random crops, flips and normalisation of a training batch at once on the training device
+    #: (``harness.data.batch_augment``; workers only copy uint8 images); ``auto``: when the images come
+    #: from the cache and the recipe is batched (not ``grey``).
+    batch_augment: bool | Literal["auto"] = "auto"
     #: Train without image files that fail to decode (their count is logged) instead of refusing to start.
     skip_bad: bool = False
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from harness.config import RunConfig, validate
 from harness.data import build_transforms, load_splits
+from harness.data.batch_augment import build_batch_augment
 from harness.data.cache import cached_splits, num_workers
 from harness.data.sampler import build_sampler
 from harness.errors import ConfigError, NonFiniteLossError, TrainingError
@@ -210,7 +211,10 @@ class _Trainer:
         train_tf, test_tf = build_transforms(cfg.data, backbone.data_config, self.splits.channels)
         self.splits = cached_splits(self.splits, cfg.data, backbone.data_config)
         self.num_workers = num_workers(cfg.data, self.splits)
-        self.train_set = self.splits.train.with_transform(train_tf)
+        self.augment = build_batch_augment(
+            cfg.data, backbone.data_config, self.splits.train, self.device, cfg.seed
+        )
+        self.train_set = self.splits.train.with_transform(self.augment.canvas if self.augment else train_tf)
         self.eval_sets = {
             name: s.with_transform(test_tf)
             for name, s in (
@@ -252,6 +256,8 @@ class _Trainer:
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False, disable=None)
         for step, (images, labels) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
+            if self.augment is not None:
+                images = self.augment(images)
             labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
             total, stats = self.learner.objective(images, labels)
             if not torch.isfinite(total):

@@ -52,7 +52,8 @@ def test_bench_data_measures_both_pipelines(tmp_path: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     for row in ("(a) input pipeline, JPEG", "(a) input pipeline, cached", "(b) training step", "(c)"):
         assert row in out
-    assert "cached / JPEG pipeline" in out
+    assert "(c) pipeline + step, cached + batch augment" in out
+    assert "cached / JPEG pipeline" in out and "cached + batch augment / JPEG pipeline" in out
 
 
 def test_bench_train_compares_with_a_bare_loop(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

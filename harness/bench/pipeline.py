@@ -1,8 +1,10 @@
 """Benchmarks of the input pipeline and the training loop (`dmlh bench data|train|gpu`).
 
-- ``data CONFIG``: images/s of (a) the input pipeline alone, decoding the files (JPEG) and from the
-  decoded-image cache, (b) the model's training step alone on synthetic tensors, (c) both together, and
-  (c)/(b): 1.0 means the input pipeline costs the training nothing.
+- ``data CONFIG``: images/s of (a) the input pipeline alone, decoding the files (JPEG), from the
+  decoded-image cache, and from the cache with the batched augmentation (``data.batch_augment``; (a) then
+  includes the augmentation, which runs in the training process), (b) the model's training step alone on
+  synthetic tensors, (c) both together, and (c)/(b): 1.0 means the input pipeline costs the training
+  nothing.
 - ``train CONFIG``: ms per step of the harness's training epoch against a bare PyTorch loop with the same
   model, loss and optimizer on the same batches (target: harness / bare <= 1.05).
 - ``gpu``: on a GPU, the training step of GoogLeNet at 224 px and batch 128, a synthetic CUB-sized epoch
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -78,23 +81,27 @@ def _endless(loader: torch.utils.data.DataLoader, sampler: Any) -> Iterator[Any]
         epoch += 1
 
 
-def _trainer(cfg: Any, cache: str) -> Any:
-    """The harness's own trainer of ``cfg`` with ``data.cache`` set to ``cache``."""
+def _trainer(cfg: Any, cache: str, batch_augment: bool | str | None = None) -> Any:
+    """The harness's own trainer of ``cfg`` with ``data.cache`` set to ``cache`` (and
+    ``data.batch_augment`` to ``batch_augment`` unless None)."""
     from harness.config import validate
     from harness.train import _Trainer, seed_everything
 
     raw = cfg.to_dict()
     raw["data"]["cache"] = cache
+    if batch_augment is not None:
+        raw["data"]["batch_augment"] = batch_augment
     seed_everything(cfg.seed)
     return _Trainer(validate(raw))
 
 
 def _train_step(tr: Any) -> Callable[[Any], None]:
-    """One optimisation step of the trainer's learner on a batch (images moved to its device)."""
+    """One optimisation step of the trainer's learner on a batch (images moved to its device and
+    augmented there when the trainer batches its augmentation)."""
 
     def step(batch: Any) -> None:
         images, labels = batch
-        images = images.to(tr.device, non_blocking=True)
+        images = _on_device(tr, images)
         labels = torch.as_tensor(labels).to(tr.device, non_blocking=True)
         total, _ = tr.learner.objective(images, labels)
         tr.optimizer.zero_grad(set_to_none=True)
@@ -104,43 +111,70 @@ def _train_step(tr: Any) -> Callable[[Any], None]:
     return step
 
 
+def _on_device(tr: Any, images: Any) -> torch.Tensor:
+    """``images`` on the trainer's device, through its batched augmentation when they are canvases of it
+    (synthetic tensors are already the model's input)."""
+    from harness.data.batch_augment import Canvas
+
+    images = images.to(tr.device, non_blocking=True)
+    return tr.augment(images) if isinstance(images, Canvas) else images
+
+
+def _pipeline_end(tr: Any) -> Callable[[Any], None]:
+    """What the training process does to a batch before the step: move it (and augment it, batched)."""
+
+    def end(batch: Any) -> None:
+        _on_device(tr, batch[0])
+
+    return end
+
+
+#: (data.cache, data.batch_augment, name) of the input pipelines ``bench data`` compares.
+PIPELINES = (("off", False, "JPEG"), ("disk", False, "cached"), ("disk", True, "cached + batch augment"))
+
+
 def bench_data(options: list[str]) -> None:
     """Images/s of the input pipeline (JPEG and cached), the training step, and both (see the module)."""
     args = _parser("dmlh bench data").parse_args(options)
     cfg = _setup(args)
-    rows, steps = [], {}
-    for cache in ("off", "disk"):
-        tr = _trainer(cfg, cache)
+    rows: list[dict[str, Any]] = []
+    first: tuple[Any, tuple[int, ...]] | None = None  # (trainer, model input shape) of the first pipeline
+    b = math.nan
+    for cache, batch_augment, path in PIPELINES:
+        tr = _trainer(cfg, cache, batch_augment)
         if tr.splits.train.in_memory and cache == "disk":
             break  # in-memory images: nothing to decode or cache
         loader = _endless(tr.loader, tr.sampler)
-        path = "in-memory arrays" if tr.splits.train.in_memory else ("cached" if cache == "disk" else "JPEG")
+        path = "in-memory arrays" if tr.splits.train.in_memory else path
         rows.append(
             {
                 "measurement": f"(a) input pipeline, {path}",
-                "images/s": _rate(loader, lambda b: None, args.warmup, args.batches, tr.device),
+                "images/s": _rate(loader, _pipeline_end(tr), args.warmup, args.batches, tr.device),
             }
         )
         tr.model.train()
-        images, labels = next(loader)
-        synthetic = (torch.rand_like(images.float()), labels)
-        steps[path] = (tr, loader, images.shape)
-        if len(steps) == 1:
+        if first is None:
+            images, labels = next(loader)
+            synthetic = (torch.rand_like(_on_device(tr, images).float()), labels)
+            first = (tr, tuple(synthetic[0].shape))
             b = _rate(_repeat(synthetic), _train_step(tr), args.warmup, args.batches, tr.device)
             rows.append({"measurement": "(b) training step, synthetic tensors", "images/s": b})
         c = _rate(loader, _train_step(tr), args.warmup, args.batches, tr.device)
         rows.append({"measurement": f"(c) pipeline + step, {path}", "images/s": c, "(c)/(b)": c / b})
-    tr, _, shape = next(iter(steps.values()))
+    assert first is not None
+    tr, shape = first
     table = pd.DataFrame(rows)
     print(
-        f"{cfg.name}: {cfg.data.dataset.get('name')}, batch {tuple(shape)}, {tr.num_workers} DataLoader "
+        f"{cfg.name}: {cfg.data.dataset.get('name')}, batch {shape}, {tr.num_workers} DataLoader "
         f"workers, {torch.get_num_threads()} torch threads, device {tr.device}; {args.batches} batches"
     )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep=""))
     rates = dict(zip(table.measurement, table["images/s"], strict=True))
-    jpeg, cached = rates.get("(a) input pipeline, JPEG"), rates.get("(a) input pipeline, cached")
-    if jpeg and cached:
-        print(f"cached / JPEG pipeline = {cached / jpeg:.2f} (target >= 5); (c)/(b) cached target >= 0.95")
+    jpeg = rates.get("(a) input pipeline, JPEG")
+    for _, _, path in PIPELINES[1:]:
+        if jpeg and f"(a) input pipeline, {path}" in rates:
+            print(f"{path} / JPEG pipeline = {rates[f'(a) input pipeline, {path}'] / jpeg:.2f} (target >= 5)")
+    print("(c)/(b) target with the cache >= 0.95")
 
 
 def _repeat(batch: Any) -> Iterator[Any]:
@@ -232,7 +266,7 @@ def _gpu_training(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     tr.model.train()
     loader = _endless(tr.loader, tr.sampler)
     images, labels = next(loader)
-    synthetic = (torch.rand_like(images.float()).cuda(), labels)
+    synthetic = (torch.rand_like(_on_device(tr, images)), labels)
     b = _rate(_repeat(synthetic), _train_step(tr), args.warmup, args.batches, tr.device)
     c = _rate(loader, _train_step(tr), args.warmup, args.batches, tr.device)
     return [

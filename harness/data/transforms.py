@@ -97,25 +97,30 @@ class ResizePad:
 
 #: Resize size / input size of the symmetrical-synthesis recipe (official code: 1.125 × input).
 SYMM_RESIZE_RATIO = 1.125
+#: RandomResizedCrop's area fraction and aspect-ratio ranges (imagenet and mdr_official recipes).
+CROP_SCALE = (0.16, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+#: The symm_official recipe's border crop: each border trimmed by this fraction of the short side.
+BORDER_CROP = (0.01, 0.05)
 
 
 def _recipe(kind: str, size: int, resize: int) -> tuple[list[Callable], list[Callable]]:
     """(train, test) geometry of transform family ``kind``."""
     if kind == "imagenet":
-        return [T.RandomResizedCrop(size, scale=(0.16, 1.0)), T.RandomHorizontalFlip()], [
+        return [T.RandomResizedCrop(size, CROP_SCALE, CROP_RATIO), T.RandomHorizontalFlip()], [
             T.Resize(resize),
             T.CenterCrop(size),
         ]
     if kind == "symm_official":
         return [
-            RandomBorderCrop(0.01, 0.05),
+            RandomBorderCrop(*BORDER_CROP),
             T.Resize((resize, resize)),
             T.RandomCrop(size),
             T.RandomHorizontalFlip(),
         ], [T.Resize((size, size))]
     if kind == "mdr_official":
         squash = T.Resize((resize, resize), interpolation=T.InterpolationMode.LANCZOS)
-        return [squash, T.RandomResizedCrop(size, scale=(0.16, 1.0)), T.RandomHorizontalFlip()], [
+        return [squash, T.RandomResizedCrop(size, CROP_SCALE, CROP_RATIO), T.RandomHorizontalFlip()], [
             squash,
             T.CenterCrop(size),
         ]
@@ -144,6 +149,20 @@ def sizes(data: DataSection, dc: DataConfig) -> tuple[int, int]:
     return size, round(size * dc.resize_size / dc.input_size)
 
 
+def recipe_kind(data: DataSection, channels: int) -> str:
+    """``data.transform`` with ``auto`` resolved: ``grey`` for 1-channel images, else ``imagenet``."""
+    return data.transform if data.transform != "auto" else ("grey" if channels == 1 else "imagenet")
+
+
+def recipe_sizes(data: DataSection, dc: DataConfig, kind: str) -> tuple[int, int]:
+    """(input size, resize size) of recipe ``kind``: ``sizes``, except that symm_official resizes to
+    ``SYMM_RESIZE_RATIO`` × input unless ``data.resize_size`` is set."""
+    size, resize = sizes(data, dc)
+    if kind == "symm_official" and data.resize_size is None:
+        resize = round(SYMM_RESIZE_RATIO * size)
+    return size, resize
+
+
 def build_transforms(
     data: DataSection, data_config: DataConfig, channels: int
 ) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
@@ -151,10 +170,8 @@ def build_transforms(
     that declares ``data_config``."""
     dc = data_config
     assert len(dc.mean) == len(dc.std) == dc.in_channels, f"inconsistent {dc}"
-    kind = data.transform if data.transform != "auto" else ("grey" if channels == 1 else "imagenet")
-    size, resize = sizes(data, dc)
-    if kind == "symm_official" and data.resize_size is None:
-        resize = round(SYMM_RESIZE_RATIO * size)
+    kind = recipe_kind(data, channels)
+    size, resize = recipe_sizes(data, dc, kind)
     convert: list[Callable] = [T.Grayscale(dc.in_channels)] if channels != dc.in_channels else []
     finish: list[Callable] = [T.ToTensor()]
     if dc.scale != 1.0 or dc.channel_order != "RGB":
