@@ -93,13 +93,24 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `dmlh` parser: global options, then one helper per subcommand (group)."""
     p = argparse.ArgumentParser(
         prog="dmlh", description="Deep metric learning benchmarking and ablation harness"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--results", default="results", help="results folder (default: ./results)")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_run_command(sub)
+    _add_list_command(sub)
+    _add_data_commands(sub)
+    _add_study_commands(sub)
+    _add_report_command(sub)
+    _add_bench_command(sub)
+    return p
 
+
+def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`dmlh run CONFIG [overrides]`: train and evaluate one config."""
     r = sub.add_parser("run", help="train and evaluate one config")
     r.add_argument("config", help="RunConfig YAML")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.margin=0.1 train.epochs=3")
@@ -107,10 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an earlier run of that name")
     r.set_defaults(func=_cmd_run)
 
+
+def _add_list_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`dmlh list [KIND]`: the registered components."""
     ls = sub.add_parser("list", help="list registered components with their parameters")
     ls.add_argument("kind", nargs="?", help="only this kind (loss, miner, backbone, ...)")
     ls.set_defaults(func=_cmd_list)
 
+
+def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`dmlh data check NAME`: dataset tools."""
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser(
@@ -123,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--workers", type=int, default=None, help="decoding threads (default: all CPUs)")
     dc.set_defaults(func=_cmd_data_check)
 
+
+def _add_study_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`dmlh study run STUDY [overrides]` and `dmlh study status NAME`: Optuna studies."""
     s = sub.add_parser("study", help="Optuna studies")
     ssub = s.add_subparsers(dest="study_command", required=True)
     sr = ssub.add_parser("run", help="run (or resume) a study")
@@ -148,17 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--storage", default=None)
     ss.set_defaults(func=_cmd_study_status)
 
+
+def _add_report_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`dmlh report NAME`: the tables and plots of a study."""
     rp = sub.add_parser("report", help="write comparison tables and plots of a study")
     rp.add_argument("name")
     rp.add_argument("--storage", default=None)
     rp.add_argument("--baseline", default=None, help="baseline arm for the ablation tables")
     rp.set_defaults(func=_cmd_report)
 
+
+def _add_bench_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`dmlh bench WHAT [options]`: the options go to the benchmark's own parser (harness.bench)."""
     b = sub.add_parser("bench", help="speed benchmarks against reference implementations")
     b.add_argument("what", choices=["eval", "losses", "study", "methods", "data", "train", "gpu", "fixture"])
     b.add_argument("options", nargs=argparse.REMAINDER, help="benchmark options (see dmlh bench WHAT --help)")
     b.set_defaults(func=_cmd_bench)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

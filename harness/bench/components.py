@@ -4,8 +4,10 @@ implementations. Speed and memory targets are checked here, never by timed tests
 
 from __future__ import annotations
 
+import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,17 +15,43 @@ import numpy as np
 
 def bench_eval(options: list[str]) -> None:
     """Seconds of our retrieval metrics vs pytorch-metric-learning and a raw faiss search; peak memory."""
-    import argparse
-    import subprocess
-    import sys
-
     import faiss
     import pandas as pd
     import torch
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    from harness.evaluate import retrieval_metrics
+    args = _eval_parser().parse_args(options)
+    if args.threads is not None:  # 1 thread gives stable figures on a loaded machine (no OpenMP barriers)
+        faiss.omp_set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
 
+    x, y = _eval_data(args.n, args.dim, args.seed)
+    ks = tuple(2**i for i in range(args.k.bit_length()) if 2**i <= args.k)
+    results: dict[str, Any] = {}
+    functions, ours_name, raw_name = _eval_runs(x, y, ks)
+    runs = {name: _timed(fn, results, name) for name, fn in functions.items()}
+    # round-robin, best of each: robust to load from other processes
+    seconds = {name: min(t, default=float("inf")) for name, t in _interleaved(runs, args.repeats).items()}
+    ours, pml_s, raw_s = seconds[ours_name], seconds[_PML], seconds[raw_name]
+    table = pd.DataFrame({"seconds": seconds})
+    table["ours (auto) / row"] = ours / table["seconds"]
+    threads = faiss.omp_get_max_threads()
+    print(f"N={args.n}, D={args.dim}, {y.max() + 1} classes, ks={ks}, faiss threads={threads}")
+    _print_table(table, 3)
+    print(f"ours/PML = {ours / pml_s:.3f} (<= 0.5 wanted), ours/raw faiss = {ours / raw_s:.3f} (<= 1.3)")
+    ref, got = results[_PML], results[ours_name]
+    print(
+        f"check: precision@1 {got['precision@1']:.6f} (PML {ref['precision_at_1']:.6f}), "
+        f"map@r {got['map@r']:.6f} (PML {ref['mean_average_precision_at_r']:.6f})"
+    )
+    if args.memory_n > 0:
+        _eval_print_memory(args.memory_n, args.memory_dim, args.seed)
+
+
+_PML = "PML AccuracyCalculator"  # the row name of the reference in `dmlh bench eval`
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    """The options of `dmlh bench eval`."""
     parser = argparse.ArgumentParser(prog="dmlh bench eval")
     parser.add_argument("--n", type=int, default=30_000, help="number of embeddings (self-retrieval)")
     parser.add_argument("--dim", type=int, default=128)
@@ -33,66 +61,57 @@ def bench_eval(options: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=None, help="faiss/torch threads (default: faiss's)")
     parser.add_argument("--memory-n", type=int, default=60_000, help="0 skips the memory measurement")
     parser.add_argument("--memory-dim", type=int, default=512)
-    args = parser.parse_args(options)
-    if args.threads is not None:  # 1 thread gives stable figures on a loaded machine (no OpenMP barriers)
-        faiss.omp_set_num_threads(args.threads)
-        torch.set_num_threads(args.threads)
+    return parser
 
-    x, y = _eval_data(args.n, args.dim, args.seed)
-    ks = tuple(2**i for i in range(args.k.bit_length()) if 2**i <= args.k)
+
+def _eval_runs(
+    x: np.ndarray, y: np.ndarray, ks: tuple[int, ...]
+) -> tuple[dict[str, Callable[[], Any]], str, str]:
+    """The functions `dmlh bench eval` times, by row name (ours with each backend, PML, a raw faiss
+    search of the K the metrics need), and the names of the ours (auto) and raw faiss rows."""
+    import faiss
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    from harness.evaluate import _faster_cpu_backend, retrieval_metrics
+
+    dim = x.shape[1]
     k_raw = max(max(ks), int(np.bincount(y).max()) - 1) + 1  # what the metrics need, self included
     pml = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
         k="max_bin_count",
         device=torch.device("cpu"),
     )
-    raw_name = f"raw faiss IndexFlatIP, k={k_raw}"
 
     def raw_faiss() -> None:
-        index = faiss.IndexFlatIP(args.dim)
+        index = faiss.IndexFlatIP(dim)
         index.add(x)
         index.search(x, k_raw)
 
-    from harness.evaluate import _faster_cpu_backend
-
-    ours_name = f"ours (auto = {_faster_cpu_backend(args.dim)} here, no NMI)"
+    ours_name = f"ours (auto = {_faster_cpu_backend(dim)} here, no NMI)"
+    raw_name = f"raw faiss IndexFlatIP, k={k_raw}"
     runs = {
         ours_name: lambda: retrieval_metrics(x, y, ks, nmi=False),
         "ours (faiss, no NMI)": lambda: retrieval_metrics(x, y, ks, backend="faiss", nmi=False),
         "ours (faiss, with NMI)": lambda: retrieval_metrics(x, y, ks, backend="faiss", nmi=True),
         "ours (torch, no NMI)": lambda: retrieval_metrics(x, y, ks, backend="torch", nmi=False),
-        "PML AccuracyCalculator": lambda: pml.get_accuracy(torch.from_numpy(x), torch.from_numpy(y)),
+        _PML: lambda: pml.get_accuracy(torch.from_numpy(x), torch.from_numpy(y)),
         raw_name: raw_faiss,
     }
-    seconds, results = dict.fromkeys(runs, float("inf")), {}
-    for _ in range(args.repeats):  # round-robin, best of each: robust to load from other processes
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            seconds[name] = min(seconds[name], time.perf_counter() - start)
-    ours, pml_s, raw_s = seconds[ours_name], seconds["PML AccuracyCalculator"], seconds[raw_name]
-    table = pd.DataFrame({"seconds": seconds})
-    table["ours (auto) / row"] = ours / table["seconds"]
-    threads = faiss.omp_get_max_threads()
-    print(f"N={args.n}, D={args.dim}, {y.max() + 1} classes, ks={ks}, faiss threads={threads}")
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"ours/PML = {ours / pml_s:.3f} (<= 0.5 wanted), ours/raw faiss = {ours / raw_s:.3f} (<= 1.3)")
-    ref, got = results["PML AccuracyCalculator"], results[ours_name]
-    print(
-        f"check: precision@1 {got['precision@1']:.6f} (PML {ref['precision_at_1']:.6f}), "
-        f"map@r {got['map@r']:.6f} (PML {ref['mean_average_precision_at_r']:.6f})"
-    )
+    return runs, ours_name, raw_name
 
-    if args.memory_n <= 0:
-        return
-    child = (
-        "import harness.bench.components as b; "
-        f"b._eval_peak_memory({args.memory_n}, {args.memory_dim}, {args.seed})"
-    )
+
+def _eval_print_memory(n: int, dim: int, seed: int) -> None:
+    """Print the peak memory of the metrics on n×dim embeddings, measured in a fresh process (the high-water
+    mark of this one holds the timing runs)."""
+    import subprocess
+    import sys
+
+    child = f"import harness.bench.components as b; b._eval_peak_memory({n}, {dim}, {seed})"
     out = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout
     embeddings_mib, peak_mib, run_s = (float(v) for v in out.split())
     print(
-        f"memory: N={args.memory_n}, D={args.memory_dim} (embeddings {embeddings_mib:.0f} MiB, metrics w/o"
+        f"memory: N={n}, D={dim} (embeddings {embeddings_mib:.0f} MiB, metrics w/o"
         f" NMI in {run_s:.1f} s): peak RSS above the embeddings {peak_mib:.0f} MiB (target < 2048 MiB)"
     )
 
@@ -136,13 +155,30 @@ def bench_losses(options: list[str]) -> None:
     Each loss declares its reference implementations next to itself (``register(..., references=...)``,
     ``harness.plugins.Reference``); a loss that declares none is timed alone.
     """
-    import argparse
-
     import pandas as pd
     import torch
 
     from harness import registry
 
+    parser = _losses_parser()
+    args = parser.parse_args(options)
+    torch.set_num_threads(args.threads)
+    names = registry.registry("loss").names()
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        parser.error(f"unknown loss {', '.join(unknown)} (registered: {', '.join(names)})")
+    rows = []
+    for name in args.only or names:
+        references = registry.registry("loss").get(name).references
+        for case in references() if references else [None]:
+            rows += [_losses_row(name, case, b, args) for b in args.sizes]
+    threads = torch.get_num_threads()
+    print(f"D={args.dim}, K=4, {threads} threads, median of {args.repeats} forward+backward runs (ms)")
+    _print_table(pd.DataFrame(rows), 2, index=False, na_rep="-")
+
+
+def _losses_parser() -> argparse.ArgumentParser:
+    """The options of `dmlh bench losses`."""
     parser = argparse.ArgumentParser(prog="dmlh bench losses")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512], help="batch sizes (P×4)")
     parser.add_argument("--dim", type=int, default=512)
@@ -157,49 +193,42 @@ def bench_losses(options: list[str]) -> None:
         default=3.0,
         help="skip a PML run whose estimated peak memory is larger (PML lifted structure)",
     )
-    args = parser.parse_args(options)
+    return parser
 
-    torch.set_num_threads(args.threads)
-    names = registry.registry("loss").names()
-    unknown = sorted(set(args.only or []) - set(names))
-    if unknown:
-        parser.error(f"unknown loss {', '.join(unknown)} (registered: {', '.join(names)})")
-    rows = []
-    for name in args.only or names:
-        references = registry.registry("loss").get(name).references
-        for case in references() if references else [None]:
-            for b in args.sizes:
-                gen = torch.Generator().manual_seed(args.seed)
-                labels = torch.arange(b // 4).repeat_interleave(4)[torch.randperm(b // 4 * 4, generator=gen)]
-                emb = torch.randn(len(labels), args.dim, generator=gen)
-                context = {"num_classes": b // 4, "embedding_dim": args.dim, "miner": None, "synthesis": None}
-                ours = registry.build("loss", name, context=context, **(case.params if case else {}))
-                pml, note, goal = None, case.note if case else "", case.target if case else 1.0
-                if case is not None and case.gib is not None and case.gib(b) > args.pml_max_gib:
-                    note = f"PML skipped: needs ~{case.gib(b):.0f} GiB > --pml-max-gib"
-                elif case is not None:
-                    pml = _losses_timer(case.build(b // 4, args.dim), emb, labels)
-                ours_run = _losses_timer(_value_of(ours), emb, labels)
-                ours_ms, pml_ms = _losses_interleaved(ours_run, pml, args.warmup, args.repeats)
-                ratio = ours_ms / pml_ms if pml_ms else float("nan")
-                ok = ratio < goal if goal < 1 else ratio <= goal
-                target = f"<{goal}" if goal < 1 else f"<={goal}"
-                rows.append(
-                    {
-                        "loss": name,
-                        "variant": case.variant if case else "",
-                        "B": len(labels),
-                        "ours ms": ours_ms,
-                        "PML ms": pml_ms or float("nan"),
-                        "ours/PML": ratio,
-                        "target": target if pml_ms else "",
-                        "ok": ("yes" if ok else "NO") if pml_ms else "",
-                        "note": note,
-                    }
-                )
-    threads = torch.get_num_threads()
-    print(f"D={args.dim}, K=4, {threads} threads, median of {args.repeats} forward+backward runs (ms)")
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
+
+def _losses_row(name: str, case: Any, b: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The table row of loss ``name`` at batch size ``b`` against reference ``case`` (a
+    ``harness.plugins.Reference``, or None: timed alone): ms of both, their ratio and its target."""
+    import torch
+
+    from harness import registry
+
+    gen = torch.Generator().manual_seed(args.seed)
+    labels = torch.arange(b // 4).repeat_interleave(4)[torch.randperm(b // 4 * 4, generator=gen)]
+    emb = torch.randn(len(labels), args.dim, generator=gen)
+    context = {"num_classes": b // 4, "embedding_dim": args.dim, "miner": None, "synthesis": None}
+    ours = registry.build("loss", name, context=context, **(case.params if case else {}))
+    pml, note, goal = None, case.note if case else "", case.target if case else 1.0
+    if case is not None and case.gib is not None and case.gib(b) > args.pml_max_gib:
+        note = f"PML skipped: needs ~{case.gib(b):.0f} GiB > --pml-max-gib"
+    elif case is not None:
+        pml = _losses_timer(case.build(b // 4, args.dim), emb, labels)
+    ours_run = _losses_timer(_value_of(ours), emb, labels)
+    ours_ms, pml_ms = _losses_interleaved(ours_run, pml, args.warmup, args.repeats)
+    ratio = ours_ms / pml_ms if pml_ms else float("nan")
+    ok = ratio < goal if goal < 1 else ratio <= goal
+    target = f"<{goal}" if goal < 1 else f"<={goal}"
+    return {
+        "loss": name,
+        "variant": case.variant if case else "",
+        "B": len(labels),
+        "ours ms": ours_ms,
+        "PML ms": pml_ms or float("nan"),
+        "ours/PML": ratio,
+        "target": target if pml_ms else "",
+        "ok": ("yes" if ok else "NO") if pml_ms else "",
+        "note": note,
+    }
 
 
 def _value_of(loss: Any) -> Callable[[Any, Any], Any]:
@@ -223,81 +252,122 @@ def _losses_interleaved(
     ours: Callable[[], float], pml: Callable[[], float] | None, warmup: int, repeats: int
 ) -> tuple[float, float | None]:
     """Median ms of ours and PML, runs interleaved so that load changes hit both alike."""
-    runs = [f for f in (ours, pml) if f is not None]
-    for _ in range(warmup):
-        for f in runs:
-            f()
-    times = [[f() for f in runs] for _ in range(repeats)]
-    medians = [1000 * float(np.median([t[i] for t in times])) for i in range(len(runs))]
-    return medians[0], (medians[1] if pml is not None else None)
+    runs = {"ours": ours} if pml is None else {"ours": ours, "PML": pml}
+    _warm_up(runs.values(), warmup)
+    ms = {name: 1000 * float(np.median(t)) for name, t in _interleaved(runs, repeats).items()}
+    return ms["ours"], ms.get("PML")
+
+
+def _warm_up(runs: Iterable[Callable[[], object]], rounds: int) -> None:
+    """Call every run ``rounds`` times, round-robin, untimed: first-call costs (allocation, kernel choice)
+    stay out of the figures."""
+    calls = list(runs)
+    for _ in range(rounds):
+        for run in calls:
+            run()
+
+
+def _interleaved(runs: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """The times every run returns (each run times itself), by run name, over ``rounds`` rounds that call
+    the runs in turn: load changes from other processes hit every run alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(run())
+    return times
+
+
+def _timed(fn: Callable[[], Any], results: dict[str, Any], name: str) -> Callable[[], float]:
+    """``fn`` as a run that returns its seconds, its latest result kept in ``results[name]``."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        results[name] = fn()
+        return time.perf_counter() - start
+
+    return run
+
+
+def _print_table(table: Any, digits: int, **options: Any) -> None:
+    """Print a pandas DataFrame with its floats to ``digits`` decimals (``options``: of ``to_string``)."""
+    print(table.to_string(float_format=lambda v: f"{v:.{digits}f}", **options))
 
 
 def bench_study(options: list[str]) -> None:
     """The study runner's overhead (study wall time / sum of trial times, target <= 1.10) and the throughput
     of --workers 2 against --workers 1 (target >= 1.6x on 2 cores), on a study of tiny synthetic trials."""
-    import argparse
     import logging
     import tempfile
-    from pathlib import Path
 
     import pandas as pd
     import yaml
 
-    from harness import store, study
+    args = _study_parser().parse_args(options)
+    logging.getLogger("harness").setLevel(logging.WARNING)
+    spec = _study_spec(args.trials, args.batches)
+    from harness import registry, train  # noqa: F401  (import time is not the runner's overhead)
 
+    registry.load_plugins()
+    with tempfile.TemporaryDirectory(prefix="dmlh-bench-study-") as tmp:
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        rows = [_study_row(path, workers, Path(tmp) / f"workers{workers}") for workers in args.workers]
+    table = pd.DataFrame(rows).set_index("workers")
+    base = table.iloc[0]
+    table["speedup"] = table["trials/min"] / base["trials/min"]
+    steady = "trials/min (first start→last end)"
+    table["speedup (first start→last end)"] = table[steady] / base[steady]
+    _print_table(table, 2)
+    print("targets: overhead <= 1.10 with 1 worker; speedup >= 1.6 with 2 workers on 2 cores")
+
+
+def _study_parser() -> argparse.ArgumentParser:
+    """The options of `dmlh bench study`."""
     parser = argparse.ArgumentParser(prog="dmlh bench study")
     parser.add_argument("--trials", type=int, default=20, help="trials per study (one arm, this many seeds)")
     parser.add_argument(
         "--batches", type=int, default=600, help="training batches per trial (~2 s on 2 cores)"
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
-    args = parser.parse_args(options)
-    logging.getLogger("harness").setLevel(logging.WARNING)
-    spec = {
+    return parser
+
+
+def _study_spec(trials: int, batches: int) -> dict[str, Any]:
+    """The benchmarked study: one arm of ``trials`` seeds, each a triplet run of ``batches`` batches of 16
+    on 8×8 synthetic images (tiny trials, so the runner's own costs show)."""
+    return {
         "name": "bench",
         "base": {
             "data": {"dataset": {"name": "synthetic", "num_classes": 16, "per_class": 10, "size": 8}},
-            "sampler": {"p": 4, "k": 4, "batches_per_epoch": args.batches},
+            "sampler": {"p": 4, "k": 4, "batches_per_epoch": batches},
             "backbone": {"name": "small_convnet", "width": 8, "input_size": 8},
             "model": {"name": "embedder", "embedding_dim": 16},
             "loss": {"name": "triplet", "mining": "batch_hard"},
             "train": {"epochs": 1},
             "eval": {"nmi": False},
         },
-        "final": {"seeds": list(range(args.trials))},
+        "final": {"seeds": list(range(trials))},
     }
-    from harness import registry, train  # noqa: F401  (import time is not the runner's overhead)
 
-    registry.load_plugins()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="dmlh-bench-study-") as tmp:
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        for workers in args.workers:
-            results = Path(tmp) / f"workers{workers}"
-            t0 = time.perf_counter()
-            study.run_study(path, workers=workers, results=results, report=False)
-            wall = time.perf_counter() - t0
-            df = store.load("bench", results=results)
-            busy = (df.datetime_complete.max() - df.datetime_start.min()).total_seconds()
-            rows.append(
-                {
-                    "workers": workers,
-                    "trials": len(df),
-                    "wall_s": wall,
-                    "sum_trial_s": df.duration.sum(),
-                    "overhead": wall / df.duration.sum(),
-                    "trials/min": 60 * len(df) / wall,
-                    "trials/min (first start→last end)": 60 * len(df) / busy,
-                }
-            )
-    table = pd.DataFrame(rows).set_index("workers")
-    base = table.iloc[0]
-    table["speedup"] = table["trials/min"] / base["trials/min"]
-    steady = "trials/min (first start→last end)"
-    table["speedup (first start→last end)"] = table[steady] / base[steady]
-    print(table.to_string(float_format=lambda v: f"{v:.2f}"))
-    print("targets: overhead <= 1.10 with 1 worker; speedup >= 1.6 with 2 workers on 2 cores")
+
+def _study_row(path: Path, workers: int, results: Path) -> dict[str, Any]:
+    """Run the study file ``path`` with ``workers`` workers into ``results``; its row of the table."""
+    from harness import store, study
+
+    t0 = time.perf_counter()
+    study.run_study(path, workers=workers, results=results, report=False)
+    wall = time.perf_counter() - t0
+    df = store.load("bench", results=results)
+    busy = (df.datetime_complete.max() - df.datetime_start.min()).total_seconds()
+    return {
+        "workers": workers,
+        "trials": len(df),
+        "wall_s": wall,
+        "sum_trial_s": df.duration.sum(),
+        "overhead": wall / df.duration.sum(),
+        "trials/min": 60 * len(df) / wall,
+        "trials/min (first start→last end)": 60 * len(df) / busy,
+    }
 
 
 def bench_methods(options: list[str]) -> None:
@@ -309,28 +379,14 @@ def bench_methods(options: list[str]) -> None:
     ``param_groups``) on the small convnet with 28×28 grey inputs and P×K labels. Variants run in
     interleaved rounds; the figure is the median over rounds of the mean step time.
     """
-    import argparse
     import statistics
 
     import pandas as pd
     import torch
 
-    from harness import registry
-    from harness.config import validate
-    from harness.errors import ConfigError
     from harness.train import pick_device
 
-    parser = argparse.ArgumentParser(prog="dmlh bench methods")
-    parser.add_argument("--batch", type=int, default=128, help="batch size B = P·K")
-    parser.add_argument("--k", type=int, default=4, help="images per class K")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    parser.add_argument("--width", type=int, default=32, help="small_convnet width")
-    parser.add_argument("--dim", type=int, default=128, help="embedding dimension")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = _methods_parser()
     args = parser.parse_args(options)
     if args.batch % args.k:
         parser.error(f"--batch {args.batch} is not a multiple of --k {args.k}")
@@ -338,49 +394,11 @@ def bench_methods(options: list[str]) -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     num_classes = args.batch // args.k
-
-    base = {
-        "backbone": {"name": "small_convnet", "width": args.width, "input_size": 28},
-        "model": {"name": "embedder", "embedding_dim": args.dim},
-        "loss": {"name": "triplet"},
-        "train": {"device": args.device},
-    }
-    variants: list[tuple[str, dict[str, Any]]] = [("triplet (baseline)", {})] + [
-        (v.label, v.change)
-        for kind in registry.kinds()
-        for e in registry.registry(kind).entries()
-        for v in e.bench
-    ]
-
-    gen = torch.Generator().manual_seed(args.seed)
-    images = torch.rand(args.batch, 1, 28, 28, generator=gen).to(device)
-    labels = torch.arange(num_classes).repeat_interleave(args.k).to(device)
-    steps: dict[str, Callable[[], None]] = {}
-    notes: dict[str, str] = {}
-    for name, change in variants:
-        try:
-            cfg = validate(_merged(base, change))
-        except ConfigError as e:
-            notes[name] = f"skipped: {'; '.join(e.problems)}"
-            continue
-        torch.manual_seed(args.seed)
-        steps[name] = _methods_step(cfg, num_classes, images, labels)
-        notes[name] = ""
-
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            _sync(device)
-            times[name].append(1000 * (time.perf_counter() - start) / args.steps)
-
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    variants = _methods_variants(args)
+    steps, notes = _methods_steps(variants, args, device)
+    _warm_up(steps.values(), args.warmup)
+    runs = {name: _methods_timer(step, args.steps, device) for name, step in steps.items()}
+    medians = {name: statistics.median(t) for name, t in _interleaved(runs, args.rounds).items()}
     baseline = medians.get(variants[0][0], float("nan"))
     rows = []
     for name, _ in variants:
@@ -392,7 +410,85 @@ def bench_methods(options: list[str]) -> None:
         f"28×28 grey, {args.dim}-D, device {device}, {torch.get_num_threads()} threads; "
         f"median over {args.rounds} rounds of {args.steps} steps"
     )
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    _print_table(pd.DataFrame(rows), 1, index=False)
+
+
+def _methods_parser() -> argparse.ArgumentParser:
+    """The options of `dmlh bench methods`."""
+    parser = argparse.ArgumentParser(prog="dmlh bench methods")
+    parser.add_argument("--batch", type=int, default=128, help="batch size B = P·K")
+    parser.add_argument("--k", type=int, default=4, help="images per class K")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--width", type=int, default=32, help="small_convnet width")
+    parser.add_argument("--dim", type=int, default=128, help="embedding dimension")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _methods_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """(row name, RunConfig dict) of the baseline (a triplet embedder on the small convnet) and of every
+    ``bench`` variant registered components declare, merged into it."""
+    from harness import registry
+
+    base = {
+        "backbone": {"name": "small_convnet", "width": args.width, "input_size": 28},
+        "model": {"name": "embedder", "embedding_dim": args.dim},
+        "loss": {"name": "triplet"},
+        "train": {"device": args.device},
+    }
+    changes: list[tuple[str, dict[str, Any]]] = [("triplet (baseline)", {})] + [
+        (v.label, v.change)
+        for kind in registry.kinds()
+        for e in registry.registry(kind).entries()
+        for v in e.bench
+    ]
+    return [(name, _merged(base, change)) for name, change in changes]
+
+
+def _methods_steps(
+    variants: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, device: Any
+) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
+    """The training step of every variant whose config validates (on fixed random images of ``device``),
+    and a note per variant: empty, or why it is skipped."""
+    import torch
+
+    from harness.config import validate
+    from harness.errors import ConfigError
+
+    num_classes = args.batch // args.k
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.rand(args.batch, 1, 28, 28, generator=gen).to(device)
+    labels = torch.arange(num_classes).repeat_interleave(args.k).to(device)
+    steps: dict[str, Callable[[], None]] = {}
+    notes: dict[str, str] = {}
+    for name, raw in variants:
+        try:
+            cfg = validate(raw)
+        except ConfigError as e:
+            notes[name] = f"skipped: {'; '.join(e.problems)}"
+            continue
+        torch.manual_seed(args.seed)
+        steps[name] = _methods_step(cfg, num_classes, images, labels)
+        notes[name] = ""
+    return steps, notes
+
+
+def _methods_timer(step: Callable[[], None], steps: int, device: Any) -> Callable[[], float]:
+    """A run of ``steps`` training steps (the device synchronised around them); returns ms per step."""
+
+    def run() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        return 1000 * (time.perf_counter() - start) / steps
+
+    return run
 
 
 def _merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
