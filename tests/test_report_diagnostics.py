@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from test_study import tiny_study, write
 
 from harness import store, study
-from harness.reporting import diagnostics, embeddings
+from harness.reporting import diagnostics, embeddings, figures
 
 
 def run_dir(tmp: Path, name: str, rows: list[dict]) -> str:
@@ -85,4 +86,30 @@ def test_a_study_report_draws_the_abe_attention_masks_and_only_for_abe(tmp_path:
     assert saved["model=abe"]["attention_masks"].shape[:2] == (2, 4)
     assert not any(k.startswith("attention") for k in saved["model=embedder"])
     drawn = {p.name for p in (out / "plots").iterdir() if p.name.startswith("abe_attention_masks")}
-    assert drawn == {f"abe_attention_masks_model_abe.{ext}" for ext in ("png", "svg", "pdf")}
+    assert drawn == {"abe_attention_masks_model_abe.png", "abe_attention_masks_model_abe.pdf"}
+
+
+def test_attention_masks_are_drawn_over_their_images(tmp_path: Path) -> None:
+    """Hand-made saved masks: learner 2 looks at the top half only; a run without masks draws nothing."""
+    masks = np.zeros((2, 3, 4, 4), np.float16)
+    masks[0], masks[1, :, :2] = 1.0, 1.0
+    saved = {
+        "attention_masks": masks,
+        "attention_index": np.array([0, 2, 4], np.int32),
+        "attention_images": np.full((3, 16, 16, 3), 128, np.uint8),
+        "gallery_labels": np.arange(6),
+    }
+    for name, arrays in (("abe", saved), ("plain", {"gallery_labels": np.arange(6)})):
+        (tmp_path / name).mkdir()
+        embeddings.write(tmp_path / name, arrays)
+    dirs = [str(tmp_path / "plain"), str(tmp_path / "abe")]
+    final = pd.DataFrame({"arm": ["plain", "abe"], "seed": [0, 0], "run_dir": dirs})
+    paths = diagnostics.plot_attention_masks(final, ["plain", "abe"], tmp_path)
+    assert [p.name for p in paths] == ["abe_attention_masks_abe.png", "abe_attention_masks_abe.pdf"]
+    assert diagnostics.plot_attention_masks(final[final.arm == "plain"], ["plain"], tmp_path) == []
+    tile = diagnostics._overlay(saved["attention_images"][0], masks[1, 0])
+    assert tile.shape == (figures.THUMB, figures.THUMB, 3)
+    cmap, alpha = plt.get_cmap(diagnostics.ATTENTION_CMAP), diagnostics.ATTENTION_ALPHA
+    for row, value in ((0, 1.0), (-1, 0.0)):  # the mask's top edge is 1, its bottom edge 0
+        want = (1 - alpha) * 128 + alpha * 255 * np.asarray(cmap(value)[:3])
+        np.testing.assert_allclose(tile[row, 0], want, atol=1)

@@ -20,16 +20,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.colors import Normalize, to_rgb  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from harness.reporting.figures import arm_palette, save_figure, saved_runs  # noqa: E402
+from harness.reporting.figures import THUMB, arm_palette, save_figure, saved_runs  # noqa: E402
 from harness.reporting.plots import slug  # noqa: E402
 
 #: Epochs shown of a run's history of histograms: the first, the middle and the last.
 HIST_EPOCHS = 3
-#: Colour map of the attention masks (drawn at 60% opacity over their image).
-ATTENTION_CMAP = "inferno"
+#: Colour map and opacity of the attention masks drawn over their image.
+ATTENTION_CMAP, ATTENTION_ALPHA = "inferno", 0.6
 
 
 def records(run_dir: str | Path, suffix: str) -> list[tuple[int, Any]]:
@@ -172,42 +172,62 @@ def plot_learner_similarity(final: pd.DataFrame, order: list[str], folder: Path)
     return save_figure(fig, folder / "abe_learner_similarity")
 
 
-def _upsample(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A [h, w] float mask resized bilinearly to ``size`` (H, W)."""
-    im = Image.fromarray(mask.astype(np.float32), mode="F")
-    return np.asarray(im.resize(size[::-1], Image.Resampling.BILINEAR))
+def _overlay(image: np.ndarray, mask: np.ndarray | None, size: int = THUMB) -> np.ndarray:
+    """A square uint8 RGB image as a ``size`` tile (nearest when enlarging tiny images) with ``mask`` [h, w]
+    in [0, 1] upsampled bilinearly over the whole of it, in ``ATTENTION_CMAP`` at ``ATTENTION_ALPHA``."""
+    im = Image.fromarray(image)
+    resample = Image.Resampling.NEAREST if im.width < size else Image.Resampling.LANCZOS
+    tile = np.asarray(im.resize((size, size), resample), dtype=np.float32)
+    if mask is None:
+        return tile.astype(np.uint8)
+    m = Image.fromarray(mask.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR)
+    colour = 255 * plt.get_cmap(ATTENTION_CMAP)(np.clip(np.asarray(m), 0, 1))[..., :3]
+    return ((1 - ATTENTION_ALPHA) * tile + ATTENTION_ALPHA * colour).round().astype(np.uint8)
 
 
 def plot_attention_masks(final: pd.DataFrame, order: list[str], folder: Path) -> list[Path]:
-    """Per arm with saved attention masks (ABE-M), one figure: a row per test image (the same images in every
-    arm, as the network saw them), then each learner's mask (mean over channels) upsampled onto it."""
+    """Per arm with saved attention masks (ABE-M), one mosaic: a row per test image (the same images in every
+    arm, as the network saw them, framed in the arm's colour), then each learner's mask (mean over channels)
+    upsampled over it."""
     runs = {a: saved for a, (_, saved) in saved_runs(final, order).items() if "attention_masks" in saved}
     colours = arm_palette(order)
+    gap, frame = THUMB // 12, 4
+    spacer = np.full((THUMB, gap, 3), 255, np.uint8)
     paths: list[Path] = []
     for arm, saved in runs.items():
-        masks, images = saved["attention_masks"].astype(np.float32), saved["attention_images"]
-        m, n = masks.shape[:2]
-        fig, axes = plt.subplots(
-            n, m + 1, figsize=(1.5 * (m + 1) + 1.2, 1.5 * n + 0.8), squeeze=False, layout="constrained"
+        masks, images, index = saved["attention_masks"], saved["attention_images"], saved["attention_index"]
+        rgb = (255 * np.asarray(to_rgb(colours[arm]))).astype(np.uint8)
+        m = len(masks)
+        rows = []
+        for r, image in enumerate(images):
+            first = _overlay(image, None)
+            first[:frame] = first[-frame:] = rgb
+            first[:, :frame] = first[:, -frame:] = rgb
+            cells = [first] + [_overlay(image, masks[j, r]) for j in range(m)]
+            rows.append(np.concatenate([c for cell in cells for c in (cell, spacer)][:-1], axis=1))
+            rows.append(np.full((gap, rows[-1].shape[1], 3), 255, np.uint8))
+        mosaic = np.concatenate(rows[:-1], axis=0)
+        fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 80 + 3, mosaic.shape[0] / 80 + 1))
+        ax.imshow(mosaic, interpolation="nearest")
+        step = THUMB + gap
+        ax.set_xticks(
+            [j * step + THUMB / 2 for j in range(m + 1)], ["image"] + [f"learner {j + 1}" for j in range(m)]
         )
-        for r, (row, image, index) in enumerate(zip(axes, images, saved["attention_index"], strict=True)):
-            for ax in row:
-                ax.imshow(image, interpolation="nearest")
-                ax.set(xticks=[], yticks=[])
-                ax.grid(False)
-            for j, ax in enumerate(row[1:]):
-                mask = _upsample(masks[j, r], image.shape[:2])
-                ax.imshow(mask, cmap=ATTENTION_CMAP, vmin=0, vmax=1, alpha=0.6, interpolation="nearest")
-            label = saved["gallery_labels"][index]
-            row[0].set_ylabel(f"test image {index}\n(class {label})", fontsize=8)
-            for spine in row[0].spines.values():
-                spine.set(edgecolor=colours[arm], linewidth=3)
-        for j, ax in enumerate(axes[0]):
-            ax.set_title("image" if j == 0 else f"learner {j}", fontsize=9)
+        labels = saved["gallery_labels"][index]
+        ax.set_yticks(
+            [r * step + THUMB / 2 for r in range(len(images))],
+            [f"test image {i}\n(class {c})" for i, c in zip(index, labels, strict=True)],
+            fontsize=8,
+        )
+        ax.xaxis.tick_top()
+        ax.tick_params(length=0)
+        ax.grid(False)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
         scale = ScalarMappable(Normalize(0, 1), cmap=ATTENTION_CMAP)
-        fig.colorbar(scale, ax=axes[:, 1:].ravel().tolist(), label="attention (sigmoid)", shrink=0.8)
-        fig.suptitle(f"ABE: each learner's attention mask over test images ({arm})", fontsize=10)
-        paths += save_figure(fig, folder / f"abe_attention_masks_{slug(arm)}")
+        fig.colorbar(scale, ax=ax, label="attention (sigmoid)", fraction=0.04, pad=0.02)
+        ax.set_title(f"ABE: each learner's attention mask over test images\n{arm}", fontsize=10)
+        paths += save_figure(fig, folder / f"abe_attention_masks_{slug(arm)}", vector=(".pdf",))  # bitmaps
     return paths
 
 
