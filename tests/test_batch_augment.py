@@ -100,6 +100,17 @@ def test_border_crop_and_random_crop_have_the_pil_distribution() -> None:
         assert stats.chi2_contingency(np.stack(counts)).pvalue > 1e-3
 
 
+def test_canvases_of_arrays_equal_those_of_pil_images() -> None:
+    aug = _augment(size=32, resize=64)  # canvas 64 × 96
+    for h, w in [(64, 85), (85, 64), (64, 120), (30, 40)]:  # cached-like, portrait, too long, too small
+        arr = np.asarray(_photo(h, w))
+        ours, theirs = aug.canvas(arr), aug.canvas(Image.fromarray(arr))
+        assert torch.equal(ours.pixels, theirs.pixels) and torch.equal(ours.sizes, theirs.sizes)
+        rh, rw, transposed = ours.sizes.tolist()
+        assert min(rh, rw) <= 64 and max(rh, rw) <= 96 and transposed == (h > w)
+        assert (min(rh, rw) == 64) == (max(h, w) / min(h, w) <= 1.5)  # shorter side 64 unless too long
+
+
 def _batch(augment: BatchAugment, images: list[Image.Image]) -> Canvas:
     return default_collate([augment.canvas(img) for img in images])
 

@@ -81,14 +81,21 @@ class ToCanvas:
     the shorter side is ``shape[0]`` and the longer at most ``shape[1]`` (a no-op for cached images); the
     other recipes' deterministic steps are passed as ``steps``."""
 
+    #: ``ImageSet`` hands it its stored uint8 arrays as they are (no PIL round trip).
+    accepts_arrays = True
+
     def __init__(self, shape: tuple[int, int], steps: list[Callable], fit: bool):
         self.shape, self.steps, self.fit = shape, steps, fit
 
-    def __call__(self, img: Image.Image) -> Canvas:
+    def __call__(self, img: Image.Image | np.ndarray) -> Canvas:
+        hc, wc = self.shape
+        if isinstance(img, np.ndarray):
+            h, w = img.shape[:2]
+            if self.steps or (self.fit and min(hc / min(w, h), wc / max(w, h)) != 1.0):
+                img = Image.fromarray(img)
         for step in self.steps:
             img = step(img)
-        hc, wc = self.shape
-        if self.fit:
+        if self.fit and isinstance(img, Image.Image):
             w, h = img.size
             scale = min(hc / min(w, h), wc / max(w, h))  # 1 for a cached image that fits
             if scale != 1.0:

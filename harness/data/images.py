@@ -94,7 +94,17 @@ class ImageSet(torch.utils.data.Dataset):
             img = img.crop(tuple(self.boxes[i]))
         return img
 
+    def pixels(self, i: int) -> np.ndarray | Image.Image:
+        """Image ``i`` as the uint8 array it is stored as (in memory or in the cache), else as a PIL image."""
+        if self.in_memory:
+            return self.items[i]
+        if self.cache is not None and self.rows is not None:
+            return self.cache[int(self.rows[i])]
+        return self.image(i)
+
     def __getitem__(self, i: int) -> tuple[Any, int]:
+        if getattr(self.transform, "accepts_arrays", False):  # no PIL round trip (batch_augment.ToCanvas)
+            return self.transform(self.pixels(i)), int(self.labels[i])
         img = self.image(i)
         x = self.transform(img) if self.transform is not None else TF.to_tensor(img)
         return x, int(self.labels[i])
