@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -103,8 +103,9 @@ class ImageSet(torch.utils.data.Dataset):
         return self.image(i)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        if getattr(self.transform, "accepts_arrays", False):  # no PIL round trip (batch_augment.ToCanvas)
-            return self.transform(self.pixels(i)), int(self.labels[i])
+        takes_arrays = getattr(self.transform, "accepts_arrays", False)  # batch_augment.ToCanvas
+        if takes_arrays:  # no PIL round trip
+            return cast(Callable[[Any], Any], self.transform)(self.pixels(i)), int(self.labels[i])
         img = self.image(i)
         x = self.transform(img) if self.transform is not None else TF.to_tensor(img)
         return x, int(self.labels[i])
