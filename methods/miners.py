@@ -62,32 +62,34 @@ def semi_hard_triplets(dist: Tensor, pos: Tensor, neg: Tensor) -> Triplets:
     ``0 < D_an - D_ap <= margin`` (several triplets per pair, none for pairs without such a negative).
     """
     a, p = positive_pairs(pos, neg)
-    return a, p, semi_hard_choice(dist[a, p], dist[a], neg[a])
-
-
-def semi_hard_choice(d_ap: Tensor, d_an: Tensor, negs: Tensor) -> Tensor:
-    """TF's semi-hard rule per row: the column of the closest negative (``negs`` [P, N]) with ``d_an`` [P, N]
-    strictly above ``d_ap`` [P]; for a row without one, the farthest negative."""
-    farther = negs & (d_an > d_ap[:, None])
+    d_an, negs = dist[a], neg[a]
+    farther = negs & (d_an > dist[a, p][:, None])
     closest_farther = d_an.masked_fill(~farther, float("inf")).argmin(1)
     farthest = d_an.masked_fill(~negs, float("-inf")).argmax(1)
-    return torch.where(farther.any(1), closest_farther, farthest)
+    return a, p, torch.where(farther.any(1), closest_farther, farthest)
 
 
-def semi_hard_pair_negatives(d_ap: Tensor, cand: Tensor, negs: Tensor) -> tuple[Tensor, Tensor]:
-    """Semi-hard mining under Symm's pair rule: one negative candidate per positive pair.
+def semi_hard_pair_negatives(
+    dist: Tensor, cand: Tensor, negs: Tensor, a: Tensor, p: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Semi-hard mining under Symm's pair rule: one negative candidate per positive pair (a, p).
 
-    ``cand`` [P, Q, C]: distances from each positive pair's anchor to the C candidates of each same-class
-    negative pair (x_k, x_l, x_k', x_l', see methods/synthesis.py), ``negs`` [P, Q] the pairs of another
-    class, ``d_ap`` [P]. Each negative pair is represented by its closest candidate strictly farther than
-    the positive, else by its closest candidate (the paper's hardest of the four); among the pairs,
-    :func:`semi_hard_choice`. Returns the chosen pair ``q`` [P] and its candidate ``c`` [P].
+    ``cand`` [B, Q, C]: distances from each anchor to the C candidates of each same-class pair (x_k, x_l,
+    x_k', x_l', see methods/synthesis.py), ``negs`` [B, Q] the pairs of another class than the anchor's,
+    ``dist`` [B, B] the anchor-positive distances. Each negative pair is represented by its closest
+    candidate strictly farther than the positive, else by its closest candidate (the paper's hardest of the
+    four); among the pairs, TF's rule (:func:`semi_hard_triplets`). So the negative is the closest candidate
+    farther than the positive over all negative pairs, else the closest candidate of the pair whose closest
+    candidate is farthest. Returns the pair ``q`` [P] and the candidate ``c`` [P].
     """
-    farther = cand > d_ap[:, None, None]
-    rep = torch.where(farther.any(-1, keepdim=True), cand.masked_fill(~farther, float("inf")), cand)
-    slot = rep.argmin(-1)  # [P, Q]
-    q = semi_hard_choice(d_ap, rep.gather(-1, slot[..., None]).squeeze(-1), negs)
-    return q, slot.gather(1, q[:, None]).squeeze(1)
+    n_cand = cand.shape[-1]
+    flat = cand.masked_fill(~negs[..., None], float("-inf")).flatten(1)  # pairs of a's class: never farther
+    d_an = flat[a]  # [P, Q·C]
+    closest, index = torch.where(d_an > dist[a, p][:, None], d_an, float("inf")).min(1)
+    hardest, slot = cand.min(-1)  # [B, Q]: each pair's closest candidate
+    q = hardest.masked_fill(~negs, float("-inf")).argmax(1)[a]
+    found = torch.isfinite(closest)
+    return torch.where(found, index // n_cand, q), torch.where(found, index % n_cand, slot[a, q])
 
 
 def sample_negatives(weights: Tensor, a: Tensor, p: Tensor) -> Triplets:

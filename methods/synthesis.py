@@ -161,7 +161,7 @@ class SymmetricalSynthesis(nn.Module):
         )
         reflected = sign * metric_matrix(embeddings, synthetic, metric).view(len(labels), 2, len(k))
         reflected = torch.where((k == l)[None, None], original[:, None, k], reflected)  # singles: x_k
-        cand = torch.cat([original[:, None, k], original[:, None, l], reflected], 1).transpose(1, 2)
+        cand = torch.stack([original[:, k], original[:, l], reflected[:, 0], reflected[:, 1]], -1)
         best_synthetic = cand[..., 2:].amin(-1).masked_fill((k == l)[None], float("inf"))
         self._record(cand[..., :2].amin(-1), best_synthetic, labels, labels[k])
         self._keep(embeddings, labels)

@@ -298,11 +298,14 @@ def _naive_negative_pairs(x: torch.Tensor, labels: list[int], a: int, metric: st
     return out
 
 
-def _naive_semi_hard(x: torch.Tensor, labels: list[int], metric: str, margin: float) -> list[float]:
+def _naive_semi_hard(
+    x: torch.Tensor, labels: list[int], metric: str, margin: float
+) -> tuple[list[float], int]:
     """Symm + semi-hard, one hinge per positive pair (a, p): each negative pair is represented by its closest
     candidate farther than p, else its closest candidate; the negative is the closest representative
-    farther than p, else the farthest representative (TF's semi-hard rule)."""
-    terms = []
+    farther than p, else the farthest representative (TF's semi-hard rule). Also the number of positive
+    pairs without a farther candidate."""
+    terms, fallbacks = [], 0
     for a in range(len(labels)):
         for p in range(len(labels)):
             if p == a or labels[p] != labels[a]:
@@ -314,8 +317,9 @@ def _naive_semi_hard(x: torch.Tensor, labels: list[int], metric: str, margin: fl
                 reps.append(min(farther) if farther else min(cands))
             farther = [d for d in reps if d > d_ap]
             d_an = min(farther) if farther else max(reps)
+            fallbacks += not farther
             terms.append(max(d_ap - d_an + margin, 0.0))
-    return terms
+    return terms, fallbacks
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
@@ -324,14 +328,15 @@ def test_semi_hard_triplet_follows_the_paper_rule(metric: str) -> None:
     labels = torch.tensor([3, 0, 3, 1, 0, 3, 2, 1, 0, 3])  # classes of 4, 3, 2 images and a single one
     torch.manual_seed(1)
     x = torch.randn(len(labels), 3, dtype=torch.float64)
+    x[2] = -3 * x[0]  # a positive farther than every candidate: the pair (0, 2) takes the fallback
     margin = 0.5 if metric != "cosine" else 0.2
     loss = registry.build(
         "loss", "triplet", context={"miner": None, "synthesis": SymmetricalSynthesis()},
         mining="semi_hard", distance=metric, margin=margin,
     )  # fmt: skip
     out = loss(x, labels)
-    terms = _naive_semi_hard(x, labels.tolist(), metric, margin)
-    assert 0 < sum(t > 0 for t in terms) < len(terms)
+    terms, fallbacks = _naive_semi_hard(x, labels.tolist(), metric, margin)
+    assert 0 < sum(t > 0 for t in terms) < len(terms) and fallbacks > 0
     assert out.stats["triplets"].item() == len(terms)
     assert out.value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
 

@@ -174,10 +174,9 @@ class TripletLoss(nn.Module):
                 cand, pair_labels = pair_negative_distances(
                     embeddings, labels, self.distance, self.synthesis, hardest=False
                 )  # [B, Q, 4]
-                d_ap = dist[a, p]
-                negs = labels[a][:, None] != pair_labels[None, :]
-                q, c = semi_hard_pair_negatives(d_ap.detach(), cand.detach()[a], negs)
-                d_an = cand[a, q, c]
+                negs = labels[:, None] != pair_labels[None, :]
+                q, c = semi_hard_pair_negatives(dist.detach(), cand.detach(), negs, a, p)
+                d_ap, d_an = dist[a, p], cand[a, q, c]
             else:
                 a, p, n = self.select(embeddings, labels, pos, neg, dist)
                 if dist is None:  # distances of the selected triplets only: no B×B backward
