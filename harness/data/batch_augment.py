@@ -179,9 +179,9 @@ def resample_weights(axis: torch.Tensor, count: int, length: int) -> torch.Tenso
         start[:, None] + (offset[:, None] + torch.arange(count, device=axis.device) + 0.5) * scale[:, None]
     )
     x = torch.arange(length, device=axis.device, dtype=torch.float32) + 0.5
-    w = (1 - (x - centre[..., None]).abs() / scale.clamp(min=1)[:, None, None]).clamp(min=0)
-    w = w * ((x >= start[:, None, None]) & (x < stop[:, None, None]))
-    return w / w.sum(-1, keepdim=True)
+    w = (x - centre[..., None]).abs_().div_(-scale.clamp(min=1)[:, None, None]).add_(1).clamp_(min=0)
+    w.mul_((x >= start[:, None, None]) & (x < stop[:, None, None]))
+    return w.div_(w.sum(-1, keepdim=True))
 
 
 class BatchAugment:
@@ -255,12 +255,14 @@ class BatchAugment:
         # channels-last canvases: rows [B, S, Hc] @ [B, Hc, Wc·C], then [B, C·S, Wc] @ cols^T [B, Wc, S]
         y = torch.bmm(rows, pixels.reshape(n, hc, wc * c).float()).view(n, s, wc, c)
         out = torch.bmm(y.permute(0, 3, 1, 2).reshape(n, c * s, wc), cols.transpose(1, 2)).view(n, c, s, s)
-        return torch.where(transposed[..., None], out.transpose(2, 3), out)
+        if transposed.device.type != "cpu" or bool(transposed.any()):  # a host check only where it is free
+            out = torch.where(transposed[..., None], out.transpose(2, 3), out)
+        return out
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (0–255, RGB) in the backbone's convention (scale, channel order), normalised: what
         ToTensor + ``ChannelConvention`` + Normalize give."""
-        return (x.flip(1) if self.bgr else x) * self.gain - self.shift
+        return torch.addcmul(-self.shift, x.flip(1) if self.bgr else x, self.gain)  # one pass
 
     def __call__(self, batch: Canvas) -> torch.Tensor:
         geometry = self.geometry(batch.sizes[:, :2])
