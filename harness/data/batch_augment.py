@@ -77,9 +77,9 @@ class Canvas(NamedTuple):
 
 
 class ToCanvas:
-    """The worker's part: a PIL image → ``Canvas`` of ``shape`` (Hc, Wc). ``fit`` resizes (bilinear) so that
-    the shorter side is ``shape[0]`` and the longer at most ``shape[1]`` (a no-op for cached images); the
-    other recipes' deterministic steps are passed as ``steps``."""
+    """The worker's part: a PIL image or uint8 array → ``Canvas`` of ``shape`` (Hc, Wc). ``fit`` resizes
+    (bilinear) so that the shorter side is ``shape[0]`` and the longer at most ``shape[1]`` (a no-op for
+    cached images); the other recipes' deterministic steps are passed as ``steps``."""
 
     #: ``ImageSet`` hands it its stored uint8 arrays as they are (no PIL round trip).
     accepts_arrays = True
@@ -87,21 +87,20 @@ class ToCanvas:
     def __init__(self, shape: tuple[int, int], steps: list[Callable], fit: bool):
         self.shape, self.steps, self.fit = shape, steps, fit
 
+    def _scale(self, h: int, w: int) -> float:
+        """The ``fit`` resize factor of an ``h`` × ``w`` image (1: none)."""
+        hc, wc = self.shape
+        return min(hc / min(w, h), wc / max(w, h)) if self.fit else 1.0
+
     def __call__(self, img: Image.Image | np.ndarray) -> Canvas:
         hc, wc = self.shape
-        if isinstance(img, np.ndarray):
-            h, w = img.shape[:2]
-            if self.steps or (self.fit and min(hc / min(w, h), wc / max(w, h)) != 1.0):
-                img = Image.fromarray(img)
+        if isinstance(img, np.ndarray) and (self.steps or self._scale(*img.shape[:2]) != 1.0):
+            img = Image.fromarray(img)
         for step in self.steps:
             img = step(img)
-        if self.fit and isinstance(img, Image.Image):
-            w, h = img.size
-            scale = min(hc / min(w, h), wc / max(w, h))  # 1 for a cached image that fits
-            if scale != 1.0:
-                img = img.resize(
-                    (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR
-                )
+        if isinstance(img, Image.Image) and (scale := self._scale(img.height, img.width)) != 1.0:
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img = img.resize(size, Image.Resampling.BILINEAR)
         a = np.asarray(img)
         a = a[..., None] if a.ndim == 2 else a
         h, w = a.shape[:2]
