@@ -16,6 +16,7 @@ from torchvision import transforms as T
 from harness import config
 from harness.data import ImageSet, build_transforms, load_splits
 from harness.data.cache import DecodedCache, attach, cache_key, cache_root, cached_splits, choose, num_workers
+from harness.data.transforms import recipe_sizes
 from harness.train import run
 from harness.types import DataConfig
 from tests.fixtures import make_cub200
@@ -188,3 +189,21 @@ def test_splits_share_one_cache_and_training_uses_it(tmp_path: Path) -> None:
     result = run(cfg)
     assert np.isfinite(result.metrics["test/recall@1"])
     assert len(set(cache_root().iterdir()) - before) == 1  # the cache of the run's resize size
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "symm_official", "mdr_official", "abe_official"])
+def test_the_cache_keeps_the_largest_size_a_recipe_crops_from(tmp_path: Path, kind: str) -> None:
+    """Every recipe's training crops are cut from an image resized to its resize size (symm: 256/227 of
+    the input): a cache at the input size would make them upsampled, softer than the paper's."""
+    root = make_cub200(tmp_path / "cub", classes=(1, 2, 101), per_class=2, size=120)
+    section = config.DataSection(
+        dataset={"name": "cub200", "root": str(root)},
+        cache="disk",
+        val_fraction=0,
+        input_size=64,
+        transform=kind,
+    )
+    size, resize = recipe_sizes(section, DC, kind)
+    assert resize > size
+    shorter = min(cached_splits(load_splits(section), section, DC).train.cache[0].shape[:2])
+    assert shorter == resize

@@ -211,8 +211,8 @@ class BatchAugment:
         elif kind == "abe_official":
             steps.append(ResizePad(resize))
         square = kind in ("mdr_official", "abe_official")
-        short = resize if kind == "imagenet" else size  # what the cache stores (harness.data.cache)
-        shape = (resize, resize) if square else (short, math.ceil(short * CANVAS_ASPECT))
+        # the cache stores the shorter side at ``resize`` (harness.data.cache.cached_splits)
+        shape = (resize, resize) if square else (resize, math.ceil(resize * CANVAS_ASPECT))
         self.canvas = ToCanvas(shape, steps, fit=not square)
         std = (1.0,) * len(dc.std) if kind == "abe_official" else dc.std  # as build_transforms
         self.bgr = dc.channel_order == "BGR"

@@ -36,7 +36,7 @@ from PIL import Image
 
 from harness.data.images import ImageSet
 from harness.data.splits import Splits
-from harness.data.transforms import sizes
+from harness.data.transforms import recipe_kind, recipe_sizes
 from harness.data.verify import CACHE_ENV
 from harness.types import DataConfig
 
@@ -242,12 +242,13 @@ def attach(parts: dict[str, ImageSet], mode: str, size: int, budget_gib: float) 
 
 def cached_splits(splits: Splits, data: DataSection, data_config: DataConfig) -> Splits:
     """``splits`` reading their image files from the decoded-image cache ``data.cache`` asks for, at the
-    shorter side the test transform resizes to (``harness.data.transforms.sizes``)."""
-    size, resize = sizes(data, data_config)
-    kind = data.transform if data.transform != "auto" else ("grey" if splits.channels == 1 else "imagenet")
+    shorter side of the recipe's resize size (``harness.data.transforms.recipe_sizes``): the largest image
+    its training crops are cut from, so no crop is upsampled from a smaller stored copy."""
+    kind = recipe_kind(data, splits.channels)
+    _, resize = recipe_sizes(data, data_config, kind)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test, "query": splits.query}
     present = {k: v for k, v in parts.items() if v is not None}
-    out = attach(present, data.cache, resize if kind == "imagenet" else size, data.cache_budget_gib)
+    out = attach(present, data.cache, resize, data.cache_budget_gib)
     return dataclasses.replace(
         splits, train=out["train"], val=out.get("val"), test=out["test"], query=out.get("query")
     )
