@@ -105,18 +105,15 @@ def make_sop(
     return root
 
 
-def make_inshop(root: str | Path, eval_dir: bool = False, size: int = 32) -> Path:
+def make_inshop(root: str | Path, eval_dir: bool = False, size: int = 32, train_items: int = 2) -> Path:
     """In-Shop layout: list_eval_partition.txt (line 1 = number of images, line 2 = header) in ``root``
-    (or ``root/Eval`` with ``eval_dir``) and img/WOMEN/Dresses/id_XXXXXXXX/*.jpg. Items 1, 2 train (2
-    images each); items 3, 4 test, each with 1 query and 2 gallery images."""
+    (or ``root/Eval`` with ``eval_dir``) and img/WOMEN/Dresses/id_XXXXXXXX/*.jpg. Items 1…``train_items``
+    train (2 images each); the next 2 items test, each with 1 query and 2 gallery images."""
     root = Path(root)
     rng = np.random.default_rng(0)
-    layout = {
-        1: ["train"] * 2,
-        2: ["train"] * 2,
-        3: ["query", "gallery", "gallery"],
-        4: ["query", "gallery", "gallery"],
-    }
+    test = ["query", "gallery", "gallery"]
+    layout = {item: ["train"] * 2 for item in range(1, train_items + 1)}
+    layout |= {train_items + 1: test, train_items + 2: test}
     rows = []
     for item, statuses in layout.items():
         for j, status in enumerate(statuses, start=1):
