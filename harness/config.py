@@ -68,14 +68,17 @@ class DataSection(_Section):
 
 class SamplerSection(_Section):
     """``kind: pk``: P×K batches, P classes × K images. ``kind: pairs``: ABE-M's batches of
-    ``positive_pairs`` same-class and ``negative_pairs`` different-class random pairs. An epoch is
-    ``batches_per_epoch`` batches, by default about as many images as the training split has."""
+    ``positive_pairs`` same-class and ``negative_pairs`` different-class random pairs. ``kind: triplets``:
+    batches of ``triplets`` (anchor, positive, negative) triplets an offline miner (``miner: offline``)
+    mined from the whole training split. An epoch is ``batches_per_epoch`` batches, by default about as
+    many images as the training split has."""
 
-    kind: Literal["pk", "pairs"] = "pk"
+    kind: Literal["pk", "pairs", "triplets"] = "pk"
     p: int = Field(8, ge=2)
     k: int = Field(4, ge=1)
     positive_pairs: int = Field(16, ge=0)
     negative_pairs: int = Field(16, ge=0)
+    triplets: int = Field(16, ge=1)
     batches_per_epoch: int | None = Field(None, ge=1)
     #: Each sampled image this many times per batch, each copy augmented anew (MultiGrain); 1 = off.
     repeated_augmentations: int = Field(1, ge=1)
@@ -267,6 +270,32 @@ def _compatibility_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _offline_mining_problems(cfg: RunConfig) -> list[str]:
+    """A miner that mines the whole training split (``plugins.SplitMiner``) and ``sampler.kind: triplets``,
+    which batches its triplets, only work together; repeated augmentations would break the triplet order."""
+    name = cfg.miner.get("name") if cfg.miner is not None else None
+    miners = registry.registry("miner")
+    offline = name in miners and plugins.mines_split(miners.get(str(name)).obj)
+    kind = cfg.sampler.kind
+    problems = []
+    if offline and kind != "triplets":
+        problems.append(
+            f"miner: {name!r} mines triplets from the whole training split and trains on them only with "
+            f"sampler.kind: triplets (got sampler.kind: {kind})"
+        )
+    if kind == "triplets" and not offline:
+        problems.append(
+            "sampler.kind: 'triplets' batches the triplets an offline miner mines from the training split; "
+            f"set miner: offline (got miner: {name or 'none'})"
+        )
+    if kind == "triplets" and cfg.sampler.repeated_augmentations > 1:
+        problems.append(
+            "sampler.repeated_augmentations: not with sampler.kind: triplets (the copies would break the "
+            "anchor, positive, negative order of its batches)"
+        )
+    return problems
+
+
 def _selection_problems(cfg: RunConfig) -> list[str]:
     """``train.selection_metric`` names a metric the validation evaluation computes (said before training
     starts, not at the first validation); without validation classes nothing is selected."""
@@ -294,7 +323,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         cfg = RunConfig.model_validate(raw)
     except pydantic.ValidationError as e:
         raise ConfigError(_pydantic_problems(e, RunConfig) + problems) from e
-    problems += _compatibility_problems(cfg) + _selection_problems(cfg)
+    problems += _compatibility_problems(cfg) + _selection_problems(cfg) + _offline_mining_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return resolve(cfg)

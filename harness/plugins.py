@@ -14,6 +14,10 @@ reads them through these Protocols and helpers only, never by guessing attribute
   exempt from weight decay (GeM's p, proxies); ``train.param_groups`` gives it a group of its own.
 - miner (``Miner``): declares ``produces`` ("pairs" or "triplets"); a loss that takes a miner declares the
   kinds it ``accepts_miner``. ``config.validate`` checks the pairing before anything is built.
+- offline miner (``SplitMiner``): a triplet miner that picks its triplets from the whole training split
+  (FaceNet's offline generation). ``train._Trainer`` embeds the split every ``refresh_every`` epochs and
+  hands the miner's triplets to the sampler (``TripletBatches``, ``sampler.kind: triplets``), whose batches
+  are those triplets in a row; ``config.validate`` checks that the two come together.
 - benchmarks (``register(..., references=..., bench=...)``): a loss may name reference implementations
   (``Reference``: a pytorch-metric-learning loss set to the same semantics) that ``dmlh bench losses`` times
   it against; any component may declare ``BenchVariant`` rows for ``dmlh bench methods``.
@@ -30,8 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 #: What a miner returns: (anchor, positive, negative) index tensors, or (a1, p, a2, n) pair tensors.
 MinedKind = Literal["pairs", "triplets"]
@@ -73,6 +78,41 @@ class MinerTakingLoss(Protocol):
     """A loss class whose constructor asks for a ``miner``, with the kinds of mined tuples it uses."""
 
     accepts_miner: ClassVar[tuple[MinedKind, ...]]
+
+
+@runtime_checkable
+class SplitMiner(Protocol):
+    """A triplet miner that mines the whole training split offline, not the batch.
+
+    Every ``refresh_every`` epochs (from epoch 0, the initial model) the trainer embeds the training split in
+    eval mode with the test transform and calls ``mine_split``; the sampler then builds every batch from the
+    returned triplets, each as 3 consecutive images (anchor, positive, negative), and the miner's batch-level
+    ``forward`` gives the loss exactly those triplets back.
+    """
+
+    refresh_every: int
+
+    def mine_split(
+        self, embeddings: Tensor, labels: Tensor, rng: np.random.Generator
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """``[T, 3]`` int64 indices into the split (anchor, positive, negative) and scalar statistics of the
+        mining (history columns ``mining/<key>``). ``rng`` is the run's generator for this refresh."""
+        ...
+
+
+@runtime_checkable
+class TripletBatches(Protocol):
+    """A batch sampler that serves the triplets a ``SplitMiner`` mined (``harness.data.sampler``)."""
+
+    def set_triplets(self, triplets: np.ndarray, epoch: int) -> None:
+        """Build the batches of ``epoch`` and the epochs after it (until the next call) from ``triplets``
+        ``[T, 3]`` (anchor, positive, negative)."""
+        ...
+
+
+def mines_split(miner_cls: object) -> bool:
+    """Whether a miner class mines the whole training split (``SplitMiner``), read before it is built."""
+    return callable(getattr(miner_cls, "mine_split", None))
 
 
 def produces(miner_cls: object) -> str | None:

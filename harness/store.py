@@ -169,6 +169,7 @@ def _row(t: FrozenTrial, study: str, results_dir: Path, lost: set[int]) -> dict[
     row.update(ua.get("arm_display", {}))
     row.update(ua.get("tuned", {}))
     row.update(ua.get("metrics", {}))
+    row.update({f"time/{k}": v for k, v in (ua.get("timings") or {}).items()})
     return row
 
 
@@ -176,7 +177,8 @@ def load(
     study_name_or_path: str | Path, storage: str | None = None, results: str | Path = "results"
 ) -> pd.DataFrame:
     """One row per run (trial) of a study: stage, arm, seed, arm factors and tuned parameters (as dotted-path
-    columns), metrics (``val/…``, ``test/…``, ``test_last/…``), state, duration, run_key and run folder.
+    columns), metrics (``val/…``, ``test/…``, ``test_last/…``), timings in seconds (``time/…``, e.g.
+    ``time/epoch_s`` per training epoch, offline mining included), state, duration, run_key and run folder.
 
     Queued (WAITING) trials and concurrently claimed duplicates are left out. ``df.attrs["meta"]`` holds the
     study spec (arms, factors, objective, baseline).

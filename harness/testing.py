@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,12 +72,29 @@ def check_loss_like(kind: str, name: str, dim: int = 16) -> None:
         assert emb2.grad is None or torch.isfinite(emb2.grad).all(), f"{kind} {name}: NaN gradient"
 
 
+def check_split_miner(miner: plugins.SplitMiner, name: str, dim: int = 16) -> torch.Tensor:
+    """An offline miner mines valid triplets from a split; returns the labels of a batch laid out as the
+    ``sampler.kind: triplets`` sampler lays out its triplets (3 consecutive images each)."""
+    labels = pk_labels(6, 5)
+    emb = torch.randn(len(labels), dim)
+    triplets, stats = miner.mine_split(emb, labels, np.random.default_rng(0))
+    assert triplets.ndim == 2 and triplets.shape[1] == 3, f"miner {name}: mine_split must return [T, 3]"
+    a, p, n = (torch.as_tensor(triplets[:, i]) for i in range(3))
+    assert (labels[a] == labels[p]).all() and (a != p).all() and (labels[a] != labels[n]).all()
+    assert all(isinstance(v, float) for v in stats.values()), f"miner {name}: statistics must be floats"
+    assert miner.refresh_every >= 1
+    return labels[torch.as_tensor(triplets[:8]).reshape(-1)]
+
+
 def check_miner(name: str, dim: int = 16) -> None:
-    """A miner returns index tensors of its declared kind, pointing at valid positives/negatives."""
+    """A miner returns index tensors of its declared kind, pointing at valid positives/negatives; an offline
+    miner (``plugins.SplitMiner``) also mines a split, and its batches are that sampler's."""
     labels = pk_labels()
     miner = _build("miner", name, **_context(dim, num_classes=4))
     produces = plugins.produces(type(miner))
     assert produces in ("pairs", "triplets"), f"miner {name}: class attribute produces must be pairs|triplets"
+    if isinstance(miner, plugins.SplitMiner):
+        labels = check_split_miner(miner, name, dim)
     idx = miner(torch.nn.functional.normalize(torch.randn(len(labels), dim), dim=1), labels)
     if produces == "triplets":
         a, p, n = idx

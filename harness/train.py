@@ -33,7 +33,14 @@ from harness.errors import ConfigError, NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.model import StagedBackbone, build_component, build_model
 from harness.monitor import CollapseCheck, Progress, embedding_stats
-from harness.plugins import AttentionMaps, EpochDiagnostics, HasBackbone, param_options
+from harness.plugins import (
+    AttentionMaps,
+    EpochDiagnostics,
+    HasBackbone,
+    SplitMiner,
+    TripletBatches,
+    param_options,
+)
 from harness.reporting import embeddings as reporting_embeddings
 from harness.types import CLUSTERING_METRICS, LossOutput, ModelOutput
 
@@ -151,6 +158,8 @@ class Learner:
     regularizers: nn.ModuleList
     optimizer: torch.optim.Optimizer
     amp: bool
+    #: The loss's miner (also reachable as ``loss.miner``): the trainer asks an offline one to mine the split.
+    miner: nn.Module | None = None
 
     @classmethod
     def build(cls, cfg: RunConfig, num_classes: int, in_channels: int, device: torch.device) -> Learner:
@@ -165,7 +174,8 @@ class Learner:
         ).to(device)
         groups = param_groups(model, [loss, regularizers], cfg)
         optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
-        return cls(model, loss, regularizers, optimizer, amp=cfg.train.amp and device.type == "cuda")
+        amp = cfg.train.amp and device.type == "cuda"
+        return cls(model, loss, regularizers, optimizer, amp=amp, miner=miner)
 
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss of one batch (metric loss per model part + regularizers + model aux losses) and its
@@ -285,6 +295,31 @@ class _Trainer:
             self.scheduler.step()
         return {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
 
+    def refresh_triplets(self, epoch: int) -> dict[str, float]:
+        """Offline mining (``plugins.SplitMiner``): on the epochs its ``refresh_every`` says (0, N, 2N, ...),
+        embed the training split (eval mode, test transform), let the miner pick triplets from it and hand
+        them to the sampler. Returns the history columns ``mining_s`` (embedding + mining; 0 between
+        refreshes) and the miner's ``mining/...`` statistics; nothing without an offline miner."""
+        miner = self.learner.miner
+        if not isinstance(miner, SplitMiner):
+            return {}
+        if epoch % miner.refresh_every:
+            return {"mining_s": 0.0}
+        t = time.perf_counter()
+        emb, labels = embed(
+            self.model,
+            self.eval_sets["train"],
+            self.cfg.eval.batch_size,
+            self.device,
+            self.num_workers,
+            desc="embed train (mining)",
+        )
+        rng = np.random.default_rng([self.cfg.seed % 2**32, epoch, 1])  # not the sampler's stream
+        triplets, stats = miner.mine_split(emb, labels, rng)
+        assert isinstance(self.sampler, TripletBatches), "config.validate pairs an offline miner with it"
+        self.sampler.set_triplets(triplets, epoch)
+        return {"mining_s": time.perf_counter() - t, **{f"mining/{k}": v for k, v in stats.items()}}
+
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
         """Retrieval metrics of ``split`` (val or test; In-Shop test searches query → gallery)."""
@@ -403,7 +438,15 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         best_epoch=fit.best_epoch,
         history=fit.history,
         diagnostics=fit.diagnostics,
-        timings={"total_s": time.perf_counter() - t0, "train_s": fit.train_time, "eval_s": eval_time},
+        timings={
+            "total_s": time.perf_counter() - t0,
+            "train_s": fit.train_time,
+            "eval_s": eval_time,
+            "mining_s": fit.mining_time,
+            # a training epoch (offline mining included) and its mining, on average: the report's time columns
+            "epoch_s": (fit.train_time + fit.mining_time) / max(cfg.train.epochs, 1),
+            "mining_epoch_s": fit.mining_time / max(cfg.train.epochs, 1),
+        },
         checkpoint=fit.best_state if fit.best_state is not None else tr.state(),
         embeddings=saved,
         selection="best_val" if has_val else "last",
@@ -425,18 +468,21 @@ class _Fit:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     train_time: float = 0.0
     eval_time: float = 0.0
+    mining_time: float = 0.0
 
 
 def _fit(tr: _Trainer, reporter: Reporter | None, collapse: CollapseCheck, t0: float) -> _Fit:
     """Train every epoch, validating every ``train.eval_every``; one history row and log line per epoch
-    with its training time, validation time and training images/s."""
+    with its training time, validation time and training images/s (and offline mining's time)."""
     cfg = tr.cfg
     selection = cfg.train.selection_metric
     fit = _Fit(best_epoch=cfg.train.epochs)
     progress = Progress(cfg.name, cfg.train.epochs, len(tr.sampler))
     for epoch in tqdm(range(cfg.train.epochs), desc=f"{cfg.name}", disable=None):
-        t = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"]}
+        row.update(tr.refresh_triplets(epoch))
+        fit.mining_time += row.get("mining_s", 0.0)
+        t = time.perf_counter()
         row.update(tr.train_epoch(epoch, progress))
         row["train_s"] = time.perf_counter() - t
         row["images_per_s"] = progress.images / max(row["train_s"], 1e-9)
@@ -475,8 +521,10 @@ def _fit(tr: _Trainer, reporter: Reporter | None, collapse: CollapseCheck, t0: f
     return fit
 
 
-#: The config sections ``Learner.build`` reads: configs equal in these assemble alike (built once).
+#: The config sections ``Learner.build`` reads: configs equal in these assemble alike (built once). The
+#: sampler is among them because ``config.validate`` checks an offline miner against its kind.
 _ASSEMBLED = (
+    "sampler",
     "backbone",
     "pooling",
     "model",

@@ -1,5 +1,5 @@
-"""Batch samplers: the P×K sampler every pair- and proxy-based DML loss trains with, and ABE-M's random
-pair sampler (``sampler.kind: pairs``)."""
+"""Batch samplers: the P×K sampler every pair- and proxy-based DML loss trains with, ABE-M's random
+pair sampler (``sampler.kind: pairs``) and batches of offline-mined triplets (``sampler.kind: triplets``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
     from harness.config import SamplerSection
@@ -165,6 +165,52 @@ class PairSampler:
             yield pairs.reshape(-1).tolist()
 
 
+class TripletSampler:
+    """Batches of ``triplets`` mined triplets, each as 3 consecutive indices (anchor, positive, negative), for
+    offline mining (``sampler.kind: triplets``; ``harness.plugins.TripletBatches``).
+
+    The trainer hands it the triplets a ``SplitMiner`` mined (``set_triplets``) at every refresh. The epochs
+    until the next refresh walk through them in random order: one shuffled pass after another, drawn from
+    ``(seed, refresh epoch)``, each epoch going on where the one before stopped, so every mined triplet is
+    used about equally often. An epoch is ``batches_per_epoch`` batches, by default about as many images as
+    the split holds (``ceil(n_images / (3 · triplets))``).
+    """
+
+    def __init__(self, n_images: int, triplets: int, batches_per_epoch: int | None = None, seed: int = 0):
+        self.per_batch, self.seed, self.epoch = triplets, seed, 0
+        self.num_batches = batches_per_epoch or max(1, math.ceil(n_images / (3 * triplets)))
+        self.triplets: np.ndarray | None = None
+        self.since = 0
+
+    def set_triplets(self, triplets: np.ndarray, epoch: int) -> None:
+        """Batch ``triplets`` ``[T, 3]`` from ``epoch`` on (until the next call)."""
+        triplets = np.asarray(triplets, dtype=np.int64).reshape(-1, 3)
+        if not len(triplets):
+            raise TrainingError("sampler.kind: triplets: the miner handed over no triplet")
+        self.triplets, self.since = triplets, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.triplets is None:
+            raise TrainingError(
+                "sampler.kind: triplets has no triplets yet: a miner that mines the training split "
+                "(miner: offline) hands them over before each refresh epoch"
+            )
+        rng = np.random.default_rng([self.seed % 2**32, self.since])
+        need = self.num_batches * self.per_batch
+        start = (self.epoch - self.since) * need
+        passes = math.ceil((start + need) / len(self.triplets))
+        order = np.concatenate([rng.permutation(len(self.triplets)) for _ in range(passes)])[start:]
+        for b in range(self.num_batches):
+            chosen = order[b * self.per_batch : (b + 1) * self.per_batch]
+            yield self.triplets[chosen].reshape(-1).tolist()
+
+
 class RepeatedAugmentations:
     """Every image of the wrapped sampler's batches ``repeats`` times in a row (MultiGrain's repeated
     augmentation, Berman et al. 2019 / Hoffer et al. 2020): the dataset transform runs per item, so each
@@ -186,10 +232,12 @@ class RepeatedAugmentations:
 
 def build_sampler(
     section: SamplerSection, labels: np.ndarray, seed: int
-) -> PKSampler | PairSampler | RepeatedAugmentations:
+) -> PKSampler | PairSampler | TripletSampler | RepeatedAugmentations:
     """The batch sampler ``sampler.kind`` names, over the training ``labels``, with each image repeated
     ``sampler.repeated_augmentations`` times."""
     sampler: PKSampler | PairSampler
+    if section.kind == "triplets":  # config.validate refuses repeated augmentations with it
+        return TripletSampler(len(labels), section.triplets, section.batches_per_epoch, seed)
     if section.kind == "pairs":
         pairs = (section.positive_pairs, section.negative_pairs)
         sampler = PairSampler(labels, *pairs, section.batches_per_epoch, seed)

@@ -28,7 +28,7 @@ from harness.types import metric_title  # noqa: E402
 log = logging.getLogger(__name__)
 
 #: Columns of history.csv that are not method diagnostics.
-STANDARD_HISTORY = ("epoch", "lr", "seconds", "train/loss", "train_s", "eval_s", "images_per_s")
+STANDARD_HISTORY = ("epoch", "lr", "seconds", "train/loss", "train_s", "eval_s", "images_per_s", "mining_s")
 
 
 _save = pictures.save_figure

@@ -1,6 +1,7 @@
 """What a study searched and what each arm got: the sampler, its seed, the tuned parameters, the trials
-of every arm by stage and state (a timeout or failures can leave arms with fewer; the report says so),
-and the final runs whose embedding collapsed (their numbers measure a degenerate embedding)."""
+of every arm by stage and state (a timeout or failures can leave arms with fewer; the report says so) and
+the time an epoch took, and the final runs whose embedding collapsed (their numbers measure a degenerate
+embedding)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,27 @@ def search_line(meta: dict[str, Any]) -> str:
     )
 
 
+#: Run timings (``train.RunResult.timings`` as ``store.load`` names them) the trials table shows per arm.
+EPOCH_TIMES = {"time/epoch_s": "s/epoch (final)", "time/mining_epoch_s": "mining s/epoch (final)"}
+
+
 def trials_per_arm(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Rows = arms (study order), columns = ``<stage> <state>`` counts (lost-worker and duplicate copies
-    left out), e.g. ``tune COMPLETE``, ``tune PRUNED``, ``final COMPLETE``."""
+    left out), e.g. ``tune COMPLETE``, ``tune PRUNED``, ``final COMPLETE``; then what a training epoch of
+    the arm's complete final runs took on average, offline mining included, and of it the mining (where
+    the runs recorded it)."""
     kept = df[~df["lost"]] if "lost" in df else df
     if "protocol" in kept:
         stage = kept["stage"].where(kept["protocol"].fillna("fair") != "literature", "literature")
     else:
         stage = kept["stage"]
     counts = pd.crosstab(kept["arm"], stage + " " + kept["state"].astype(str))
-    return counts.reindex([a for a in order if a in counts.index] + sorted(set(counts.index) - set(order)))
+    counts = counts.reindex([a for a in order if a in counts.index] + sorted(set(counts.index) - set(order)))
+    final = kept[(kept["stage"] == "final") & (kept["state"] == "COMPLETE")]
+    for col, title in EPOCH_TIMES.items():
+        if col in final and final[col].notna().any():
+            counts[title] = pd.to_numeric(final[col], errors="coerce").groupby(final["arm"]).mean().round(2)
+    return counts
 
 
 #: The run metric that says the embedding had collapsed at the last epoch (harness.monitor).

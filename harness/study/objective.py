@@ -107,7 +107,7 @@ class Objective:
             self._train(unit, study, trial_id, trial, what, cfg, t0)
             return
         study_name, done = reuse  # the same resolved config already ran (e.g. the tune run of the final seed)
-        for key in ("metrics", "best_epoch"):
+        for key in ("metrics", "best_epoch", "timings"):
             trial.set_user_attr(key, done.user_attrs.get(key))
         trial.set_user_attr("duration", 0.0)
         trial.set_user_attr("reused_from", f"{study_name}#{done.number}")
@@ -176,6 +176,7 @@ class Objective:
         value = result.metrics.get(key, math.nan)
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})
         trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("timings", result.timings)  # seconds: kept out of the (reproducible) metrics
         trial.set_user_attr("duration", time.perf_counter() - t0)
         if not math.isfinite(value):
             self._fail(study, trial, what, TrainingError(f"{key} is {value}"), run_dir, t0, cfg.to_dict())
