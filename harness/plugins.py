@@ -6,12 +6,12 @@ reads them through these Protocols and helpers only, never by guessing attribute
 
 - backbone (``harness.model.StagedBackbone``): ordered named stages with ``feature_info`` (per stage its
   output channels and reduction, as timm's ``feature_info``) and the ``data_config`` its weights expect.
-  Read by ``model.build_model`` (pooling ``in_channels``), the transforms (``train.Learner``) and model
+  Read by ``model.build_model`` (pooling ``in_channels``), the transforms (``learner.Learner``) and model
   plugins that split the network (ABE derives its default branching point from the reductions).
 - model: ``(images, labels=None) -> ModelOutput`` with an ``embedding_dim``; parameters under its
-  ``backbone`` attribute (``HasBackbone``) form the backbone learning-rate group (``train.param_groups``).
+  ``backbone`` attribute (``HasBackbone``) form the backbone learning-rate group (``learner.param_groups``).
 - parameter options (``set_param_options``): a parameter may carry its own learning-rate multiplier and be
-  exempt from weight decay (GeM's p, proxies); ``train.param_groups`` gives it a group of its own.
+  exempt from weight decay (GeM's p, proxies); ``learner.param_groups`` gives it a group of its own.
 - miner (``Miner``): declares ``produces`` ("pairs" or "triplets"); a loss that takes a miner declares the
   kinds it ``accepts_miner``. ``config.validate`` checks the pairing before anything is built.
 - offline miner (``SplitMiner``): a triplet miner that picks its triplets from the whole training split
@@ -22,7 +22,7 @@ reads them through these Protocols and helpers only, never by guessing attribute
   (``Reference``: a pytorch-metric-learning loss set to the same semantics) that ``dmlh bench losses`` times
   it against; any component may declare ``BenchVariant`` rows for ``dmlh bench methods``.
 - diagnostics (``EpochDiagnostics``): any module of the model, loss or regularizers with an
-  ``epoch_diagnostics()`` method is asked once per epoch by ``train.Learner`` for scalars (history columns)
+  ``epoch_diagnostics()`` method is asked once per epoch by ``learner.Learner`` for scalars (history columns)
   and records (diagnostics file); it resets its accumulators.
 - attention (``AttentionMaps``): a model with spatial attention gives each learner's mask of a few test
   images; ``train.run`` saves them with the test embeddings and the report draws them over the images.

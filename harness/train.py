@@ -8,14 +8,12 @@ only) → test metrics of the best-on-validation state and of the last state.
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import logging
 import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -24,25 +22,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.config import RunConfig, validate
+from harness.config import RunConfig
 from harness.data import build_transforms, load_splits
 from harness.data.batch_augment import build_batch_augment
 from harness.data.cache import cached_splits, num_workers
 from harness.data.sampler import build_sampler
-from harness.errors import ConfigError, NonFiniteLossError, TrainingError
+from harness.errors import NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
-from harness.model import StagedBackbone, build_component, build_model
-from harness.monitor import CollapseCheck, Progress, embedding_stats
+from harness.learner import Learner, as_float, embed
+from harness.model import StagedBackbone, build_component
+from harness.monitor import CollapseCheck, Progress
 from harness.plugins import (
     AttentionMaps,
     EpochDiagnostics,
-    HasBackbone,
     SplitMiner,
     TripletBatches,
-    param_options,
 )
 from harness.reporting import embeddings as reporting_embeddings
-from harness.types import CLUSTERING_METRICS, LossOutput, ModelOutput
+from harness.types import CLUSTERING_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -82,124 +79,6 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def _scalar(v: float | torch.Tensor) -> float:
-    return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
-
-
-def param_groups(model: nn.Module, loss_modules: Iterable[nn.Module], cfg: RunConfig) -> list[dict[str, Any]]:
-    """Backbone / head / loss groups with their LR multipliers; a parameter's own ``lr_mult`` and
-    ``no_weight_decay`` attributes (GeM p, proxies) give it a group of its own."""
-    base_lr = float(cfg.optimizer.get("lr", 1e-3))
-    base_wd = float(cfg.optimizer.get("weight_decay", 0.0))
-    backbone_ids = {id(p) for p in model.backbone.parameters()} if isinstance(model, HasBackbone) else set()
-    groups: dict[tuple[str, float, bool], list[nn.Parameter]] = defaultdict(list)
-    mults = {
-        "backbone": cfg.train.backbone_lr_mult,
-        "head": cfg.train.head_lr_mult,
-        "loss": cfg.train.loss_lr_mult,
-    }
-    sources = [("model", model)] + [("loss", m) for m in loss_modules]
-    seen: set[int] = set()
-    for source, module in sources:
-        for p in module.parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            group = "loss" if source == "loss" else ("backbone" if id(p) in backbone_ids else "head")
-            key = (group, *param_options(p))
-            groups[key].append(p)
-    return [
-        {
-            "params": ps,
-            "lr": base_lr * mults[g] * mult,
-            "weight_decay": 0.0 if no_wd else base_wd,
-            "name": f"{g}" + (f"×{mult:g}" if mult != 1.0 else "") + ("/no_wd" if no_wd else ""),
-        }
-        for (g, mult, no_wd), ps in groups.items()
-    ]
-
-
-@torch.no_grad()
-def embed(
-    model: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    batch_size: int,
-    device: torch.device,
-    num_workers: int = 0,
-    desc: str = "embed",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings (float32, CPU) and labels of a whole split, in order."""
-    model.eval()
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    embs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
-        out: ModelOutput = model(x.to(device, non_blocking=True))
-        embs.append(out.embeddings.float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(embs), torch.cat(labels)
-
-
-@dataclass
-class Learner:
-    """What one optimisation step needs, assembled from the config: the model, the metric loss (with its
-    miner and synthesis), the regularizers and one optimizer over all their parameters. Training and
-    ``dmlh bench methods`` both step through ``objective`` so the benchmark times the real thing."""
-
-    model: nn.Module
-    loss: nn.Module
-    regularizers: nn.ModuleList
-    optimizer: torch.optim.Optimizer
-    amp: bool
-    #: The loss's miner (also reachable as ``loss.miner``): the trainer asks an offline one to mine the split.
-    miner: nn.Module | None = None
-
-    @classmethod
-    def build(cls, cfg: RunConfig, num_classes: int, in_channels: int, device: torch.device) -> Learner:
-        model = build_model(cfg, num_classes=num_classes, in_channels=in_channels).to(device)
-        ctx = {"num_classes": num_classes, "embedding_dim": model.embedding_dim}
-        miner = build_component(cfg.miner, "miner", "miner", **ctx) if cfg.miner else None
-        synthesis = build_component(cfg.synthesis, "synthesis", "synthesis", **ctx) if cfg.synthesis else None
-        loss = build_component(cfg.loss, "loss", "loss", miner=miner, synthesis=synthesis, **ctx).to(device)
-        regularizers = nn.ModuleList(
-            build_component(r, "regularizer", f"regularizers.{i}", **ctx)
-            for i, r in enumerate(cfg.regularizers)
-        ).to(device)
-        groups = param_groups(model, [loss, regularizers], cfg)
-        optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
-        amp = cfg.train.amp and device.type == "cuda"
-        return cls(model, loss, regularizers, optimizer, amp=amp, miner=miner)
-
-    def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss of one batch (metric loss per model part + regularizers + model aux losses) and its
-        components as scalars for the history."""
-        with torch.autocast(images.device.type, enabled=self.amp):
-            out: ModelOutput = self.model(images, labels)
-        parts = out.parts if out.parts is not None else [out.embeddings]
-        metric_outputs: list[LossOutput] = [self.loss(p.float(), labels) for p in parts]
-        total = cast(torch.Tensor, sum(o.value for o in metric_outputs))  # at least one part
-        stats: dict[str, float] = {"loss/metric": _scalar(total)}
-        for o in metric_outputs:
-            for k, v in o.stats.items():
-                stats[f"loss/{k}"] = stats.get(f"loss/{k}", 0.0) + _scalar(v) / len(metric_outputs)
-        for i, reg in enumerate(self.regularizers):
-            r = reg(out.embeddings.float(), labels)
-            total = total + r.value
-            stats[f"reg{i}/value"] = _scalar(r.value)
-            stats.update({f"reg{i}/{k}": _scalar(v) for k, v in r.stats.items()})
-        for name, value in out.aux_losses.items():
-            total = total + value
-            stats[f"aux/{name}"] = _scalar(value)
-        stats.update({f"model/{k}": _scalar(v) for k, v in out.stats.items()})
-        stats.update(embedding_stats(out.embeddings, labels))  # collapse shows here first
-        return total, stats
 
 
 class _Trainer:
@@ -285,7 +164,7 @@ class _Trainer:
                 )
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            stats["loss"] = _scalar(total)
+            stats["loss"] = as_float(total)
             for k, v in stats.items():
                 sums[k] += v
             n += 1
@@ -412,21 +291,8 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     collapse = CollapseCheck(margin=float(margin) if isinstance(margin, (int, float)) else None)
     fit = _fit(tr, reporter, collapse, t0)
     t = time.perf_counter()
-    metrics = {f"val/{k}": v for k, v in fit.best_val.items()}
-    last_test = tr.evaluate("test")
-    metrics.update({f"test_last/{k}": v for k, v in last_test.items()})
-    if fit.best_state is not None and fit.best_epoch != cfg.train.epochs:
-        tr.load_state(fit.best_state)
-        metrics.update({f"test/{k}": v for k, v in tr.evaluate("test").items()})
-    else:
-        metrics.update({f"test/{k}": v for k, v in last_test.items()})
-    metrics.update({f"test_best/{k}": v for k, v in fit.best_test.items()})
-    if fit.best_test_epoch is not None:
-        metrics["test_best/epoch"] = float(fit.best_test_epoch)
+    metrics, saved = _final_test(tr, fit)
     metrics["train/collapsed"] = float(collapse.collapsed(cfg.train.epochs))
-    saved = reporting_embeddings.capture(*tr.embedded, tr.eval_sets, cfg.eval.distance)
-    if isinstance(tr.model, AttentionMaps):  # the masks of the state the test metrics report
-        saved |= reporting_embeddings.attention(tr.model, tr.eval_sets["test"], tr.device)
     eval_time = fit.eval_time + time.perf_counter() - t
     warnings = collapse.warnings(cfg.train.epochs)
     for w in warnings:
@@ -452,6 +318,28 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         selection="best_val" if has_val else "last",
         warnings=warnings,
     )
+
+
+def _final_test(tr: _Trainer, fit: _Fit) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The run's metrics: validation of the selected epoch, test of the last and of the best-on-validation
+    state (``test/…``, what tables report), the best test epoch where asked (labelled ``test_best/…``),
+    and what the report keeps of the reported state's test embeddings (plus ABE's attention masks)."""
+    cfg = tr.cfg
+    metrics = {f"val/{k}": v for k, v in fit.best_val.items()}
+    last_test = tr.evaluate("test")
+    metrics.update({f"test_last/{k}": v for k, v in last_test.items()})
+    if fit.best_state is not None and fit.best_epoch != cfg.train.epochs:
+        tr.load_state(fit.best_state)
+        metrics.update({f"test/{k}": v for k, v in tr.evaluate("test").items()})
+    else:
+        metrics.update({f"test/{k}": v for k, v in last_test.items()})
+    metrics.update({f"test_best/{k}": v for k, v in fit.best_test.items()})
+    if fit.best_test_epoch is not None:
+        metrics["test_best/epoch"] = float(fit.best_test_epoch)
+    saved = reporting_embeddings.capture(*tr.embedded, tr.eval_sets, cfg.eval.distance)
+    if isinstance(tr.model, AttentionMaps):  # the masks of the state the test metrics report
+        saved |= reporting_embeddings.attention(tr.model, tr.eval_sets["test"], tr.device)
+    return metrics, saved
 
 
 @dataclass
@@ -519,39 +407,3 @@ def _fit(tr: _Trainer, reporter: Reporter | None, collapse: CollapseCheck, t0: f
         if reporter is not None and val is not None:
             reporter(epoch + 1, val)
     return fit
-
-
-#: The config sections ``Learner.build`` reads: configs equal in these assemble alike (built once). The
-#: sampler is among them because ``config.validate`` checks an offline miner against its kind.
-_ASSEMBLED = (
-    "sampler",
-    "backbone",
-    "pooling",
-    "model",
-    "loss",
-    "miner",
-    "synthesis",
-    "regularizers",
-    "optimizer",
-    "train",
-)
-
-
-def check_assembly(cfg: RunConfig) -> list[str]:
-    """Problems only assembling the components shows (a stage name, a component combination): the model,
-    loss, regularizers and optimizer are built on the CPU without weights, so that a study fails at
-    validation rather than in every trial of an arm."""
-    raw = cfg.to_dict()
-    if "pretrained" in raw["backbone"]:
-        raw["backbone"]["pretrained"] = False
-    return list(_assemble(json.dumps({k: raw[k] for k in _ASSEMBLED}, sort_keys=True, default=str)))
-
-
-@functools.lru_cache(maxsize=64)
-def _assemble(sections: str) -> tuple[str, ...]:
-    try:
-        cfg = validate(json.loads(sections))
-        Learner.build(cfg, num_classes=4, in_channels=3, device=torch.device("cpu"))
-    except ConfigError as e:
-        return tuple(e.problems)
-    return ()

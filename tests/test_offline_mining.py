@@ -16,7 +16,8 @@ import torch
 from harness import config, registry, store, study
 from harness.data.sampler import TripletSampler
 from harness.errors import ConfigError, TrainingError
-from harness.train import _Trainer, check_assembly, run
+from harness.learner import check_assembly
+from harness.train import _Trainer, run
 from methods import offline_mining
 from methods.distances import label_masks, pairwise_distance
 from methods.miners import batch_hard_triplets

@@ -51,7 +51,7 @@ def test_gem_p_is_one_shared_parameter_with_its_own_group() -> None:
 
 
 def test_gem_p_group_in_the_engine() -> None:
-    from harness.train import param_groups
+    from harness.learner import param_groups
 
     cfg = RunConfig.model_validate(
         {"pooling": {"name": "gem"}, "backbone": {"name": "small_convnet", "width": 4}}

@@ -12,7 +12,8 @@ import yaml
 from harness import config
 from harness.cli import main
 from harness.errors import NonFiniteLossError
-from harness.train import param_groups, run
+from harness.learner import param_groups
+from harness.train import run
 
 TINY = {
     "name": "tiny",

@@ -510,7 +510,7 @@ def _sync(device: Any) -> None:
 def _methods_step(cfg: Any, num_classes: int, images: Any, labels: Any) -> Callable[[], None]:
     """One training step of ``cfg`` exactly as training takes it (``Learner.objective``), backward and
     optimizer step included."""
-    from harness.train import Learner
+    from harness.learner import Learner
 
     learner = Learner.build(cfg, num_classes, in_channels=1, device=images.device)
     learner.model.train()

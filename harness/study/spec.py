@@ -275,7 +275,7 @@ def _arm_problems(
 
 def _literature_problems(arm: Arm, literature: dict[str, Any]) -> list[str]:
     """Problems of the arm's literature-protocol config (its ``literature`` overrides applied)."""
-    from harness.train import check_assembly
+    from harness.learner import check_assembly
 
     try:
         cfg, problems = _config_problems(config.assign(arm.raw, {**literature, **LITERATURE_FIXED}))
@@ -309,7 +309,7 @@ def _protocols(protocol: str) -> tuple[str, ...]:
 
 def _fair_problems(arm: Arm, params: list[TuneParam], metric: str) -> list[str]:
     """Problems of one arm's fair protocol: its config, the tune params that apply to it, the objective."""
-    from harness.train import check_assembly
+    from harness.learner import check_assembly
 
     cfg, problems = _config_problems(arm.raw)
     resolved = cfg.to_dict() if cfg is not None else arm.raw
