@@ -1,14 +1,15 @@
-"""Speed benchmarks, `dmlh bench WHAT [options]`: components (eval, losses, study, methods) in
-``components``, the input pipeline and training loop (data, train, gpu) in ``pipeline``, and
-``fixture`` (a folder of JPEGs to measure the pipeline on)."""
+"""Speed benchmarks, `dmlh bench WHAT [options]`: components (eval, losses, methods) in ``components``,
+the study runner's overhead in ``study``, the input pipeline and training loop (data, train, gpu) in
+``pipeline``, and ``fixture`` (a folder of JPEGs to measure the pipeline on)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from harness.bench.components import bench_eval, bench_losses, bench_methods, bench_study
+from harness.bench.components import bench_eval, bench_losses, bench_methods
 from harness.bench.fixtures import bench_fixture
 from harness.bench.pipeline import bench_data, bench_gpu, bench_train
+from harness.bench.study import bench_study
 
 BENCHES: dict[str, Callable[[list[str]], None]] = {
     "eval": bench_eval,
