@@ -333,3 +333,13 @@ def test_the_triplet_mining_study_runs_at_smoke_scale(tmp_path: Path) -> None:
     history = store.read_history(final.loc["mining=offline_hard", "run_dir"])
     assert history is not None and (history["mining/triplets"] == 4 * 12).all()
     assert "## Trials per arm" in (out / "report.md").read_text()
+
+
+def test_the_trials_table_shows_mining_time_only_for_a_study_that_mined() -> None:
+    from harness.reporting.search import trials_per_arm
+
+    rows = {"arm": ["a", "b"], "stage": ["final"] * 2, "state": ["COMPLETE"] * 2, "time/epoch_s": [2.0, 4.0]}
+    online = pd.DataFrame({**rows, "time/mining_epoch_s": [0.0, 0.0]})
+    assert list(trials_per_arm(online, ["a", "b"]).columns) == ["final COMPLETE", "s/epoch (final)"]
+    mined = trials_per_arm(pd.DataFrame({**rows, "time/mining_epoch_s": [0.0, 1.5]}), ["a", "b"])
+    assert mined["mining s/epoch (final)"].tolist() == [0.0, 1.5]

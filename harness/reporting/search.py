@@ -41,8 +41,9 @@ def trials_per_arm(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     counts = counts.reindex([a for a in order if a in counts.index] + sorted(set(counts.index) - set(order)))
     final = kept[(kept["stage"] == "final") & (kept["state"] == "COMPLETE")]
     for col, title in EPOCH_TIMES.items():
-        if col in final and final[col].notna().any():
-            counts[title] = pd.to_numeric(final[col], errors="coerce").groupby(final["arm"]).mean().round(2)
+        seconds = pd.to_numeric(final[col], errors="coerce") if col in final else pd.Series(dtype=float)
+        if (seconds > 0).any():  # no mining column for a study without offline mining
+            counts[title] = seconds.groupby(final["arm"]).mean().round(2)
     return counts
 
 
