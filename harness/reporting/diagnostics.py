@@ -23,7 +23,7 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize, to_rgb  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from harness.reporting.figures import THUMB, arm_palette, save_figure, saved_runs  # noqa: E402
+from harness.reporting.figures import THUMB, arm_palette, save_figure, saved_runs, tsne_2d  # noqa: E402
 from harness.reporting.plots import slug  # noqa: E402
 
 #: Epochs shown of a run's history of histograms: the first, the middle and the last.
@@ -57,14 +57,6 @@ def _pick(n: int, k: int = HIST_EPOCHS) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()))
 
 
-def _tsne(points: np.ndarray) -> np.ndarray:
-    """2-D t-SNE of ``points`` (fixed seed, PCA start; perplexity below a third of the points)."""
-    from sklearn.manifold import TSNE  # slow to import: only for reports that draw it
-
-    perplexity = min(30.0, max((len(points) - 1) / 3, 1.0))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(points)
-
-
 def plot_synthesis_maps(final: pd.DataFrame, order: list[str], folder: Path) -> list[Path]:
     """Per symmetrical-synthesis arm (row) and a few epochs (columns): t-SNE of the last training batch's
     original embeddings (filled circles) and their synthetic reflections (crosses), coloured by class."""
@@ -84,7 +76,7 @@ def plot_synthesis_maps(final: pd.DataFrame, order: list[str], folder: Path) -> 
         for ax, i in zip(row, picks, strict=False):
             epoch, snap = snaps[i]
             original, synthetic = (np.asarray(snap[k], dtype=float) for k in ("original", "synthetic"))
-            xy = _tsne(np.concatenate([original, synthetic]))
+            xy = tsne_2d(np.concatenate([original, synthetic]))
             classes = np.unique(snap["labels"], return_inverse=True)[1]
             colours = np.asarray(sns.color_palette("husl", int(classes.max()) + 1))[classes]
             n = len(original)

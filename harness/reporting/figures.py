@@ -209,12 +209,26 @@ def plot_retrieval_grids(
     return paths
 
 
+def tsne_2d(points: np.ndarray) -> np.ndarray:
+    """2-D t-SNE of ``points`` (fixed seed, PCA start, perplexity at most a third of the points; exact on
+    few points, where it is faster). On one thread: sklearn's Barnes-Hut t-SNE with OpenMP threads on a
+    busy machine (a study's other workers) was measured 2.2× slower than one thread, and reports took
+    20 minutes."""
+    from sklearn.manifold import TSNE  # slow to import: only for reports that draw it
+    from threadpoolctl import threadpool_limits
+
+    perplexity = min(30.0, max((len(points) - 1) / 3, 1.0))
+    method = "exact" if len(points) <= EXACT_TSNE else "barnes_hut"
+    with threadpool_limits(1):
+        return TSNE(
+            n_components=2, perplexity=perplexity, init="pca", method=method, random_state=0
+        ).fit_transform(points)
+
+
 def plot_embedding_maps(
     runs: dict[str, tuple[str, dict[str, np.ndarray]]], order: list[str], folder: Path
 ) -> list[Path]:
     """t-SNE of the saved test embeddings of the first test classes, one panel per arm, coloured by class."""
-    from sklearn.manifold import TSNE
-
     arms = [a for a in order if a in runs and len(runs[a][1]["map_index"]) >= 5]
     collapsed = [a for a in arms if len(np.unique(runs[a][1]["map_embeddings"], axis=0)) < 2]
     if collapsed:  # t-SNE's PCA start divides by the spread of the points: NaN
@@ -231,13 +245,7 @@ def plot_embedding_maps(
         saved = runs[arm][1]
         points = saved["map_embeddings"].astype(np.float32)
         labels = saved["gallery_labels"][saved["map_index"]]
-        xy = TSNE(
-            n_components=2,
-            perplexity=min(30.0, (len(points) - 1) / 3),
-            init="pca",
-            method="exact" if len(points) <= EXACT_TSNE else "barnes_hut",  # exact is faster on few points
-            random_state=0,
-        ).fit_transform(points)
+        xy = tsne_2d(points)
         sns.scatterplot(
             x=xy[:, 0], y=xy[:, 1], hue=labels.astype(str), palette="tab10", s=12, ax=ax, legend=False
         )
