@@ -12,12 +12,13 @@ Per anchor one triplet (a, p, n). The anchors are the images of every class with
   strictly farther from the anchor than the positive, else (no negative is farther) the farthest one:
   TF's ``triplet_semihard_loss`` rule, the same as the online ``semi_hard`` mining (methods/miners.py).
 
-The triplets are exactly those a full N×N distance matrix would give (float64 distances), found without
-one: negatives come from a faiss k-NN search over the split (``harness.evaluate.knn``), ``neighbours`` per
-anchor first; an anchor whose neighbours hold no qualifying negative is searched again with twice as many,
-until one is found or it has seen the whole split (only a semi-hard anchor without a farther negative gets
-that far). Memory is O(anchors × neighbours) per search. Mining depends only on the order of distances:
-euclidean and sqeuclidean mine the same triplets, cosine mines on L2-normalised embeddings.
+The triplets are exactly those a full N×N distance matrix would give, found without one. Negatives come
+from faiss k-NN searches over the split (``harness.evaluate.knn``: exact squared distances, float64 rounded
+to float32, which every comparison here uses), ``neighbours`` per anchor first; an anchor whose neighbours
+hold no qualifying negative is searched again with twice as many, until one is found or it has seen the
+whole split (only a semi-hard anchor without a farther negative gets that far). Memory is O(anchors ×
+neighbours) per search. Mining depends only on the order of distances: euclidean and sqeuclidean mine the
+same triplets, cosine mines on L2-normalised embeddings.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from harness.registry import register
 from methods.distances import Distance
 from methods.miners import TripletMiner, Triplets
 
-#: Largest block of float64 values one distance computation allocates (32 MiB).
+#: Largest block of values one distance computation or search allocates (4M: 32 MiB in float64).
 BLOCK = 2**22
 
 
@@ -59,7 +60,8 @@ def hardest_positives(x: Tensor, labels: Tensor, anchors: Tensor) -> Tensor:
         step = max(1, BLOCK // size)
         for s in range(0, size, step):
             rows = members[s : s + step]
-            d = torch.cdist(x[rows], x[members], compute_mode="donot_use_mm_for_euclid_dist")
+            exact = "donot_use_mm_for_euclid_dist"
+            d = torch.cdist(x[rows].double(), x[members].double(), compute_mode=exact)
             d[torch.arange(len(rows)), torch.arange(s, s + len(rows))] = -torch.inf  # not the anchor itself
             best[rows] = members[d.argmax(1)]
     return best[anchors]
@@ -76,26 +78,22 @@ def random_positives(labels: Tensor, anchors: Tensor, rng: np.random.Generator) 
     return order[starts[cls] + (rank[anchors] + step) % sizes[cls]]
 
 
-def paired_distances(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``[R, K]`` Euclidean distances from ``x[rows[i]]`` to ``x[cols[i, j]]``, in blocks of BLOCK values."""
-    out = torch.empty(cols.shape, dtype=x.dtype)
-    step = max(1, BLOCK // max(1, cols.shape[1] * x.shape[1]))
-    for s in range(0, len(rows), step):
-        diff = x[rows[s : s + step], None, :] - x[cols[s : s + step]]
-        out[s : s + step] = torch.linalg.vector_norm(diff, dim=-1)
-    return out
+def squared_distances(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Squared Euclidean distance of ``x[rows[i]]`` to ``x[cols[i]]`` as ``knn`` ranks: float64, rounded to
+    float32."""
+    return (x[cols].double() - x[rows].double()).square().sum(1).float()
 
 
 def closest_negatives(
     x: Tensor, labels: Tensor, anchors: Tensor, beyond: Tensor, neighbours: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per anchor the closest image of another class strictly farther than ``beyond`` (``-inf``: any), else
-    the farthest image of another class; found by k-NN searches that double k for the anchors still open.
+    """Per anchor the closest image of another class strictly farther than ``beyond`` (squared distances;
+    ``-inf``: any), else the farthest image of another class; found by k-NN searches that double k for the
+    anchors still open.
 
     Returns the negatives, whether each was the farthest-negative fallback, and the neighbours searched.
     """
     n = len(x)
-    search = x.float()
     negative = torch.full((len(anchors),), -1, dtype=torch.long)
     fallback = torch.zeros(len(anchors), dtype=torch.bool)
     searched = torch.zeros(len(anchors), dtype=torch.long)
@@ -105,8 +103,7 @@ def closest_negatives(
         still = []
         for chunk in pending.split(rows):
             q = anchors[chunk]
-            _, cand = knn(search, k + 1, search[q], distance="euclidean", backend="faiss")  # + the anchor
-            d = paired_distances(x, q, cand)
+            d, cand = knn(x, k + 1, x[q], distance="euclidean", backend="faiss")  # + the anchor itself
             other = labels[cand] != labels[q][:, None]  # the anchor itself is never "other"
             ok = other & (d > beyond[chunk, None])
             found = ok.any(1)
@@ -168,8 +165,7 @@ class OfflineTripletMiner(TripletMiner):
         their statistics (mean distances, fraction with the negative closer than the positive, semi-hard
         farthest-negative fallbacks, mean neighbours searched)."""
         x = embeddings.detach().to("cpu", torch.float64)
-        if self.distance == "cosine":
-            x = F.normalize(x, dim=1)
+        x = (F.normalize(x, dim=1) if self.distance == "cosine" else x).float()  # what knn searches
         labels = torch.as_tensor(labels).cpu()
         _, inverse, sizes = torch.unique(labels, return_inverse=True, return_counts=True)
         anchors = (sizes[inverse] >= 2).nonzero().squeeze(1) if len(sizes) >= 2 else inverse[:0]
@@ -181,15 +177,15 @@ class OfflineTripletMiner(TripletMiner):
             positives = hardest_positives(x, labels, anchors)
         else:
             positives = random_positives(labels, anchors, rng)
-        d_ap = paired_distances(x, anchors, positives[:, None])[:, 0]
+        d_ap = squared_distances(x, anchors, positives)
         beyond = d_ap if self.strategy == "semi_hard" else torch.full_like(d_ap, -torch.inf)
         negatives, fallback, searched = closest_negatives(x, labels, anchors, beyond, self.neighbours)
-        d_an = paired_distances(x, anchors, negatives[:, None])[:, 0]
-        shown = {"euclidean": lambda d: d, "sqeuclidean": lambda d: d**2, "cosine": lambda d: d**2 / 2}
+        d_an = squared_distances(x, anchors, negatives)
+        shown = {"euclidean": torch.sqrt, "sqeuclidean": lambda d: d, "cosine": lambda d: d / 2}  # from d²
         stats = {
             "triplets": float(len(anchors)),
-            "pos_dist": float(shown[self.distance](d_ap).mean()),
-            "neg_dist": float(shown[self.distance](d_an).mean()),
+            "pos_dist": float(shown[self.distance](d_ap.double()).mean()),
+            "neg_dist": float(shown[self.distance](d_an.double()).mean()),
             "closer_negative": float((d_an < d_ap).double().mean()),
             "farthest_fallback": float(fallback.double().mean()),
             "neighbours": float(searched.double().mean()),
