@@ -59,31 +59,9 @@ def plot_per_arm(final: pd.DataFrame, metric: str, order: list[str], stem: Path)
     data = percent(final, col)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(order) + 1.5))
     palette = pictures.arm_palette(order)
-    sns.barplot(
-        data=data,
-        x=col,
-        y="arm",
-        hue="arm",
-        order=order,
-        palette=palette,
-        errorbar=("ci", 95),
-        alpha=0.5,
-        legend=False,
-        ax=ax,
-    )
-    sns.stripplot(
-        data=data,
-        x=col,
-        y="arm",
-        hue="arm",
-        order=order,
-        palette=palette,
-        size=5,
-        edgecolor="black",
-        linewidth=0.5,
-        legend=False,
-        ax=ax,
-    )
+    same = {"data": data, "x": col, "y": "arm", "hue": "arm", "order": order, "palette": palette}
+    sns.barplot(**same, errorbar=("ci", 95), alpha=0.5, legend=False, ax=ax)
+    sns.stripplot(**same, size=5, edgecolor="black", linewidth=0.5, legend=False, ax=ax)
     ax.set(
         xlabel=f"test {metric_title(metric)} (%); bar: mean, line: 95% bootstrap CI over seeds, dots: seeds",
         ylabel="",
