@@ -57,6 +57,11 @@ def _pick(n: int, k: int = HIST_EPOCHS) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()))
 
 
+def _arm_epoch_grid(n_arms: int, row_height: float) -> tuple[Any, np.ndarray]:
+    """A figure of one row per arm and ``HIST_EPOCHS`` columns (the epochs ``_pick`` shows)."""
+    return plt.subplots(n_arms, HIST_EPOCHS, figsize=(4 * HIST_EPOCHS, row_height * n_arms), squeeze=False)
+
+
 def plot_synthesis_maps(final: pd.DataFrame, order: list[str], folder: Path) -> list[Path]:
     """Per symmetrical-synthesis arm (row) and a few epochs (columns): t-SNE of the last training batch's
     original embeddings (filled circles) and their synthetic reflections (crosses), coloured by class."""
@@ -65,9 +70,7 @@ def plot_synthesis_maps(final: pd.DataFrame, order: list[str], folder: Path) -> 
     arms = {a: d for a in order if (d := _first_run(final, a, "synthesis_snapshot"))}
     if not arms:
         return []
-    fig, axes = plt.subplots(
-        len(arms), HIST_EPOCHS, figsize=(4 * HIST_EPOCHS, 3.8 * len(arms)), squeeze=False
-    )
+    fig, axes = _arm_epoch_grid(len(arms), row_height=3.8)
     for row, (arm, run_dir) in zip(axes, arms.items(), strict=True):
         snaps = records(run_dir, "synthesis_snapshot")
         picks = _pick(len(snaps))
@@ -104,9 +107,7 @@ def plot_mdr_histograms(final: pd.DataFrame, order: list[str], folder: Path) -> 
     arms = {a: d for a in order if (d := _first_run(final, a, "mdr_hist_counts"))}
     if not arms:
         return []
-    fig, axes = plt.subplots(
-        len(arms), HIST_EPOCHS, figsize=(4 * HIST_EPOCHS, 2.8 * len(arms)), squeeze=False
-    )
+    fig, axes = _arm_epoch_grid(len(arms), row_height=2.8)
     for row, (arm, run_dir) in zip(axes, arms.items(), strict=True):
         counts, edges = records(run_dir, "mdr_hist_counts"), dict(records(run_dir, "mdr_hist_edges"))
         levels = dict(records(run_dir, "mdr_levels"))
