@@ -26,6 +26,9 @@ reads them through these Protocols and helpers only, never by guessing attribute
   and records (diagnostics file); it resets its accumulators.
 - attention (``AttentionMaps``): a model with spatial attention gives each learner's mask of a few test
   images; ``train.run`` saves them with the test embeddings and the report draws them over the images.
+- ensemble (``Ensemble``): a model whose embedding concatenates several learners' embeddings says which
+  columns are whose; ``train.run`` scores each learner alone on the test split (``test_learner<m>/…``)
+  and the report sets them beside the ensemble (ABE's individual learners vs ABE-M).
 """
 
 from __future__ import annotations
@@ -58,6 +61,16 @@ class AttentionMaps(Protocol):
     def attention_maps(self, images: torch.Tensor) -> torch.Tensor | None:
         """[M, B, h, w] masks in [0, 1] at the model's own resolution (averaged over channels); None when
         this configuration of the model has no attention (ABE's heads variant)."""
+        ...
+
+
+@runtime_checkable
+class Ensemble(Protocol):
+    """A model whose retrieval embedding is the concatenation of several learners' embeddings (ABE-M)."""
+
+    def learner_columns(self) -> list[slice]:
+        """Each learner's columns of the embedding, in learner order; empty for a single learner (the
+        embedding is then the learner's own, nothing to compare)."""
         ...
 
 

@@ -4,8 +4,8 @@ tables/ and plots/.
 Every number in a table is the mean ± sample std (ddof=1) over the final stage's seeds of a test-split
 metric; nothing in a table was selected on test classes. The parts live in ``harness.reporting``: table
 formats (``tables``), study plots (``plots``), method pictures (``diagnostics``, ``figures``), statistics
-(``stats``), the paper table (``paper``) and the HTML page (``page``); this module decides what a study's
-report contains and in which order.
+(``stats``), the paper table (``paper``), the per-learner table of ensembles (``learners``) and the HTML page
+(``page``); this module decides what a study's report contains and in which order.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from harness import store
 from harness.errors import HarnessError
 from harness.reporting import diagnostics as method_diagnostics
 from harness.reporting import figures as pictures
-from harness.reporting import page, paper, plots, search, stats
+from harness.reporting import learners, page, paper, plots, search, stats
 from harness.reporting.tables import display, is_best, tex_escape, to_markdown, write_table
 from harness.types import TABLE_METRICS, metric_title, recall_k
 
@@ -199,6 +199,7 @@ def write_report(
     summary = summarize(final, metrics, meta)
     order = list(summary.index)
     lines += _comparison_section(name, summary, metrics, len(by_protocol) > 1, tables)
+    lines += _learners_section(name, final, order, tables)
     base = resolve_baseline(baseline, meta, order)
     if base is not None and base in summary.index:
         lines += _baseline_sections(name, final, summary, metrics, meta, base, tables)
@@ -262,6 +263,22 @@ def _comparison_section(
     md = display(summary, metrics, False)
     write_table(summary, md, display(summary, metrics, True), tables / "comparison", caption)
     return ["## Comparison", "", to_markdown(md)]
+
+
+def _learners_section(name: str, final: pd.DataFrame, order: list[str], tables: Path) -> list[str]:
+    """Each learner of an ensemble alone beside the ensemble (the ABE paper's table); nothing when no arm's
+    runs scored learners."""
+    summary = learners.learner_summary(final, order)
+    if summary.empty:
+        return []
+    cap = (
+        f"{name}: test metrics (%) of each learner's own embedding (its columns of the ensemble's) and of "
+        "the ensemble, mean ± std over seeds; blank: the arm has fewer learners"
+    )
+    md = learners.learner_display(summary, False)
+    tex = learners.learner_display(summary, True, tex_escape)
+    write_table(summary, md, tex, tables / "learners", cap, n_labels=2)
+    return ["## Per-learner Recall@K", "", cap + ".", "", to_markdown(md)]
 
 
 def _baseline_sections(

@@ -34,12 +34,13 @@ from harness.model import StagedBackbone, build_component
 from harness.monitor import CollapseCheck, Progress
 from harness.plugins import (
     AttentionMaps,
+    Ensemble,
     EpochDiagnostics,
     SplitMiner,
     TripletBatches,
 )
 from harness.reporting import embeddings as reporting_embeddings
-from harness.types import CLUSTERING_METRICS
+from harness.types import CLUSTERING_METRICS, recall_name
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ Reporter = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class RunResult:
-    """Everything a run produced; ``metrics`` keys are ``val/…``, ``test/…`` (best-on-val state) and
-    ``test_last/…`` (last epoch)."""
+    """Everything a run produced; ``metrics`` keys are ``val/…``, ``test/…`` (best-on-val state),
+    ``test_last/…`` (last epoch) and, for an ensemble, ``test_learner<m>/…`` (its learners, as ``test/…``)."""
 
     config: dict[str, Any]
     run_key: str
@@ -216,12 +217,20 @@ class _Trainer:
 
         gallery, g_labels = emb(split)
         query, q_labels = emb("query") if split == "test" and "query" in self.eval_sets else (None, None)
+        self.raw_embedded = (gallery, query)  # unwhitened, for the learners' own metrics
         if ev.whitening is not None:
             train_emb, train_labels = emb("train")
             whiten = build_component(ev.whitening, "whitening", "eval.whitening").fit(train_emb, train_labels)
             gallery = whiten(gallery)
             query = whiten(query) if query is not None else None
         self.embedded = (gallery, g_labels, query, q_labels)  # for the report (run() keeps them)
+        # k-means is the slowest metric (minutes on SOP): on validation only when it selects the epoch
+        nmi = ev.nmi and (split == "test" or self.cfg.train.selection_metric in CLUSTERING_METRICS)
+        return self.retrieval(gallery, query, nmi)
+
+    def retrieval(self, gallery: torch.Tensor, query: torch.Tensor | None, nmi: bool) -> dict[str, float]:
+        """``retrieval_metrics`` of embeddings of the last evaluated split (its labels), as ``eval`` asks."""
+        ev, (_, g_labels, _, q_labels) = self.cfg.eval, self.embedded
         return retrieval_metrics(
             gallery,
             g_labels,
@@ -230,9 +239,22 @@ class _Trainer:
             query_labels=q_labels,
             distance=ev.distance,
             backend=ev.backend,
-            # k-means is the slowest metric (minutes on SOP): on validation only when it selects the epoch
-            nmi=ev.nmi and (split == "test" or self.cfg.train.selection_metric in CLUSTERING_METRICS),
+            nmi=nmi,
         )
+
+    def learner_metrics(self) -> dict[str, float]:
+        """Recall@K and MAP@R of each learner of an ensemble (``plugins.Ensemble``) alone, on its columns of
+        the last evaluated split's unwhitened embeddings (each learner's part is unit-norm already), keyed
+        ``learner<m>/<metric>`` (m from 1); none for other models. No k-means: the tables show neither."""
+        if not isinstance(self.model, Ensemble):
+            return {}
+        keep = {*map(recall_name, self.cfg.eval.ks), "map@r"}
+        gallery, query = self.raw_embedded
+        out: dict[str, float] = {}
+        for m, cols in enumerate(self.model.learner_columns(), 1):
+            got = self.retrieval(gallery[:, cols], None if query is None else query[:, cols], nmi=False)
+            out |= {f"learner{m}/{k}": v for k, v in got.items() if k in keep}
+        return out
 
     def epoch_diagnostics(self) -> tuple[dict[str, float], dict[str, Any]]:
         """Collect every component's ``epoch_diagnostics()``: scalars for the history, the rest as records."""
@@ -322,8 +344,9 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
 
 def _final_test(tr: _Trainer, fit: _Fit) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The run's metrics: validation of the selected epoch, test of the last and of the best-on-validation
-    state (``test/…``, what tables report), the best test epoch where asked (labelled ``test_best/…``),
-    and what the report keeps of the reported state's test embeddings (plus ABE's attention masks)."""
+    state (``test/…``, what tables report) and of each of its learners (``test_learner<m>/…``), the best
+    test epoch where asked (labelled ``test_best/…``), and what the report keeps of the reported state's
+    test embeddings (plus ABE's attention masks)."""
     cfg = tr.cfg
     metrics = {f"val/{k}": v for k, v in fit.best_val.items()}
     last_test = tr.evaluate("test")
@@ -333,6 +356,7 @@ def _final_test(tr: _Trainer, fit: _Fit) -> tuple[dict[str, float], dict[str, np
         metrics.update({f"test/{k}": v for k, v in tr.evaluate("test").items()})
     else:
         metrics.update({f"test/{k}": v for k, v in last_test.items()})
+    metrics.update({f"test_{k}": v for k, v in tr.learner_metrics().items()})  # test_learner<m>/…
     metrics.update({f"test_best/{k}": v for k, v in fit.best_test.items()})
     if fit.best_test_epoch is not None:
         metrics["test_best/epoch"] = float(fit.best_test_epoch)

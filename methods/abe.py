@@ -100,7 +100,8 @@ class ABE(nn.Module):
     single-learner baseline (the ``embedder`` model with an L2-normalised linear head).
     ``epoch_diagnostics()`` reports the mean cosine similarity between different learners' embeddings of the
     same image (the paper's self-pair similarity), over the training batches of the epoch;
-    ``attention_maps(images)`` gives each learner's mask of the images (the report draws a few test images').
+    ``attention_maps(images)`` gives each learner's mask of the images (the report draws a few test images');
+    ``learner_columns()`` each learner's columns of the embedding (the run's per-learner test metrics).
     """
 
     def __init__(
@@ -206,6 +207,12 @@ class ABE(nn.Module):
         if self.variant != "attention":
             return None
         return self._masks(self.backbone(images, end=self.branch)).mean(2)
+
+    def learner_columns(self) -> list[slice]:
+        """Learner m's columns of the embedding, ``m·d : (m+1)·d`` (``plugins.Ensemble``; the run scores
+        each alone); none for M = 1, whose embedding is its one learner's."""
+        d = self.embedding_dim // self.m
+        return [slice(i * d, (i + 1) * d) for i in range(self.m)] if self.m > 1 else []
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
         b = images.shape[0]
