@@ -198,7 +198,9 @@ def write_report(
     metrics = table_metrics(final)
     summary = summarize(final, metrics, meta)
     order = list(summary.index)
-    lines += _comparison_section(name, summary, metrics, len(by_protocol) > 1, tables)
+    lines += _comparison_section(
+        name, summary, metrics, len(by_protocol) > 1, tables, meta.get("notes") or []
+    )
     lines += _learners_section(name, final, order, tables)
     base = resolve_baseline(baseline, meta, order)
     if base is not None and base in summary.index:
@@ -254,15 +256,22 @@ def _intro(name: str, meta: dict[str, Any], final: pd.DataFrame) -> list[str]:
 
 
 def _comparison_section(
-    name: str, summary: pd.DataFrame, metrics: list[str], both_protocols: bool, tables: Path
+    name: str,
+    summary: pd.DataFrame,
+    metrics: list[str],
+    both_protocols: bool,
+    tables: Path,
+    notes: list[str],
 ) -> list[str]:
-    """The comparison table: every arm, every test metric, best mean per column in bold."""
+    """The comparison table: every arm, every test metric, best mean per column in bold; the study's
+    ``notes`` (what its arms differ in beyond their factors) in its caption and under it."""
     caption = f"{name}: test metrics (%), mean ± std over seeds; best mean per column in bold"
     if both_protocols:
         caption += " (fair protocol; the literature protocol's runs are in the paper table)"
+    caption += "".join(f". {n}" for n in notes)
     md = display(summary, metrics, False)
     write_table(summary, md, display(summary, metrics, True), tables / "comparison", caption)
-    return ["## Comparison", "", to_markdown(md)]
+    return ["## Comparison", "", to_markdown(md), *(["", *(f"Note: {n}." for n in notes)] if notes else [])]
 
 
 def _learners_section(name: str, final: pd.DataFrame, order: list[str], tables: Path) -> list[str]:

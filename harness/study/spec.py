@@ -76,6 +76,9 @@ class _StudyYAML(_StrictModel):
     published: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Settings no paper or official code gives (our choices), shown in the paper table's caption.
     unpublished: list[str] = Field(default_factory=list)
+    #: What a reader of the study's tables must know about how its arms differ beyond their factors (e.g.
+    #: which images of a batch a loss uses), shown in the comparison table's caption.
+    notes: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ class StudySpec:
             "protocol": self.protocol,
             "published": self.raw.get("published") or {},
             "unpublished": self.raw.get("unpublished") or [],
+            "notes": self.raw.get("notes") or [],
             "spec": json.loads(json.dumps(self.raw, default=str)),
         }
 
