@@ -100,3 +100,15 @@ def test_float32_in_float32_out() -> None:
     x = correlated().float()
     w = whitening("pca").fit(x, torch.zeros(len(x)))
     assert w(x[:5]).dtype == torch.float32
+
+
+def test_full_rank_zca_ranks_as_pca_and_a_reduced_pca_does_not() -> None:
+    """ZCA is PCA-whitening rotated back (P_zca = E·P_pca): with every direction kept the applied
+    embeddings differ by a rotation, so every distance and ranking is the same (pooling_x_whitening_all
+    shows equal PCA and ZCA rows for that reason); with ``dim`` PCA drops directions and ZCA keeps D axes."""
+    x, q = correlated(seed=0), correlated(n=50, seed=1)
+    fit = {n: whitening(n, eps=0.0).fit(x, torch.zeros(len(x))) for n in ("pca", "zca")}
+    pca, zca = (fit[n](q) for n in ("pca", "zca"))
+    torch.testing.assert_close(torch.cdist(pca, pca), torch.cdist(zca, zca))
+    reduced = whitening("pca", dim=3, eps=0.0).fit(x, torch.zeros(len(x)))(q)
+    assert not torch.allclose(torch.cdist(reduced, reduced), torch.cdist(zca, zca), atol=1e-3)
