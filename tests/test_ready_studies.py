@@ -48,6 +48,8 @@ def _smoke(name: str, root: Path) -> dict[str, Any]:
     for levels in raw["arms"].values():  # a variant's own schedule is cut too
         for variant in levels.values() if isinstance(levels, dict) else ():
             variant.update({k: 1 for k in variant if k == "sampler.batches_per_epoch"})
+    kept = raw["arms"]  # exclusions of levels the smoke test drops go too
+    raw["exclude"] = [x for x in raw.get("exclude", []) if all(v in list(kept[f]) for f, v in x.items())]
     if raw.get("tune"):
         raw["tune"]["n_trials"] = 1
     raw["final"] = {"seeds": [0]}

@@ -84,6 +84,18 @@ def test_arms_are_the_product_of_the_factors_with_readable_labels() -> None:
     assert len(units) == 6 * 2 and all(u.attrs["stage"] == "final" for u in units)
 
 
+def test_excluded_combinations_are_left_out_and_bad_exclusions_reported() -> None:
+    arms = {"model.embedding_dim": [8, 16], "optimizer.lr": [1e-3, 1e-2]}
+    exclude = [{"model.embedding_dim": 8, "optimizer.lr": 1e-2}]
+    spec = study.parse_study(tiny_study(arms=arms, exclude=exclude))
+    assert [a.label for a in spec.arms] == ["embedding_dim=8, lr=0.001", "embedding_dim=16, lr=0.001",
+                                            "embedding_dim=16, lr=0.01"]  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        study.parse_study(tiny_study(arms=arms, exclude=[{"model.m": 1}, {"optimizer.lr": 0.5}]))
+    assert "exclude[0].model.m: not a factor" in str(err.value)
+    assert "exclude[1].optimizer.lr: 0.5 is not one of its levels" in str(err.value)
+
+
 def test_factor_on_a_default_component_and_list_values() -> None:
     spec = study.parse_study(tiny_study(arms={"optimizer.lr": [1e-3, 1e-2], "eval.ks": [[1, 2], [1, 2, 4]]}))
     assert [a.label for a in spec.arms][:2] == ["lr=0.001, ks=[1,2]", "lr=0.001, ks=[1,2,4]"]

@@ -62,6 +62,9 @@ class _StudyYAML(_StrictModel):
     # mapping of dotted paths to values (several config changes compared as one factor level)
     arms: dict[str, Any] = Field(default_factory=dict)  # checked in parse_study (one message per factor)
     baseline: dict[str, Any] | None = None
+    #: Partial factor assignments whose arms are left out of the product, e.g. ``{model.m: 1,
+    #: model.lambda_div: 1.0}`` (one learner has no divergence: the same model as λ_div = 0).
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
     tune: _Tune | None = None
     final: _Final = Field(default_factory=_Final)
     objective: _Objective = Field(default_factory=_Objective)
@@ -390,6 +393,18 @@ def _validate_top(raw: dict[str, Any]) -> tuple[_StudyYAML, list[str]]:
             raise ConfigError(problems) from e
 
 
+def _exclude_problems(exclude: list[dict[str, Any]], levels: dict[str, list[Any]]) -> list[str]:
+    """What is wrong with ``exclude``: a factor the study does not have, or a level it does not list."""
+    problems = []
+    for i, ex in enumerate(exclude):
+        for f, v in ex.items():
+            if f not in levels:
+                problems.append(f"exclude[{i}].{f}: not a factor of arms ({', '.join(levels) or 'none'})")
+            elif v not in levels[f]:
+                problems.append(f"exclude[{i}].{f}: {v!r} is not one of its levels {levels[f]}")
+    return problems
+
+
 def _arms(model: _StudyYAML, problems: list[str]) -> tuple[list[Arm], list[str]]:
     """The arms (the product of the factor levels, each applied to the base) and the factors; problems
     are appended to ``problems``."""
@@ -409,9 +424,12 @@ def _arms(model: _StudyYAML, problems: list[str]) -> tuple[list[Arm], list[str]]
     levels = {f: list(model.arms[f]) for f in factors}  # a variant factor's levels are its names
     short = short_names([f for f in factors if f not in variants]) | {f: f for f in variants}
     shown = {f: list(vs) if f in variants else format_values(vs) for f, vs in levels.items()}
+    problems += _exclude_problems(model.exclude, levels)
     arms = []
     for combo in product(*(range(len(levels[f])) for f in factors)):
         values = {f: levels[f][i] for f, i in zip(factors, combo, strict=True)}
+        if any(all(values.get(f) == v for f, v in ex.items()) for ex in model.exclude):
+            continue
         display = {f: shown[f][i] for f, i in zip(factors, combo, strict=True)}
         label = ", ".join(f"{short[f]}={display[f]}" for f in factors) or "base"
         assignments: dict[str, Any] = {}
