@@ -254,7 +254,8 @@ def test_the_readme_study_reference_is_a_valid_study() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = re.search(r"Every key of a study YAML:\n\n```yaml\n(.*?)```", readme, re.S).group(1)
     spec = study.parse_study(config.parse_yaml(block.replace("base: {...}", "base: {}")))
-    assert len(spec.arms) == 8 and spec.baseline == "loss=triplet, synthesis=none, head=l2"
+    # 2 × 2 × 2 arms less the 2 of synthesis=symmetrical, head=mdr (exclude)
+    assert len(spec.arms) == 8 - 2 and spec.baseline == "loss=triplet, synthesis=none, head=l2"
     assert [p.path for p in spec.params] == ["optimizer.lr", "loss.margin", "sampler.k"]
 
 
