@@ -141,6 +141,20 @@ def test_crops_equal_pil_resized_crops(upright: bool) -> None:
     assert np.abs(shifted - _chw(TF.resized_crop(img, 5, 10, 45, 41, [32, 32]))).mean() > 3
 
 
+def test_a_batch_of_short_images_contracts_over_their_columns_only_and_gives_the_same_pixels() -> None:
+    aug = _augment(size=32)  # canvas 64 × 96
+    short, portrait, wide = _photo(64, 70), _photo(75, 64), _photo(64, 96)
+    boxes = [[[4, 60, 32, 0], [3, 66, 32, 0]], [[2, 70, 32, 0], [1, 60, 32, 0]]]
+    g = torch.tensor(boxes, dtype=torch.float64)
+    flip = torch.tensor([False, True])
+    alone = aug.crop(_batch(aug, [short, portrait]), g, flip)  # contracts over 76 of the 96 columns
+    beside = aug.crop(
+        _batch(aug, [short, portrait, wide]), torch.cat([g, g[:1]]), torch.cat([flip, flip[:1]])
+    )
+    assert aug._used(_batch(aug, [short, portrait]).sizes, 1, 96) == 76
+    torch.testing.assert_close(alone, beside[:2], rtol=0, atol=1e-3)
+
+
 def test_symm_and_abe_crops_equal_their_pil_pipelines() -> None:
     img = _photo(36, 48)  # as the cache stores it: the shorter side at the recipe's resize size
     symm = _augment("symm_official", size=32, resize=36)

@@ -242,6 +242,8 @@ class BatchAugment:
         """Float ``[B, C, S, S]`` (0–255) of each image's crop ``geometry`` (see ``geometry``), mirrored
         where ``flip``: two batched matrix products per image (rows, then columns of its canvas)."""
         pixels, info = batch
+        if pixels.device.type == "cpu":  # contract over the rows/columns some image uses (a free host read)
+            pixels = pixels[:, : self._used(info, 0, pixels.shape[1]), : self._used(info, 1, pixels.shape[2])]
         n, hc, wc, c = pixels.shape
         s = self.size
         transposed = info[:, 2].bool()[:, None, None]
@@ -257,6 +259,14 @@ class BatchAugment:
         if transposed.device.type != "cpu" or bool(transposed.any()):  # a host check only where it is free
             out = torch.where(transposed[..., None], out.transpose(2, 3), out)
         return out
+
+    @staticmethod
+    def _used(info: torch.Tensor, axis: int, length: int) -> int:
+        """Canvas rows (``axis`` 0) or columns (1) any image of the batch covers, its repeated edge
+        included: the resampling weights of the rest are zero, so leaving them out changes no pixel."""
+        h, w, transposed = info.unbind(1)
+        stored = torch.where(transposed.bool(), w, h) if axis == 0 else torch.where(transposed.bool(), h, w)
+        return min(length, int(stored.max()) + 1)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (0–255, RGB) in the backbone's convention (scale, channel order), normalised: what
