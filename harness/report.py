@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,10 +157,24 @@ def _paper_section(name: str, final: pd.DataFrame, meta: dict[str, Any], tables:
     order = _arm_order(meta, [*final.arm.unique(), *(meta.get("published") or {})])
     table = paper.paper_table(final, metrics, order, meta)
     caption = paper.paper_caption(name, meta)
-    md = paper.paper_display(table, tex=False)
-    tex = paper.paper_display(table, tex=True, escape=tex_escape)
-    write_table(table, md, tex, tables / "paper", caption, n_labels=2)
-    return ["## Published vs ours", "", caption + ".", "", to_markdown(md)]
+    return _arm_metric_section(
+        "Published vs ours", table, table, paper.paper_display, tables / "paper", caption
+    )
+
+
+def _arm_metric_section(
+    title: str,
+    numeric: pd.DataFrame,
+    data: pd.DataFrame,
+    show: Callable[..., pd.DataFrame],
+    stem: Path,
+    caption: str,
+) -> list[str]:
+    """A table with two label columns (arm and metric or source), written three ways under ``caption``
+    (``numeric`` as CSV; ``show(data, tex, escape)`` as Markdown and LaTeX) and as report lines."""
+    md, tex = show(data, False), show(data, True, tex_escape)
+    write_table(numeric, md, tex, stem, caption, n_labels=2)
+    return [f"## {title}", "", caption + ".", "", to_markdown(md)]
 
 
 def _write_pages(name: str, lines: list[str], folder: Path, final: pd.DataFrame, order: list[str]) -> None:
@@ -284,10 +298,9 @@ def _learners_section(name: str, final: pd.DataFrame, order: list[str], tables: 
         f"{name}: test metrics (%) of each learner's own embedding (its columns of the ensemble's) and of "
         "the ensemble, mean ± std over seeds; blank: the arm has fewer learners"
     )
-    md = learners.learner_display(summary, False)
-    tex = learners.learner_display(summary, True, tex_escape)
-    write_table(summary, md, tex, tables / "learners", cap, n_labels=2)
-    return ["## Per-learner Recall@K", "", cap + ".", "", to_markdown(md)]
+    return _arm_metric_section(
+        "Per-learner Recall@K", summary, summary, learners.learner_display, tables / "learners", cap
+    )
 
 
 def _baseline_sections(
@@ -360,10 +373,11 @@ def _bootstrap_section(
         f"{name}: Recall@K of each arm's lowest-seed run with a 95% bootstrap CI over its test queries "
         "(the uncertainty from the finite query set of one run, not seed noise)"
     )
-    shown = pictures.query_bootstrap_display(boot, False)
-    tex = pictures.query_bootstrap_display(boot, True, tex_escape)
-    write_table(boot.set_index(["arm", "metric"]), shown, tex, tables / "query_bootstrap", cap, n_labels=2)
-    return ["## One run, bootstrap over queries", "", cap + ".", "", to_markdown(shown)]
+    numeric = boot.set_index(["arm", "metric"])
+    show = pictures.query_bootstrap_display
+    return _arm_metric_section(
+        "One run, bootstrap over queries", numeric, boot, show, tables / "query_bootstrap", cap
+    )
 
 
 def _draw(
