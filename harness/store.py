@@ -221,11 +221,12 @@ RETRY_MAX_S = 8.0
 
 def _transient(error: BaseException) -> bool:
     """A lost or refused database connection (server restart, network), not a bad request. Optuna wraps
-    SQLAlchemy's errors in StorageInternalError; the cause tells."""
+    SQLAlchemy's errors in StorageInternalError; the cause tells. PendingRollbackError is a session whose
+    connection was invalidated by a drop mid-transaction: its next call fails until it is rolled back."""
     import sqlalchemy.exc
 
     exc = sqlalchemy.exc
-    lost = (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)
+    lost = (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError, exc.PendingRollbackError)
     cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
     return isinstance(cause, lost)
 
@@ -270,6 +271,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 )
                 time.sleep(pause)
                 pause = min(2 * pause, RETRY_MAX_S)
+                self.inner.scoped_session.remove()  # the retry starts on a new session, not a broken one
 
     # -- the writes a retry could repeat -----------------------------------------------------------------
     def create_new_study(self, directions: Any, study_name: str | None = None) -> int:

@@ -165,6 +165,7 @@ def test_a_postgresql_restart_mid_study_is_retried_and_loses_or_duplicates_nothi
     time.sleep(5)
     server.start()
     outputs = [m.communicate(timeout=300)[0] for m in machines]
-    assert [m.returncode for m in machines] == [0, 0], outputs
+    print("\n".join(outputs))  # the workers' whole logs, shown by pytest when an assertion fails
+    assert [m.returncode for m in machines] == [0, 0]
     assert "lost the database connection" in "".join(outputs)
     _assert_every_unit_once(url, tmp_path, seeds)

@@ -124,3 +124,18 @@ def test_a_committed_study_creation_returns_the_study(
     study = optuna.create_study(study_name="s", storage=storage)
     assert [s.study_name for s in storage.get_all_studies()] == ["s"]
     assert study._study_id == storage.get_study_id_from_name("s")
+
+
+def test_a_session_left_in_an_invalid_transaction_by_a_drop_is_retried(
+    storage: store.RetryingStorage, clock: list[float]
+) -> None:
+    """After a drop mid-transaction the next call on the session fails with PendingRollbackError
+    (seen in the PostgreSQL restart test); it is a lost connection, retried on a fresh session."""
+    optuna.create_study(storage=storage.inner, study_name="s")
+    storage.inner.scoped_session().connection().invalidate()  # what a server restart does to it
+    with pytest.raises(optuna.exceptions.StorageInternalError) as raised:
+        storage.inner.get_all_studies()
+    assert isinstance(raised.value.__cause__, sqlalchemy.exc.PendingRollbackError)
+    storage.inner.scoped_session().connection().invalidate()
+    assert [s.study_name for s in storage.get_all_studies()] == ["s"]
+    assert clock == [0.5]
