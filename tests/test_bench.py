@@ -48,8 +48,10 @@ def test_fixture_is_a_cub_folder_of_photo_sized_jpegs(tmp_path: Path) -> None:
 
 
 def test_bench_data_measures_both_pipelines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    main("data", [str(_config(tmp_path)), "data.num_workers=0", "--batches", "2", "--warmup", "1"])
+    options = ["data.num_workers=0", "--batches", "2", "--warmup", "1", "--rounds", "2"]
+    main("data", [str(_config(tmp_path)), *options])
     out = capsys.readouterr().out
+    assert "medians of 2 interleaved rounds" in out
     for row in ("(a) input pipeline, JPEG", "(a) input pipeline, cached", "(b) training step", "(c)"):
         assert row in out
     assert "(c) pipeline + step, cached + batch augment" in out

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -134,46 +133,65 @@ PIPELINES = (("off", False, "JPEG"), ("disk", False, "cached"), ("disk", True, "
 
 
 def bench_data(options: list[str]) -> None:
-    """Images/s of the input pipeline (JPEG and cached), the training step, and both (see the module)."""
-    args = _parser("dmlh bench data").parse_args(options)
+    """Images/s of the input pipeline (JPEG and cached), the training step, and both (see the module).
+
+    Every measurement is taken once per round, the rounds interleaved (the order of the pipelines reversed
+    every other round), and the medians are reported: on shared cores the load changes from one second to
+    the next, and it then hits every pipeline alike instead of the one that happened to run then."""
+    parser = _parser("dmlh bench data")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
+    args = parser.parse_args(options)
     cfg = _setup(args)
-    rows: list[dict[str, Any]] = []
-    first: tuple[Any, tuple[int, ...]] | None = None  # (trainer, model input shape) of the first pipeline
-    b = math.nan
+    trainers: dict[str, Any] = {}
     for cache, batch_augment, path in PIPELINES:
         tr = _trainer(cfg, cache, batch_augment)
         if tr.splits.train.in_memory and cache == "disk":
             break  # in-memory images: nothing to decode or cache
-        loader = _endless(tr.loader, tr.sampler)
-        path = "in-memory arrays" if tr.splits.train.in_memory else path
-        rows.append(
-            {
-                "measurement": f"(a) input pipeline, {path}",
-                "images/s": _rate(loader, _pipeline_end(tr), args.warmup, args.batches, tr.device),
-            }
-        )
-        tr.model.train()
-        if first is None:
-            images, labels = next(loader)
-            synthetic = (torch.rand_like(_on_device(tr, images).float()), labels)
-            first = (tr, tuple(synthetic[0].shape))
-            b = _rate(_repeat(synthetic), _train_step(tr), args.warmup, args.batches, tr.device)
-            rows.append({"measurement": "(b) training step, synthetic tensors", "images/s": b})
-        c = _rate(loader, _train_step(tr), args.warmup, args.batches, tr.device)
-        rows.append({"measurement": f"(c) pipeline + step, {path}", "images/s": c, "(c)/(b)": c / b})
-    assert first is not None
-    tr, shape = first
-    table = pd.DataFrame(rows)
+        trainers["in-memory arrays" if tr.splits.train.in_memory else path] = tr
+    loaders = {path: _endless(tr.loader, tr.sampler) for path, tr in trainers.items()}
+    first = next(iter(trainers.values()))
+    first.model.train()
+    images, labels = next(loaders[next(iter(trainers))])
+    synthetic = (torch.rand_like(_on_device(first, images).float()), labels)
+    measured: dict[str, list[float]] = {}
+
+    def measure(name: str, batches: Iterable[Any], step: Callable[[Any], None], tr: Any) -> None:
+        rate = _rate(batches, step, args.warmup, args.batches, tr.device)
+        measured.setdefault(name, []).append(rate)
+
+    for r in range(args.rounds):
+        for path, tr in list(trainers.items())[:: 1 if r % 2 == 0 else -1]:
+            measure(f"(a) input pipeline, {path}", loaders[path], _pipeline_end(tr), tr)
+            tr.model.train()
+            measure(f"(c) pipeline + step, {path}", loaders[path], _train_step(tr), tr)
+        measure("(b) training step, synthetic tensors", _repeat(synthetic), _train_step(first), first)
+    _print_data(cfg, first, tuple(synthetic[0].shape), measured, args)
+
+
+def _print_data(
+    cfg: Any, tr: Any, shape: tuple[int, ...], measured: dict[str, list[float]], args: argparse.Namespace
+) -> None:
+    """The table of ``bench data``: each measurement's median images/s, (c)/(b) and the ratios to JPEG
+    (medians of the per-round ratios)."""
+    b = np.array(measured["(b) training step, synthetic tensors"])
+    rows = []
+    for name in sorted(measured, key=lambda n: n[:3]):  # (a), (b), (c), each in pipeline order
+        rate = np.array(measured[name])
+        row = {"measurement": name, "images/s": float(np.median(rate))}
+        if name.startswith("(c)"):
+            row["(c)/(b)"] = float(np.median(rate / b))
+        rows.append(row)
     print(
         f"{cfg.name}: {cfg.data.dataset.get('name')}, batch {shape}, {tr.num_workers} DataLoader "
-        f"workers, {torch.get_num_threads()} torch threads, device {tr.device}; {args.batches} batches"
+        f"workers, {torch.get_num_threads()} torch threads, device {tr.device}; medians of {args.rounds} "
+        f"interleaved rounds of {args.batches} batches"
     )
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep=""))
-    rates = dict(zip(table.measurement, table["images/s"], strict=True))
-    jpeg = rates.get("(a) input pipeline, JPEG")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep=""))
+    jpeg = measured.get("(a) input pipeline, JPEG")
     for _, _, path in PIPELINES[1:]:
-        if jpeg and f"(a) input pipeline, {path}" in rates:
-            print(f"{path} / JPEG pipeline = {rates[f'(a) input pipeline, {path}'] / jpeg:.2f} (target >= 5)")
+        if jpeg and f"(a) input pipeline, {path}" in measured:
+            ratio = np.median(np.array(measured[f"(a) input pipeline, {path}"]) / np.array(jpeg))
+            print(f"{path} / JPEG pipeline = {ratio:.2f} (target >= 5)")
     print("(c)/(b) target with the cache >= 0.95")
 
 

@@ -253,9 +253,10 @@ class BatchAugment:
             wx = torch.where(flip[:, None, None], wx.flip(1), wx)
         rows = torch.where(transposed, wx, wy)[:, :, :hc]  # a transposed canvas's rows are x
         cols = torch.where(transposed, wy, wx)[:, :, :wc]
-        # channels-last canvases: rows [B, S, Hc] @ [B, Hc, Wc·C], then [B, C·S, Wc] @ cols^T [B, Wc, S]
-        y = torch.bmm(rows, pixels.reshape(n, hc, wc * c).float()).view(n, s, wc, c)
-        out = torch.bmm(y.permute(0, 3, 1, 2).reshape(n, c * s, wc), cols.transpose(1, 2)).view(n, c, s, s)
+        # channels-last canvases, each product transposed so that the next reads its result in place (no
+        # copy): [B, Wc·C, Hc] @ rows^T [B, Hc, S] = [B, Wc, C·S], then [B, C·S, Wc] @ cols^T = [B, C, S, S]
+        y = torch.bmm(pixels.float().reshape(n, hc, wc * c).transpose(1, 2), rows.transpose(1, 2))
+        out = torch.bmm(y.view(n, wc, c * s).transpose(1, 2), cols.transpose(1, 2)).view(n, c, s, s)
         if transposed.device.type != "cpu" or bool(transposed.any()):  # a host check only where it is free
             out = torch.where(transposed[..., None], out.transpose(2, 3), out)
         return out
