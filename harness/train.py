@@ -20,12 +20,14 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from harness.config import RunConfig
 from harness.data import build_transforms, load_splits
 from harness.data.batch_augment import build_batch_augment
 from harness.data.cache import cached_splits, num_workers
+from harness.data.prefetch import ThreadedLoader
 from harness.data.sampler import build_sampler
 from harness.errors import NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
@@ -123,13 +125,16 @@ class _Trainer:
             else None
         )
         self.sampler = build_sampler(cfg.sampler, self.splits.train.labels, cfg.seed)
-        self.loader = torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(
             self.train_set,
             batch_sampler=self.sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
         )
+        # CUDA: the DataLoader's pin-memory thread receives the workers' batches; CPU: a ThreadedLoader
+        threaded = self.num_workers > 0 and self.device.type != "cuda"
+        self.loader: DataLoader | ThreadedLoader = ThreadedLoader(loader) if threaded else loader
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.learner.amp)
 
     def train_epoch(self, epoch: int, progress: Progress) -> dict[str, float]:
