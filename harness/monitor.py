@@ -166,3 +166,22 @@ class CollapseCheck:
             "still at the last)" if self.collapsed(last_epoch) else f"recovered by epoch {last_epoch})"
         )
         return [f"embedding collapsed {when}: {self.reason}; try a lower optimizer.lr"]
+
+
+#: History columns of symmetrical synthesis (``methods.synthesis``): how often a reflection was the hardest
+#: negative of its class, and how often one beat the originals of a negative entry.
+SYNTHESIS_FRACTIONS = ("diag/synthetic_hard_fraction", "diag/synthetic_entry_fraction")
+
+
+def inert_synthesis(history: list[dict[str, Any]]) -> str | None:
+    """A warning when symmetrical synthesis recorded its fractions every epoch and they stayed 0: no
+    reflection was ever harder than the originals it competed with, so the loss never saw one and the run
+    trained as without synthesis (e.g. α = 1 or β = 0.5 at K = 8). None otherwise."""
+    rows = [[row.get(c) for c in SYNTHESIS_FRACTIONS] for row in history]
+    if not rows or any(v is None or not math.isfinite(v) or v > 0 for r in rows for v in r):
+        return None
+    return (
+        f"symmetrical synthesis had no effect: in all {len(rows)} epochs no reflection was harder than the "
+        "originals it competed with (diag/synthetic_hard_fraction and synthetic_entry_fraction 0), so the "
+        "run trained as without synthesis; check synthesis.alpha / beta and sampler.k"
+    )

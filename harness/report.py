@@ -204,7 +204,7 @@ def write_report(
         lines.append("No final run has completed yet; run `dmlh report` again later.")
         _write_pages(name, lines, folder, final, [])
         return folder
-    lines += search.collapse_lines(final)
+    lines += search.flag_lines(final)
     if paper.is_paper_study(final, meta):
         lines += _paper_section(name, final, meta, tables)
     by_protocol = paper.split_by_protocol(final)

@@ -33,7 +33,7 @@ from harness.errors import NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.learner import Learner, as_float, embed
 from harness.model import StagedBackbone, build_component
-from harness.monitor import CollapseCheck, Progress
+from harness.monitor import CollapseCheck, Progress, inert_synthesis
 from harness.plugins import (
     AttentionMaps,
     Ensemble,
@@ -322,6 +322,10 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     metrics["train/collapsed"] = float(collapse.collapsed(cfg.train.epochs))
     eval_time = fit.eval_time + time.perf_counter() - t
     warnings = collapse.warnings(cfg.train.epochs)
+    if cfg.synthesis:
+        inert = inert_synthesis(fit.history)
+        metrics["train/synthesis_inert"] = float(inert is not None)
+        warnings += [inert] if inert else []
     for w in warnings:
         log.warning("run %s: %s", cfg.name, w)
     return RunResult(

@@ -121,13 +121,16 @@ def test_three_seeds_are_worded_honestly(tmp_path: Path) -> None:
     assert "3 paired seeds: the t-test has 2 degree(s) of freedom" in text and "Wilcoxon needs ≥ 6" in text
 
 
-def test_collapsed_final_runs_are_a_warning_in_the_report() -> None:
+def test_collapsed_and_inert_synthesis_final_runs_are_warnings_in_the_report() -> None:
     import pandas as pd
 
-    from harness.reporting.search import collapse_lines
+    from harness.reporting.search import flag_lines
 
     final = pd.DataFrame({"arm": ["a", "a", "b"], "train/collapsed": [1.0, 0.0, 0.0]})
-    (line, _) = collapse_lines(final)
+    (line, _) = flag_lines(final)
     assert "collapsed embeddings" in line and "a (1 of 2 runs)" in line and "b (" not in line
-    assert collapse_lines(final.assign(**{"train/collapsed": 0.0})) == []
-    assert collapse_lines(final.drop(columns="train/collapsed")) == []
+    assert flag_lines(final.assign(**{"train/collapsed": 0.0})) == []
+    assert flag_lines(final.drop(columns="train/collapsed")) == []
+    both = final.assign(**{"train/synthesis_inert": [0.0, float("nan"), 1.0]})
+    collapsed, _, inert, _ = flag_lines(both)
+    assert "collapsed" in collapsed and "synthesis without effect" in inert and "in b (1 of 1 runs)" in inert

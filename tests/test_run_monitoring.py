@@ -175,3 +175,24 @@ def test_list_into_a_closed_pipe_exits_quietly() -> None:
     )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout.count("\n") == 1
+
+
+def test_symmetrical_synthesis_without_effect_is_a_warning_and_a_metric() -> None:
+    """α = 1 reflects a point onto its classmate: no reflection ever beats the originals, so the run is the
+    loss alone (seen in the Fashion-MNIST α×β study); α = 2 synthesises hard negatives and is not flagged."""
+    synthesis = ("synthesis.name=symmetrical", "sampler.p=2", "sampler.k=8")
+    inert = run(tiny(*synthesis, "synthesis.alpha=1.0"))
+    assert inert.metrics["train/synthesis_inert"] == 1.0
+    assert any("symmetrical synthesis had no effect: in all 2 epochs" in w for w in inert.warnings)
+    assert all(h["diag/synthetic_hard_fraction"] == 0 for h in inert.history)
+    working = run(tiny(*synthesis))
+    assert working.metrics["train/synthesis_inert"] == 0.0 and working.warnings == []
+    assert "train/synthesis_inert" not in run(tiny()).metrics  # no synthesis: no flag
+
+
+def test_inert_synthesis_needs_every_epoch_at_zero() -> None:
+    zero = {"diag/synthetic_hard_fraction": 0.0, "diag/synthetic_entry_fraction": 0.0}
+    assert monitor.inert_synthesis([zero, zero]) is not None
+    assert monitor.inert_synthesis([zero, {**zero, "diag/synthetic_entry_fraction": 0.1}]) is None
+    assert monitor.inert_synthesis([zero, {"epoch": 2}]) is None  # an epoch without the diagnostic
+    assert monitor.inert_synthesis([]) is None

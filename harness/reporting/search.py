@@ -48,21 +48,32 @@ def trials_per_arm(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 
 #: The run metric that says the embedding had collapsed at the last epoch (harness.monitor).
-COLLAPSED = "train/collapsed"
-
-
-def collapse_lines(final: pd.DataFrame) -> list[str]:
-    """A warning per arm with final runs whose embedding collapsed (none when no run collapsed)."""
-    if COLLAPSED not in final:
-        return []
-    hit = final[pd.to_numeric(final[COLLAPSED], errors="coerce") > 0]
-    if hit.empty:
-        return []
-    per_arm = hit.groupby("arm").size()
-    total = final.groupby("arm").size()
-    arms = "; ".join(f"{a} ({n} of {total[a]} runs)" for a, n in per_arm.items())
-    return [
-        f"**Warning: collapsed embeddings** (different-class distances near 0 at the last epoch) in {arms}. "
+#: Per-run flags (1.0: raised) of the final runs and the report's warning for the arms with flagged runs.
+FLAGS = {
+    "train/collapsed": (
+        "collapsed embeddings** (different-class distances near 0 at the last epoch)",
         "Their numbers measure a degenerate embedding: lower the learning rate or check the loss.",
-        "",
-    ]
+    ),
+    "train/synthesis_inert": (
+        "symmetrical synthesis without effect** (no reflection was ever harder than the originals)",
+        "Those runs trained as without synthesis: their numbers are the loss alone (check synthesis.alpha / "
+        "beta and sampler.k).",
+    ),
+}
+
+
+def flag_lines(final: pd.DataFrame) -> list[str]:
+    """A warning per raised flag (``FLAGS``) naming the arms with final runs that raised it (none when no
+    run did)."""
+    lines = []
+    for column, (what, meaning) in FLAGS.items():
+        if column not in final:
+            continue
+        hit = final[pd.to_numeric(final[column], errors="coerce") > 0]
+        if hit.empty:
+            continue
+        per_arm = hit.groupby("arm").size()
+        total = final.groupby("arm").size()
+        arms = "; ".join(f"{a} ({n} of {total[a]} runs)" for a, n in per_arm.items())
+        lines += [f"**Warning: {what} in {arms}. {meaning}", ""]
+    return lines
