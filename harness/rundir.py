@@ -15,6 +15,7 @@ import yaml
 
 from harness.errors import HarnessError
 from harness.reporting import embeddings
+from harness.reporting.learners import LEARNER_COLUMN
 
 if TYPE_CHECKING:
     from harness.train import RunResult
@@ -115,14 +116,17 @@ def write_failure(
 
 
 def format_metrics(result: RunResult) -> str:
-    """The metrics as a small table: rows = metric, columns = val / test / test_last; without a validation
-    split one ``test`` column of the last epoch, said plainly; then the run's warnings."""
+    """The metrics as a small table: rows = metric, columns = val / test / test_last (and an ensemble's
+    test_learner1, 2, …); without a validation split one ``test`` column of the last epoch, said plainly;
+    then the run's warnings."""
     rows: dict[str, dict[str, float]] = {}
     for key, value in result.metrics.items():
         split, _, metric = key.partition("/")
         rows.setdefault(metric, {})[split] = value
     last = result.selection == "last"
-    columns = ("test",) if last else ("val", "test", "test_last")
+    learners = sorted({m[1] for key in result.metrics if (m := LEARNER_COLUMN.match(key))}, key=int)
+    columns: tuple[str, ...] = ("test",) if last else ("val", "test", "test_last")
+    columns += tuple(f"test_learner{m}" for m in learners)
     df = pd.DataFrame(rows).T.reindex(columns=[c for c in columns if any(c in r for r in rows.values())])
     head = (
         f"no validation split (data.val_fraction: 0): the last epoch ({result.best_epoch}) is reported"

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from harness import config, report, store
+from harness import config, report, rundir, store
 from harness.evaluate import retrieval_metrics
 from harness.learner import embed
 from harness.plugins import Ensemble
@@ -72,6 +72,8 @@ def test_each_learner_is_scored_on_its_own_unwhitened_columns(variant: str) -> N
         low, high = _naive_recall_at_1(part, labels)
         assert low <= result.metrics[f"test_learner{m + 1}/recall@1"] <= high and high - low < 0.1
     ensemble = retrieval_metrics(emb, labels, ks=(1, 2), nmi=False)  # the test/ numbers are whitened ones
+    header = rundir.format_metrics(result).splitlines()[1].split()
+    assert header[-3:] == ["test_learner1", "test_learner2", "test_learner3"]  # `dmlh run` prints them
     assert result.metrics["test/map@r"] != pytest.approx(ensemble["map@r"], abs=1e-9)
 
 
