@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.config import RunConfig, validate
+from harness.data.prefetch import received_in_thread
 from harness.errors import ConfigError
 from harness.model import build_component, build_model
 from harness.monitor import embedding_stats
@@ -82,7 +83,7 @@ def embed(
         pin_memory=device.type == "cuda",
     )
     embs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
+    for x, y in tqdm(received_in_thread(loader, device), desc=desc, leave=False, disable=None):
         out: ModelOutput = model(x.to(device, non_blocking=True))
         embs.append(out.embeddings.float().cpu())
         labels.append(torch.as_tensor(y))

@@ -27,7 +27,7 @@ from harness.config import RunConfig
 from harness.data import build_transforms, load_splits
 from harness.data.batch_augment import build_batch_augment
 from harness.data.cache import cached_splits, num_workers
-from harness.data.prefetch import ThreadedLoader
+from harness.data.prefetch import ThreadedLoader, received_in_thread
 from harness.data.sampler import build_sampler
 from harness.errors import NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
@@ -132,9 +132,7 @@ class _Trainer:
             persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
         )
-        # CUDA: the DataLoader's pin-memory thread receives the workers' batches; CPU: a ThreadedLoader
-        threaded = self.num_workers > 0 and self.device.type != "cuda"
-        self.loader: DataLoader | ThreadedLoader = ThreadedLoader(loader) if threaded else loader
+        self.loader: DataLoader | ThreadedLoader = received_in_thread(loader, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.learner.amp)
 
     def train_epoch(self, epoch: int, progress: Progress) -> dict[str, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,3 +87,18 @@ def test_training_with_workers_on_the_cpu_receives_in_a_thread_and_stays_reprodu
     losses = [h["train/loss"] for h in first.history]
     assert np.isfinite(losses).all() and losses == [h["train/loss"] for h in again.history]
     assert first.metrics == again.metrics
+
+
+def test_embedding_a_split_with_workers_gives_the_embeddings_without(tmp_path: Path) -> None:
+    from harness.learner import embed
+
+    data = torch.utils.data.TensorDataset(torch.randn(23, 5), torch.arange(23))
+    model = torch.nn.Linear(5, 4)
+
+    class _Model(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Any:
+            return SimpleNamespace(embeddings=model(x))
+
+    alone = embed(_Model(), data, 4, torch.device("cpu"), num_workers=0)
+    threaded = embed(_Model(), data, 4, torch.device("cpu"), num_workers=1)
+    torch.testing.assert_close(alone, threaded)

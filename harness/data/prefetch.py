@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 #: Batches received ahead of the training thread.
 DEPTH = 2
 _END = object()
@@ -71,3 +73,11 @@ class ThreadedLoader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.loader!r}, depth={self.depth})"
+
+
+def received_in_thread(
+    loader: torch.utils.data.DataLoader, device: torch.device
+) -> torch.utils.data.DataLoader | ThreadedLoader:
+    """``loader`` as the training or evaluation loop iterates it: through a ``ThreadedLoader`` when it has
+    workers and ``device`` is not CUDA (there the DataLoader's pin-memory thread receives its batches)."""
+    return ThreadedLoader(loader) if loader.num_workers > 0 and device.type != "cuda" else loader
