@@ -47,7 +47,6 @@ def trials_per_arm(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     return counts
 
 
-#: The run metric that says the embedding had collapsed at the last epoch (harness.monitor).
 #: Per-run flags (1.0: raised) of the final runs and the report's warning for the arms with flagged runs.
 FLAGS = {
     "train/collapsed": (
