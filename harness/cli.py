@@ -57,6 +57,9 @@ def _cmd_study_run(args: argparse.Namespace) -> None:
             args.study,
             storage=args.storage,
             workers=args.workers,
+            gpus=args.gpus,
+            trials_per_gpu=args.trials_per_gpu,
+            gpus_per_trial=args.gpus_per_trial,
             name=args.name,
             results=args.results,
             overrides=args.overrides,
@@ -153,7 +156,25 @@ def _add_study_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     sr.add_argument(
         "--storage", default=None, help="Optuna storage URL (default: journal file in results/<study>/)"
     )
-    sr.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    sr.add_argument(
+        "--workers",
+        type=_workers,
+        default="auto",
+        help="worker processes on this machine: a number, or auto (default): one per visible GPU "
+        "(× --trials-per-gpu), 1 without a GPU",
+    )
+    sr.add_argument(
+        "--gpus", default=None, help="device indices to use, e.g. 0,2,5 (default: every visible GPU)"
+    )
+    sr.add_argument(
+        "--trials-per-gpu", type=int, default=1, help="workers sharing one GPU (small trials; default 1)"
+    )
+    sr.add_argument(
+        "--gpus-per-trial",
+        type=int,
+        default=1,
+        help="GPUs of one trial, trained with DDP (train.distributed.world_size; default 1)",
+    )
     sr.add_argument("--name", default=None, help="study name (default: from the YAML)")
     sr.add_argument(
         "--protocol",
@@ -167,6 +188,15 @@ def _add_study_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ss.add_argument("name")
     ss.add_argument("--storage", default=None)
     ss.set_defaults(func=_cmd_study_status)
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto (got {text!r})") from None
 
 
 def _add_report_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

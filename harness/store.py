@@ -165,6 +165,9 @@ def _row(t: FrozenTrial, study: str, results_dir: Path, lost: set[int]) -> dict[
         "traceback": ua.get("traceback"),
         "reused_from": ua.get("reused_from"),
         "retry_of": ua.get("retry_of"),
+        "host": (ua.get("worker") or {}).get("host"),
+        "gpus": (ua.get("worker") or {}).get("gpus"),
+        "device": ua.get("device"),
     }
     row.update(ua.get("arm_display", {}))
     row.update(ua.get("tuned", {}))
@@ -178,7 +181,8 @@ def load(
 ) -> pd.DataFrame:
     """One row per run (trial) of a study: stage, arm, seed, arm factors and tuned parameters (as dotted-path
     columns), metrics (``val/…``, ``test/…``, ``test_last/…``), timings in seconds (``time/…``, e.g.
-    ``time/epoch_s`` per training epoch, offline mining included), state, duration, run_key and run folder.
+    ``time/epoch_s`` per training epoch, offline mining included), state, duration, run_key and run folder,
+    and where it ran: ``host``, ``gpus`` (the worker's ``CUDA_VISIBLE_DEVICES``) and ``device``.
 
     Queued (WAITING) trials and concurrently claimed duplicates are left out. ``df.attrs["meta"]`` holds the
     study spec (arms, factors, objective, baseline).

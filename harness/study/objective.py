@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import RunConfig
 from harness.errors import HarnessError, TrainingError
 from harness.store import tune_study_name
+from harness.study.devices import trial_device
 from harness.study.queue import Snapshot, WorkQueue
 from harness.study.spec import Arm, StudySpec, Unit
 
@@ -155,6 +156,7 @@ class Objective:
             if tune and self.spec.pruner and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val {metric} {value:.4f})")
 
+        trial.set_user_attr("device", trial_device(cfg.train.device))
         log.info("%s: start (run %s)", what, cfg.run_key())
         try:
             with self.queue.heartbeat(trial_id):

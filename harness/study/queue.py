@@ -177,7 +177,9 @@ class WorkQueue:
                 return None
         except UpdateFinishedTrialError:
             return None
-        self.storage.set_trial_user_attr(trial_id, "worker", {"host": HOST, "pid": os.getpid()})
+        # the GPUs this worker process was pinned to (harness.study.devices): the store's ``gpus`` column
+        worker = {"host": HOST, "pid": os.getpid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        self.storage.set_trial_user_attr(trial_id, "worker", worker)
         self.storage.set_trial_user_attr(trial_id, "invocation", self.invocation)
         rivals = [
             t

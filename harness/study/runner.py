@@ -1,9 +1,12 @@
 """The study runner: queue a study's units, run worker processes until every unit is settled, report.
 
-``run_study`` runs ``workers`` workers: this process plus ``workers - 1`` loky worker processes (joblib's
-process pool). Each worker loops: reap the trials of dead workers (re-queued), claim a queued unit, run
-it through the objective. A worker process that dies (killed, out of memory) costs only its trial: the
-others re-queue and finish it, and the study ends with one line saying what happened, then the report.
+``run_study`` places its workers (``harness.study.devices``). On the CPU: this process plus ``workers - 1``
+loky worker processes (joblib's process pool). With GPUs: one loky process per worker, each started with its
+own ``CUDA_VISIBLE_DEVICES`` (pinned before CUDA exists in it), while this process shows the progress. Each
+worker loops: reap the trials of dead workers (re-queued), claim a queued unit, run it through the
+objective. A worker process that dies (killed, out of memory) costs only its trial: the others re-queue and
+finish it (or a new worker on the dead one's device does), and the study ends with one line saying what
+happened, then the report.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from harness.errors import ConfigError, HarnessError, TrainingError
+from harness.errors import HarnessError, TrainingError
 from harness.store import lost_numbers, open_storage
+from harness.study.devices import ENV, Slot, parse_gpus, plan_workers
 from harness.study.objective import Objective, make_pruner, make_sampler
 from harness.study.queue import Snapshot, WorkQueue, open_studies, prepare
 from harness.study.spec import StudySpec, load_study
@@ -33,6 +37,8 @@ log = logging.getLogger(__name__)
 FAIL_FRACTION, MIN_FINISHED = 0.5, 4
 #: Seconds an idle worker waits before looking for work again.
 POLL_S = 0.5
+#: GPU workers: how many times a worker replaces one that died before the study ends with the rest unrun.
+RESTARTS = 8
 
 
 class StudyIncompleteError(HarnessError):
@@ -54,6 +60,8 @@ class Context:
     threads: int
     deadline: float | None
     log_level: int
+    #: GPUs each trial trains on (``train.distributed.world_size`` of its runs); 1 = one process per trial.
+    gpus_per_trial: int = 1
 
 
 class Worker:
@@ -114,12 +122,19 @@ class Worker:
             )
 
 
-def _work(ctx: Context) -> int:
-    """Worker entry point (in this process or a loky worker process)."""
+def _work(ctx: Context, slot: Slot | None = None) -> int:
+    """Worker entry point (in this process or a loky worker process, pinned to ``slot``'s GPUs)."""
     import torch
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=ctx.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if slot is not None and slot.gpus:  # the environment this process really started with
+        seen = os.environ.get(ENV)
+        if seen != slot.env[ENV] or torch.cuda.is_initialized():
+            raise TrainingError(f"worker {slot.index} was to hold {slot.describe()} but sees {ENV}={seen}")
+        log.info(
+            "study %s: worker %d (pid %d) holds %s", ctx.spec.name, slot.index, os.getpid(), slot.describe()
+        )
     torch.set_num_threads(ctx.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -198,14 +213,33 @@ class Progress:
         self.bar.close()
 
 
-def _run_workers(ctx: Context, workers: int) -> list[str]:
-    """``workers`` workers: this process (already warm, so it starts at once) plus ``workers - 1`` loky
-    worker processes, each with its share of the CPU threads. Returns one line per worker process that
-    died; the work it left is finished here."""
+def _run_workers(ctx: Context, slots: list[Slot]) -> list[str]:
+    """Run the workers of ``slots``; return one line per worker process that died (its work is finished by
+    the others, or by a new worker). CPU workers: this process (already warm, so it starts at once) plus
+    ``len(slots) - 1`` loky processes. GPU workers: a loky process each, started with the slot's
+    ``CUDA_VISIBLE_DEVICES``; a dead one's device gets a new worker until the work is settled."""
     import torch
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
 
     threads = torch.get_num_threads()
+    try:
+        if not slots[0].gpus:
+            return _run_cpu_workers(ctx, len(slots))
+        lost: list[str] = []
+        pending = slots
+        for _ in range(RESTARTS + 1):
+            died = _run_pinned(ctx, pending)
+            lost += [line for _, line in died]
+            pending = [slot for slot, _ in died[:1]]  # one fresh worker finishes what the dead left
+            if not pending:
+                break
+        return lost
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_cpu_workers(ctx: Context, workers: int) -> list[str]:
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
     futures = []
     executor = None
     lost: list[str] = []
@@ -230,10 +264,32 @@ def _run_workers(ctx: Context, workers: int) -> list[str]:
             executor = None
         raise
     finally:
-        torch.set_num_threads(threads)
         if executor is not None:
             executor.shutdown(wait=False)  # idle workers exit on their own
     return lost
+
+
+def _run_pinned(ctx: Context, slots: list[Slot]) -> list[tuple[Slot, str]]:
+    """One loky process per slot, each with its own environment; the slots whose process died."""
+    from joblib.externals.loky import ProcessPoolExecutor
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    executors = [ProcessPoolExecutor(max_workers=1, env=slot.env) for slot in slots]
+    died: list[tuple[Slot, str]] = []
+    try:
+        futures = [ex.submit(_work, ctx, slot) for ex, slot in zip(executors, slots, strict=True)]
+        for slot, f in zip(slots, futures, strict=True):
+            try:
+                f.result()
+            except TerminatedWorkerError as e:
+                died.append((slot, f"worker {slot.index} on {slot.describe()}: {str(e).splitlines()[0]}"))
+    except BaseException:
+        for ex in executors:
+            ex.shutdown(wait=True, kill_workers=True)  # don't leave workers behind on an error
+        raise
+    for ex in executors:
+        ex.shutdown(wait=True)
+    return died
 
 
 def incomplete_arms(spec: StudySpec, storage: str | None, results: str | Path) -> list[str]:
@@ -252,36 +308,44 @@ def incomplete_arms(spec: StudySpec, storage: str | None, results: str | Path) -
 def run_study(
     path: str | Path,
     storage: str | None = None,
-    workers: int = 1,
+    workers: int | str = "auto",
     name: str | None = None,
     results: str | Path = "results",
     overrides: list[str] | None = None,
     *,
     protocol: str | None = None,
     report: bool = True,
+    gpus: str | None = None,
+    trials_per_gpu: int = 1,
+    gpus_per_trial: int = 1,
 ) -> Path | None:
-    """Run (or resume) a study: validate it, queue its units, run ``workers`` worker processes until
-    every unit is settled, then write the report. Returns the report folder (None with ``report=False``).
+    """Run (or resume) a study: validate it, queue its units, run its worker processes until every unit is
+    settled, then write the report. Returns the report folder (None with ``report=False``).
 
+    ``workers`` (a number, or ``auto``: one per visible GPU, 1 on the CPU), ``gpus`` (``"0,2,5"``),
+    ``trials_per_gpu`` and ``gpus_per_trial`` place the workers (``harness.study.devices.plan_workers``).
     ``protocol`` (fair | literature | both) replaces the study file's. Raises StudyIncompleteError (after
     writing the report) when an arm has no completed final run, naming the arms and why."""
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1 (got {workers})")
+    slots = plan_workers(workers, parse_gpus(gpus), trials_per_gpu, gpus_per_trial)
     spec = load_study(path, overrides, name, protocol)
-    prepare(open_storage(storage, spec.name, results, workers=workers, create=True), spec)
+    prepare(open_storage(storage, spec.name, results, workers=len(slots), create=True), spec)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ctx = Context(
         spec=spec,
         storage=storage,
         results=Path(results),
         invocation=uuid.uuid4().hex,
-        threads=max(1, cores // workers),
+        threads=max(1, cores // len(slots)),
         deadline=time.time() + spec.timeout if spec.timeout else None,
         log_level=logging.getLogger("harness").getEffectiveLevel(),
+        gpus_per_trial=gpus_per_trial,
     )
+    if slots[0].gpus:
+        groups = sorted({",".join(s.gpus) for s in slots})
+        log.info("study %s: %d worker(s) on GPU %s", spec.name, len(slots), "; ".join(groups))
     t0 = time.perf_counter()
     with Progress(ctx):
-        lost = _run_workers(ctx, workers)
+        lost = _run_workers(ctx, slots)
     for line in lost:
         log.warning(
             "study %s: a worker process died (%s); its trial was re-queued and finished", spec.name, line
