@@ -7,6 +7,7 @@ message and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -229,13 +230,29 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # faiss logs which CPU build it probed on every import
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if not args.verbose:  # faiss logs which CPU build it probed; fontTools every font it subsets for a PDF
+        for noisy in ("faiss.loader", "fontTools"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # the journal and run folders are written all-or-nothing (harness.journal, harness.rundir)
+        where = e.filename or "the results folder"
+        print(
+            f"error: disk full writing {where}: nothing finished was lost; free space and rerun",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: every finished run is stored; rerun the same command to resume", file=sys.stderr
+        )
+        return 130
     except BrokenPipeError:  # `dmlh list | head`: the reader left; exit quietly like other tools
         # Python would report the failed flush of stdout at exit: point stdout at /dev/null first
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

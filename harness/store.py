@@ -24,10 +24,10 @@ import optuna
 import pandas as pd
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.errors import ConfigError, HarnessError
+from harness.journal import SafeJournalBackend
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def open_storage(
                 "--storage and --results where the study lives)"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(SafeJournalBackend(path))
     if url.startswith("sqlite") and workers > 1:
         raise ConfigError(
             f"--storage {url}: SQLite supports one worker only (it locks the whole file; parallel Optuna "

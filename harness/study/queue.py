@@ -238,22 +238,30 @@ class WorkQueue:
     def _on_stale(self, study: optuna.Study, t: FrozenTrial) -> None:
         self.requeue(study.study_name, t)
 
-    def requeue(self, study_name: str, t: FrozenTrial) -> bool:
-        """Queue a copy of trial ``t`` (same params and unit) unless its unit had MAX_RETRIES"""
+    def requeue(self, study_name: str, t: FrozenTrial, interrupted: bool = False) -> bool:
+        """Queue a copy of trial ``t`` (same params and unit) unless its unit lost its worker MAX_RETRIES
+        times already (a trial interrupted by the user does not count)."""
         unit = t.user_attrs.get("unit")
         retries = [
             x
             for x in self.studies[study_name].get_trials(deepcopy=False)
-            if x.user_attrs.get("unit") == unit and "retry_of" in x.user_attrs
+            if x.user_attrs.get("unit") == unit
+            and "retry_of" in x.user_attrs
+            and "interrupted" not in x.user_attrs
         ]
-        if len(retries) >= MAX_RETRIES:
+        if len(retries) >= MAX_RETRIES and not interrupted:
             log.error(
                 "trial %d (%s) lost its worker %d times; not retrying it again", t.number, unit, len(retries)
             )
             return False
         attrs = {k: t.user_attrs[k] for k in UNIT_ATTRS if k in t.user_attrs}
-        self.studies[study_name].enqueue_trial(t.params, user_attrs={**attrs, "retry_of": t.number})
-        log.warning("trial %d (%s, %s) lost its worker; re-queued", t.number, t.user_attrs.get("arm"), unit)
+        attrs |= {"retry_of": t.number} | ({"interrupted": True} if interrupted else {})
+        self.studies[study_name].enqueue_trial(t.params, user_attrs=attrs)
+        what = (t.number, t.user_attrs.get("arm"), unit)
+        if interrupted:
+            log.info("trial %d (%s, %s) was interrupted; queued again", *what)
+        else:
+            log.warning("trial %d (%s, %s) lost its worker; re-queued", *what)
         self._requeued = True
         return True
 
@@ -261,7 +269,7 @@ class WorkQueue:
         """This worker was interrupted (Ctrl-C) mid-trial: fail the trial and queue it again."""
         self.storage.set_trial_user_attr(trial_id, "reason", "interrupted")
         self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        self.requeue(study_name, self.storage.get_trial(trial_id))
+        self.requeue(study_name, self.storage.get_trial(trial_id), interrupted=True)
 
     @contextmanager
     def heartbeat(self, trial_id: int) -> Iterator[None]:
