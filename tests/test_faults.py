@@ -147,8 +147,11 @@ def test_a_disk_that_fills_mid_study_ends_with_one_line_and_the_study_resumes(
     assert done == [0, 1, 2, 3]  # the two finished before the full disk kept, none duplicated
 
 
-def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_finishes(tmp_path: Path) -> None:
-    spec = tiny_study(final={"seeds": [0]})
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_reruns_the_same_hyperparameters(tmp_path: Path) -> None:
+    spec = tiny_study(
+        final={"seeds": [0]},
+        tune={"n_trials": 1, "params": {"loss.margin": {"low": 0.05, "high": 0.5}}},
+    )
     spec["base"]["sampler"]["batches_per_epoch"] = 400  # long enough to be interrupted mid-trial
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -167,6 +170,7 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_finishes(tmp_path: Path) 
     assert err.strip().splitlines()[-1].startswith("interrupted: "), err
     again = dmlh(tmp_path, "study", "run", str(path))
     assert again.returncode == 0, again.stderr
-    trials = trials_by_study("tiny", tmp_path)["tiny"]
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
+    (tune,) = [ts for name, ts in trials_by_study("tiny", tmp_path).items() if "/tune/" in name]
+    assert [t.state for t in tune] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert tune[1].user_attrs["retry_of"] == 0 and "margin" in str(tune[0].params)
+    assert tune[1].params == tune[0].params  # the interrupted trial's values, not new ones
