@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -217,10 +219,72 @@ def read_history(run_dir: str | Path) -> pd.DataFrame | None:
 # Retrying a restarted database server
 # ---------------------------------------------------------------------------------------------------------
 
-#: How long a storage call keeps retrying a lost database connection, and its first and longest pause.
-RETRY_FOR_S = 60.0
+#: How long a storage call keeps retrying a lost database connection (the environment variable
+#: DMLH_STORAGE_RETRY_FOR, in seconds, replaces it), its first and longest pause, and how often a worker
+#: waiting on the database says so.
+RETRY_FOR_S = 900.0
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 8.0
+RETRY_SAY_EVERY_S = 60.0
+
+
+def retry_for_s() -> float:
+    value = os.environ.get("DMLH_STORAGE_RETRY_FOR")
+    try:
+        return float(value) if value else RETRY_FOR_S
+    except ValueError as e:
+        raise ConfigError(f"DMLH_STORAGE_RETRY_FOR={value!r}: a number of seconds") from e
+
+
+class _Outage:
+    """What this process says while the database is away: one warning when the first call loses it, a line
+    with the time left every RETRY_SAY_EVERY_S, one line when it is back (whichever thread notices)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.since: float | None = None
+        self.said = 0.0
+        self.ended: float | None = None
+
+    def lost(self, what: str, cause: BaseException, deadline: float) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if self.since is None:
+                self.since = self.said = now
+                reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+                log.warning(
+                    "storage: lost the database connection in %s (%s); waiting for it for up to %.0f s",
+                    what,
+                    reason,
+                    deadline - now,
+                )
+            elif now - self.said >= RETRY_SAY_EVERY_S:
+                self.said = now
+                waited, left = now - self.since, deadline - now
+                log.warning("storage: still no database after %.0f s; waiting %.0f s more", waited, left)
+
+    def back(self) -> None:
+        with self.lock:
+            if self.since is not None:
+                self.ended = time.monotonic()
+                log.warning("storage: the database is back after %.0f s", self.ended - self.since)
+                self.since = None
+
+    def recent(self, seconds: float) -> bool:
+        """Whether the database is away now or came back less than ``seconds`` ago."""
+        with self.lock:
+            return self.since is not None or (
+                self.ended is not None and time.monotonic() - self.ended < seconds
+            )
+
+
+_OUTAGE = _Outage()
+
+
+def outage_recent() -> bool:
+    """Whether this process saw the database away within the last heartbeat grace period: every running
+    trial's heartbeat then looks stale, though its worker lives and beats again as soon as it can."""
+    return _OUTAGE.recent(HEARTBEAT_GRACE_S + HEARTBEAT_INTERVAL_S)
 
 
 def _transient(error: BaseException) -> bool:
@@ -236,9 +300,9 @@ def _transient(error: BaseException) -> bool:
 
 
 class RetryingStorage(BaseStorage, BaseHeartbeat):
-    """An RDB storage whose calls survive a database restart: a call failing with a lost connection is
-    retried with exponential back-off (RETRY_FIRST_S doubling up to RETRY_MAX_S) for up to RETRY_FOR_S,
-    one log line per retry.
+    """An RDB storage whose calls survive a database restart or outage: a call failing with a lost
+    connection is retried with exponential back-off (RETRY_FIRST_S doubling up to RETRY_MAX_S) for up to
+    ``retry_for_s()`` (15 minutes by default), and the process says so in a few lines (``_Outage``).
 
     Retrying is safe because every call is idempotent or made so here: reads, attribute / intermediate
     value / heartbeat writes (upserts) and parameters (a repeated insert is ignored by Optuna) can simply run
@@ -253,26 +317,23 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def _call(self, what: str, fn: Callable[[], Any], check: Callable[[], Any] | None = None) -> Any:
         """``fn()``, retried on a lost connection; before a retry ``check()`` may return the result of an
         attempt that committed (anything but None)."""
-        deadline, pause, attempt = time.monotonic() + RETRY_FOR_S, RETRY_FIRST_S, 0
+        deadline, pause, attempt = time.monotonic() + retry_for_s(), RETRY_FIRST_S, 0
         while True:
             try:
                 if attempt and check is not None:
                     done = check()
                     if done is not None:
+                        _OUTAGE.back()
                         return done
-                return fn()
+                result = fn()
+                if attempt:
+                    _OUTAGE.back()
+                return result
             except Exception as e:
                 if not _transient(e) or time.monotonic() + pause > deadline:
                     raise
                 attempt += 1
-                cause = e.__cause__ or e
-                log.warning(
-                    "storage: %s lost the database connection (%s); retry %d in %.1fs",
-                    what,
-                    str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__,
-                    attempt,
-                    pause,
-                )
+                _OUTAGE.lost(what, e.__cause__ or e, deadline)
                 time.sleep(pause)
                 pause = min(2 * pause, RETRY_MAX_S)
                 self.inner.scoped_session.remove()  # the retry starts on a new session, not a broken one

@@ -71,8 +71,35 @@ def test_lost_connection_is_retried_with_exponential_back_off(
     with caplog.at_level(logging.WARNING, logger="harness.store"):
         assert storage.get_all_studies() == []
     assert clock == [0.5, 1.0, 2.0, 4.0]
-    retries = [r.getMessage() for r in caplog.records]
-    assert len(retries) == 4 and "retry 1 in 0.5s" in retries[0] and "server closed" in retries[0]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said  # one line when it is lost, one when it is back: not one per retry
+    assert "lost the database connection in get_all_studies" in said[0] and "server closed" in said[0]
+    assert "waiting for it for up to 900 s" in said[0]
+    assert said[1] == "storage: the database is back after 8 s"
+
+
+def test_a_long_outage_is_waited_out_with_a_line_a_minute(
+    storage: store.RetryingStorage,
+    monkeypatch: pytest.MonkeyPatch,
+    clock: list[float],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _fail_first(monkeypatch, storage.inner, "get_all_studies", commit=False, times=40)  # ~5 minutes away
+    with caplog.at_level(logging.WARNING, logger="harness.store"):
+        assert storage.get_all_studies() == []
+    assert 280 < sum(clock) < 320  # before: given up after 60 s, the trial recorded as failed
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("still no database" in m for m in said) == 4 and "back after" in said[-1], said
+
+
+def test_the_retry_window_is_set_by_the_environment(
+    storage: store.RetryingStorage, monkeypatch: pytest.MonkeyPatch, clock: list[float]
+) -> None:
+    monkeypatch.setenv("DMLH_STORAGE_RETRY_FOR", "30")
+    _fail_first(monkeypatch, storage.inner, "get_all_studies", commit=False, times=1000)
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        storage.get_all_studies()
+    assert 20 < sum(clock) <= 30
 
 
 def test_gives_up_after_the_retry_window_and_never_retries_bad_requests(

@@ -24,7 +24,7 @@ from optuna.storages import BaseStorage, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.errors import ConfigError
-from harness.store import HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S, open_storage
+from harness.store import HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S, open_storage, outage_recent
 from harness.study.spec import StudySpec, Unit
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class WorkQueue:
                     self.requeue(study_name, t)
             except UpdateFinishedTrialError:
                 continue  # another worker reaped it first
-        if not self.journal:
+        if not self.journal and not outage_recent():  # after an outage, heartbeats catch up first
             for study in self.studies.values():
                 optuna.storages.fail_stale_trials(study)  # calls _on_stale for the trials it failed
         return self._requeued
