@@ -46,7 +46,17 @@ def _cmd_list(args: argparse.Namespace) -> None:
 def _cmd_data_check(args: argparse.Namespace) -> None:
     from harness.data import check_dataset
 
-    print(check_dataset(args.name, args.root, args.workers))
+    train_classes = None
+    if args.train_classes is not None:
+        from harness.config import parse_yaml
+
+        text = args.train_classes.strip()
+        if "," in text and not text.startswith("["):
+            text = f"[{text}]"
+        train_classes = parse_yaml(text)
+    print(
+        check_dataset(args.name, args.root, args.workers, train_classes=train_classes, min_side=args.min_side)
+    )
 
 
 def _cmd_study_run(args: argparse.Namespace) -> None:
@@ -142,6 +152,20 @@ def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     dc.add_argument("name")
     dc.add_argument("--root", default=None)
     dc.add_argument("--workers", type=int, default=None, help="decoding threads (default: all CPUs)")
+    dc.add_argument(
+        "--train-classes",
+        default=None,
+        metavar="N|LIST",
+        help="the dataset's train_classes split parameter, as data.dataset.train_classes of a run config "
+        "(cub200 50: class ids 1..50 train; digits 0,1,2: those classes train)",
+    )
+    dc.add_argument(
+        "--min-side",
+        type=int,
+        default=8,
+        metavar="PX",
+        help="an image with a side shorter than PX pixels is bad, as data.min_side (default 8)",
+    )
     dc.set_defaults(func=_cmd_data_check)
 
 

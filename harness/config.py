@@ -62,6 +62,9 @@ class DataSection(_Section):
     batch_augment: bool | Literal["auto"] = "auto"
     #: Train without image files that fail to decode (their count is logged) instead of refusing to start.
     skip_bad: bool = False
+    #: An image file with a side shorter than this many pixels is a bad file (refused, or dropped with
+    #: ``skip_bad``); ``harness.data.images.MIN_SIDE``.
+    min_side: int = Field(8, ge=1)
 
     _c = field_validator("dataset", mode="before")(_component)
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from harness.data.images import ImageSet
+from harness.data.images import ImageSet, open_rgb
 from harness.data.splits import Splits
 from harness.data.transforms import recipe_kind, recipe_sizes
 from harness.data.verify import CACHE_ENV
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever the stored format or the resize changes (old caches are then ignored).
-FORMAT_VERSION = 1
+#: Bumped whenever the stored format, the RGB conversion or the resize changes (old caches are then ignored).
+FORMAT_VERSION = 2
 #: Assumed width/height of a photo when the size of a cache is estimated before decoding it.
 ASPECT_ESTIMATE = 4 / 3
 
@@ -71,9 +71,9 @@ def cache_key(paths: Sequence[str], boxes: np.ndarray | None, size: int) -> str:
 
 def decode_resized(path: str, box: np.ndarray | None, size: int) -> np.ndarray:
     """RGB uint8 ``[H, W, 3]`` of the file at ``path``, cropped to ``box`` and resized so that its shorter
-    side is ``size`` (bilinear with antialiasing, as torchvision's ``Resize`` on a PIL image)."""
-    with Image.open(path) as f:
-        img = f.convert("RGB")
+    side is ``size`` (bilinear with antialiasing, as torchvision's ``Resize`` on a PIL image); converted
+    to RGB by ``open_rgb``, as ``ImageSet`` reads a file."""
+    img = open_rgb(path)
     if box is not None:
         img = img.crop(tuple(box))
     w, h = img.size

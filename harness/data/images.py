@@ -6,6 +6,9 @@ RGB (CUB, Cars, SOP, In-Shop), optionally cropped to a bounding box ``(x1, y1, x
 ``DecodedCache`` attached (``with_cache``), file images are read from it instead, already decoded, cropped
 and resized (``harness.data.cache``).
 ``__getitem__`` hands a PIL image to the transform, so the same torchvision transforms serve both.
+
+``to_rgb`` is the one conversion of a decoded file to RGB, used by ``ImageSet``, the decoded-image cache
+and the pre-training check (``harness.data.verify``), so what is checked is what trains.
 """
 
 from __future__ import annotations
@@ -26,6 +29,71 @@ if TYPE_CHECKING:
     from harness.data.cache import DecodedCache
 
 Transform = Callable[[Image.Image], Any]
+
+#: Default of ``data.min_side``: an image file with a side shorter than this (in pixels) is refused.
+MIN_SIDE = 8
+
+#: What ``to_rgb`` does to each mode that needs more than a plain conversion (``data check`` lists them).
+CONVERSIONS = {
+    "CMYK": "CMYK converted to RGB",
+    "P": "palette (P) converted to RGB (any transparency composited on white)",
+    "PA": "palette with alpha (PA) composited on white",
+    "LA": "grey with alpha (LA) composited on white",
+    "La": "grey with alpha (La) composited on white",
+    "RGBA": "alpha (RGBA) composited on white",
+    "RGBa": "alpha (RGBa) composited on white",
+    "I;16": "16-bit grey (I;16) scaled to 8 bits",
+    "I;16L": "16-bit grey (I;16L) scaled to 8 bits",
+    "I;16B": "16-bit grey (I;16B) scaled to 8 bits",
+    "I;16N": "16-bit grey (I;16N) scaled to 8 bits",
+    "I": "32-bit integer grey (I, 16-bit range) scaled to 8 bits",
+    "YCbCr": "YCbCr converted to RGB",
+}
+
+
+class UnusableImage(ValueError):
+    """A decoded image ``to_rgb`` cannot turn into RGB pixels that mean what the file means."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` (a decoded file, any mode) as an RGB image; raises ``UnusableImage`` with the reason.
+
+    RGB comes back unchanged and grey (L, 1) is replicated to three channels. 16-bit grey (``I;16*``, and
+    ``I`` holding 0..65535, as 16-bit PNGs and TIFFs decode) is scaled to 8 bits (``round(v / 257)``), not
+    clipped (which turns everything above 255 white). Palette images and images with an alpha channel are
+    composited on white (a transparent background becomes white, not whatever colour the transparent
+    pixels happen to store). CMYK (Adobe-inverted JPEGs included: Pillow undoes the inversion) and YCbCr
+    use Pillow's conversion. Float (``F``) images, ``I`` outside 0..65535 and modes Pillow cannot convert
+    are refused."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img)
+        if mode == "I" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise UnusableImage(
+                f"32-bit integer pixels (mode I) outside the 16-bit range ({a.min()}..{a.max()})"
+            )
+        grey = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        raise UnusableImage("floating-point pixels (mode F) have no defined 8-bit range")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise UnusableImage(f"mode {mode} cannot be converted to RGB ({e})") from e
+
+
+def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """The image file at ``path`` decoded and converted by ``to_rgb`` (the one way files are read)."""
+    with Image.open(path) as f:
+        f.load()
+        rgb = to_rgb(f)
+        return rgb if rgb is not f else f.copy()
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -84,10 +152,11 @@ class ImageSet(torch.utils.data.Dataset):
             return Image.fromarray(self.cache[int(self.rows[i])])
         path = self.items[i]
         try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
+            img = open_rgb(path)
         except FileNotFoundError as e:
             raise DatasetError(f"image file {path} is missing (run `dmlh data check` on the dataset)") from e
+        except UnusableImage as e:
+            raise DatasetError(f"image file {path} cannot be used: {e}") from e
         except (OSError, UnidentifiedImageError) as e:
             raise DatasetError(f"image file {path} cannot be decoded: {e}") from e
         if self.boxes is not None:

@@ -90,6 +90,7 @@ def load_splits(data: DataSection) -> Splits:
         {"train": ds.train, "test": ds.test, **({"query": ds.query} if ds.query is not None else {})},
         name,
         data.skip_bad,
+        data.min_side,
     )
     train, val = carve_validation(parts["train"], data.val_fraction, data.split_seed)
     return Splits(
