@@ -12,10 +12,11 @@ Contracts the engine relies on:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from harness import registry
@@ -116,7 +117,7 @@ class Embedder(nn.Module):
         *,
         backbone: StagedBackbone,
         pooling: nn.Module,
-        embedding_dim: int = 128,
+        embedding_dim: Annotated[int, Field(ge=1)] = 128,
         head: bool = True,
         normalize: Literal["l2", "none", "mean_distance"] = "l2",
     ):

@@ -641,3 +641,21 @@ def test_without_a_terminal_each_settled_unit_is_one_log_line(
     assert any("final mining=all/seed=0 (mining=all): recall@1 " in m for m in lines)
     assert lines[-1].split("; ")[1].startswith("2/2 units")
     assert "left" in lines[-1]
+
+
+def test_config_errors_only_the_data_shows_are_reported_before_any_trial(tmp_path: Path) -> None:
+    """P classes per batch above an arm's training classes: one error naming sampler.p and the arm, before a
+    trial runs (it was four failed trials and 'the configs are probably broken'); embedding_dim 0 is
+    refused; an invalid base does not also claim that a tune param's `when:` holds for no arm."""
+    spec = tiny_study(arms={"sampler.p": [3, 20]})
+    with pytest.raises(ConfigError, match=r"arms \(p=20\): sampler.p: 20 classes per batch, but the"):
+        study.run_study(write(tmp_path, spec), results=tmp_path, report=False)
+    assert not (tmp_path / "tiny" / "runs").exists()
+    margin = {"low": 0.1, "high": 0.3, "when": {"loss.name": "triplet"}}
+    spec = tiny_study(tune={"n_trials": 2, "params": {"loss.margin": margin}})
+    spec["base"]["model"]["embedding_dim"] = 0
+    with pytest.raises(ConfigError) as err:
+        study.parse_study(spec)
+    assert err.value.problems == [
+        "base.model.embedding_dim: 0 is not a valid int (ge=1) (Input should be greater than or equal to 1)"
+    ]

@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from harness.errors import HarnessError, TrainingError
+from harness.errors import ConfigError, HarnessError, TrainingError
 from harness.store import lost_numbers, open_storage
 from harness.study.devices import ENV, Slot, parse_gpus, plan_workers
 from harness.study.objective import Objective, make_pruner, make_sampler
@@ -292,6 +292,34 @@ def _run_pinned(ctx: Context, slots: list[Slot]) -> list[tuple[Slot, str]]:
     return died
 
 
+def check_batches(spec: StudySpec) -> None:
+    """Every arm's batches against its training split, before any trial runs (``sampler.p`` above the
+    split's classes fails here with the arm named, not as a study of failed trials). Loads each distinct
+    dataset once; its image check is cached, so the trials do not decode the files again."""
+    from harness.data import load_splits
+    from harness.data.sampler import build_sampler
+
+    configs = [(f"arms ({a.label})", spec.config(a, {})) for a in spec.arms if "fair" in spec.protocols]
+    configs += [
+        (f"literature ({a.label})", spec.literature_config(a, 0))
+        for a in spec.arms
+        if "literature" in spec.protocols
+    ]
+    splits: dict[str, Any] = {}
+    problems: dict[str, list[str]] = {}
+    for where, cfg in configs:
+        data = cfg.data.model_dump_json()
+        if data not in splits:
+            splits[data] = load_splits(cfg.data)
+        try:
+            build_sampler(cfg.sampler, splits[data].train.labels, cfg.seed)
+        except ConfigError as e:
+            for p in e.problems:
+                problems.setdefault(p, []).append(where)
+    if problems:
+        raise ConfigError([f"{', '.join(places)}: {p}" for p, places in problems.items()])
+
+
 def incomplete_arms(spec: StudySpec, storage: str | None, results: str | Path) -> list[str]:
     """``arm (protocol)`` of every arm and protocol of the study with no completed final run."""
     studies = open_studies(open_storage(storage, spec.name, results, create=True), spec)
@@ -328,6 +356,7 @@ def run_study(
     writing the report) when an arm has no completed final run, naming the arms and why."""
     slots = plan_workers(workers, parse_gpus(gpus), trials_per_gpu, gpus_per_trial)
     spec = load_study(path, overrides, name, protocol)
+    check_batches(spec)
     prepare(open_storage(storage, spec.name, results, workers=len(slots), create=True), spec)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ctx = Context(

@@ -477,7 +477,8 @@ def parse_study(raw: dict[str, Any], name: str | None = None, protocol: str | No
     for label, errs in per_arm.items():
         problems += [_yaml_place(p, factors, label) for p in errs if p not in common]
     for p in params:
-        if p.when and not any(_holds_for(p, a) for a in arms):
+        # an arm whose config is invalid (reported above) cannot tell: no "holds for no arm" then
+        if p.when and all(_holds_for(p, a) is False for a in arms):
             problems.append(f"tune.params.{p.path}.when: {p.when} holds for no arm (it would never be tuned)")
     baseline, errs = _baseline(model.baseline, arms, factors)
     problems += errs + _published_problems(model, arms)
@@ -502,10 +503,19 @@ def parse_study(raw: dict[str, Any], name: str | None = None, protocol: str | No
     )
 
 
-def _holds_for(p: TuneParam, arm: Arm) -> bool:
+def _holds_for(p: TuneParam, arm: Arm) -> bool | None:
+    """Whether ``p.when`` holds for the arm's resolved config. An invalid config (reported on its own) is
+    read as written where it says; None where it cannot tell (a default it leaves out)."""
     try:
-        return when_holds(p.when, config.validate(arm.raw).to_dict())
-    except (KeyError, ConfigError):
+        resolved = config.validate(arm.raw).to_dict()
+    except ConfigError:
+        try:
+            return when_holds(p.when, arm.raw)
+        except (KeyError, TypeError, AttributeError):
+            return None
+    try:
+        return when_holds(p.when, resolved)
+    except KeyError:
         return False
 
 
