@@ -78,25 +78,61 @@ class _Gram(torch.autograd.Function):
         return (grad + grad.T) @ x
 
 
+#: Off-diagonal squared distances of a batch below this fraction of its largest ``2 |c_i|²`` (c: the centred
+#: embeddings) are recomputed from the rows: there the matmul form's rounding error (~1e-7 of the norms in
+#: float32) is no longer small against the value.
+NEAR_ZERO = 1e-3
+
+
 class _SquaredEuclidean(torch.autograd.Function):
-    """``|x_i|² + |x_j|² - 2 x_iᵀx_j`` (unclamped) in one addmm; backward ``2 (x·rowsum(S) - S x)`` with
-    ``S = G + Gᵀ``: one matmul, where autograd would need two."""
+    """Squared distances within a batch, ``|c_i|² + |c_j|² - 2 c_iᵀc_j`` (unclamped) in one addmm on the
+    centred embeddings ``c = x - mean(x)`` (the same distances, less rounding error when the batch sits away
+    from the origin); backward ``2 (c·rowsum(S) - S c)`` with ``S = G + Gᵀ``: one matmul, where autograd
+    would need two (the centring is a constant shift: the gradient passes through unchanged).
+
+    The diagonal is exactly 0 (a constant: no gradient), and the few off-diagonal entries below
+    ``NEAR_ZERO`` are ``|c_i - c_j|²`` from the rows, value and gradient: duplicate embeddings are at
+    distance 0 with zero gradient, near-duplicates at their exact distance, as a per-pair computation gives
+    them. Finding them costs one comparison of the matrix with a scalar; well-spread batches have none.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        norms = x.pow(2).sum(1)
-        return torch.addmm(norms[:, None] + norms[None, :], x, x.T, alpha=-2.0)
+        c = x - x.mean(0, keepdim=True)
+        norms = c.pow(2).sum(1)
+        out = torch.addmm(norms[:, None] + norms[None, :], c, c.T, alpha=-2.0)
+        diagonal = out.diagonal()
+        diagonal.fill_(float("inf"))
+        i = j = torch.zeros(0, dtype=torch.long, device=x.device)
+        if len(x) > 1:
+            threshold = NEAR_ZERO * 2.0 * norms.max()
+            if out.amin() <= threshold:  # one reduction; the mask only when there is a near pair
+                i, j = (out <= threshold).nonzero(as_tuple=True)
+                out[i, j] = (c[i] - c[j]).pow(2).sum(1)
+        diagonal.zero_()
+        ctx.save_for_backward(c, i, j)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
+        c, i, j = ctx.saved_tensors
+        if len(i):  # the recomputed entries: their gradient from the rows, not through the matmul form
+            g = grad[i, j][:, None] * (c[i] - c[j])
+            grad = grad.index_put((i, j), grad.new_zeros(()))
         sym = grad + grad.T
-        return torch.addmm(x * sym.sum(1, keepdim=True), sym, x, alpha=-1.0).mul_(2.0)
+        sym.diagonal().zero_()
+        out = torch.addmm(c * sym.sum(1, keepdim=True), sym, c, alpha=-1.0)
+        if len(i):
+            out.index_add_(0, i, g).index_add_(0, j, -g)
+        return out.mul_(2.0)
 
 
 def squared_euclidean(x: Tensor, y: Tensor | None = None) -> Tensor:
-    """[N, M] squared Euclidean distances ``|x_i|² + |y_j|² - 2 x_iᵀy_j``, clamped at 0 (one matmul)."""
+    """[N, M] squared Euclidean distances ``|x_i|² + |y_j|² - 2 x_iᵀy_j``, clamped at 0 (one matmul).
+
+    For y None (a batch against itself): exact on the diagonal and for near-duplicates
+    (``_SquaredEuclidean``).
+    """
     if y is None:
         return _SquaredEuclidean.apply(x).clamp_min(0.0)
     return torch.addmm(x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :], x, y.T, alpha=-2.0).clamp_min(0.0)
@@ -121,16 +157,6 @@ def pairwise_distance(x: Tensor, metric: Distance, y: Tensor | None = None) -> T
     if metric == "cosine":
         return 1.0 - cosine_similarity(x, y)
     raise ValueError(f"unknown distance {metric!r}; expected euclidean, sqeuclidean or cosine")
-
-
-def paired_distance(x: Tensor, i: Tensor, j: Tensor, metric: Distance) -> Tensor:
-    """``metric(x_i[k], x_j[k])`` for index vectors i, j: the same values as ``pairwise_distance(x)[i, j]``
-    computed from the rows alone, so the backward costs O(pairs × D) instead of a B×B matmul."""
-    if metric == "cosine":
-        xn = F.normalize(x, dim=1)
-        return 1.0 - (xn[i] * xn[j]).sum(1)
-    sq = (x[i] - x[j]).pow(2).sum(1)
-    return sq.clamp_min(SQRT_CLAMP).sqrt() if metric == "euclidean" else sq
 
 
 def distance_matrix(

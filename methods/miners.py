@@ -42,6 +42,26 @@ def all_triplets(pos: Tensor, neg: Tensor) -> Triplets:
     return a[pair], p[pair], n
 
 
+def triplet_counts(pos: Tensor, neg: Tensor, triplets: Triplets | None = None) -> tuple[Tensor, Tensor]:
+    """How many triplets use each anchor-positive and each anchor-negative entry: two [B, B] float matrices.
+
+    A loss that adds a term of D_ap to a term of D_an per triplet (the margin loss) sums each term once over
+    the [B, B] distance matrix, weighted by these counts, instead of gathering two distances per triplet.
+    ``triplets`` None: all valid triplets (:func:`all_triplets`), never enumerated: (a, p) is used once per
+    negative of a, (a, n) once per positive of a (anchors without a negative have no triplet).
+    """
+    if triplets is None:
+        valid = pos & neg.any(1, keepdim=True)
+        return valid * neg.sum(1, keepdim=True).float(), neg * valid.sum(1, keepdim=True).float()
+    a, p, n = triplets
+    size = len(pos)
+
+    def count(i: Tensor, j: Tensor) -> Tensor:
+        return torch.bincount(i * size + j, minlength=size * size).view(size, size).float()
+
+    return count(a, p), count(a, n)
+
+
 def batch_hard_triplets(dist: Tensor, pos: Tensor, neg: Tensor) -> Triplets:
     """One triplet per anchor: its furthest positive and closest negative (Hermans et al. 2017).
 

@@ -1,19 +1,26 @@
-"""`dmlh bench data|train|gpu|fixture` run end to end on tiny inputs (their figures are not checked here:
-speed targets are measured by `dmlh bench`, never by timed tests)."""
+"""`dmlh bench data|train|gpu|fixture|losses` run end to end on tiny inputs (their figures are not checked
+here: speed targets are measured by `dmlh bench`, never by timed tests)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
+from harness import registry
 from harness.bench import main
+from harness.bench.components import bench_losses
 from harness.bench.fixtures import write_cub_like
 from harness.data.cache import decode_resized
+from harness.plugins import Reference
+from harness.registry import register
+from harness.types import LossOutput
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +81,72 @@ def test_bench_gpu_says_no_gpu_and_returns(capsys: pytest.CaptureFixture) -> Non
 def test_bench_gpu_on_a_gpu(capsys: pytest.CaptureFixture) -> None:
     main("gpu", ["--images", "256", "--batches", "2", "--warmup", "1", "--eval-n", "2000"])
     assert "(c)/(b)" in capsys.readouterr().out
+
+
+# ---- `dmlh bench losses`: rows printed as measured, exit status 1 on a missed target, --quick ----
+
+
+class _ToyLoss(torch.nn.Module):
+    """A loss whose forward sleeps ``delay`` seconds (its reference sleeps ``reference_delay``)."""
+
+    delay = 0.0
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        time.sleep(self.delay)
+        return LossOutput((embeddings**2).mean())
+
+
+def _toy(name: str, delay: float, reference_delay: float, on_build: Callable[[], Any] = lambda: None) -> None:
+    """Register toy loss ``name``; ``on_build`` is called when the benchmark builds its reference."""
+
+    def reference(_c: int, _d: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        on_build()
+        return lambda e, y: time.sleep(reference_delay) or (e**2).mean()
+
+    loss = type(name, (_ToyLoss,), {"delay": delay})
+    register("loss", name, replace=True, references=lambda: [Reference(reference, variant="toy")])(loss)
+
+
+@pytest.fixture
+def toy_losses() -> Iterator[Callable[..., None]]:
+    """Registers toy losses for one test, then takes them out of the session's loss registry again."""
+    names: list[str] = []
+
+    def add(name: str, *args: Any, **kwargs: Any) -> None:
+        names.append(name)
+        _toy(name, *args, **kwargs)
+
+    yield add
+    for name in names:
+        registry.registry("loss")._entries.pop(name)
+
+
+TINY = ["--sizes", "8", "--dim", "4", "--repeats", "1", "--warmup", "0"]
+
+
+def test_bench_losses_exits_1_and_lists_the_missed_rows_last(
+    toy_losses: Callable[..., None], capsys: pytest.CaptureFixture
+) -> None:
+    seen: list[str] = []  # what was printed when the second loss's reference was built
+    toy_losses("toy_slow", 0.02, 0.0)  # 20 ms against an instant reference: misses its target
+    toy_losses("toy_fast", 0.0, 0.02, on_build=lambda: seen.append(capsys.readouterr().out))
+    with pytest.raises(SystemExit) as exit_info:
+        main("losses", ["--only", "toy_slow", "toy_fast", *TINY])
+    assert exit_info.value.code == 1
+    assert any(line.startswith("toy_slow") and line.rstrip().endswith("NO") for line in seen[0].splitlines())
+    out = seen[0] + capsys.readouterr().out  # the first row was printed before the second was measured
+    missed = out.split("1 of 2 rows missed their target:")[1].splitlines()
+    assert [line.split()[0] for line in missed if line.startswith("toy")] == ["toy_slow"]
+    assert bench_losses(["--only", "toy_fast", *TINY]) == 0  # called directly: the status is returned
+    assert "all 1 rows within their targets" in capsys.readouterr().out
+
+
+def test_bench_losses_quick_runs_b128_only(
+    toy_losses: Callable[..., None], capsys: pytest.CaptureFixture
+) -> None:
+    toy_losses("toy_fast", 0.0, 0.005)
+    main("losses", ["--quick", "--only", "toy_fast", "--dim", "4"])  # within target: no SystemExit
+    out = capsys.readouterr().out
+    assert "B=128, median of 7 forward+backward runs" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("toy_fast")]
+    assert [row[2] for row in rows] == ["128"] and rows[0][-1] == "yes"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from pytorch_metric_learning import miners as pml_miners
 
 from harness import registry
 from harness.plugins import param_options
+from methods.distances import label_masks
+from methods.miners import all_triplets
 
 LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
 
@@ -152,3 +155,62 @@ def test_per_anchor_distinct_draws_give_each_anchor_distinct_negatives() -> None
     few = torch.tensor([0, 0, 0, 1])  # anchors of class 0 have 2 positives but a single negative
     a, _, n = miner(torch.randn(4, 8), few)
     assert len(a) == 6 and (n == 3).all()
+
+
+def per_triplet_margin(loss: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor, triplets: Any) -> Any:
+    """The implementation the margin loss had before issue #30: two gathered rows per triplet."""
+    x = F.normalize(emb, dim=1)
+    a, p, n = all_triplets(*label_masks(labels)) if triplets is None else triplets
+    beta = loss.beta[labels[a]] if len(loss.beta) > 1 else loss.beta.expand(len(a))
+    d_ap, d_an = ((x[a] - x[b]).pow(2).sum(1).clamp_min(1e-12).sqrt() for b in (p, n))
+    pos, neg = F.relu(d_ap - beta + loss.margin), F.relu(beta - d_an + loss.margin)
+    divisor = (torch.count_nonzero(pos) + torch.count_nonzero(neg)).clamp_min(1)
+    reg = beta.sum() / divisor if len(loss.beta) > 1 else loss.beta[0]
+    return (pos + neg).sum() / divisor + loss.nu * reg, d_ap.mean(), d_an.mean()
+
+
+class FixedTriplets(torch.nn.Module):
+    """A miner that returns the same triplets every call (so both implementations see the same ones)."""
+
+    produces = "triplets"
+
+    def __init__(self, triplets: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.triplets = triplets
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.triplets
+
+
+@pytest.mark.parametrize("triplets", ["all", "mined"])
+@pytest.mark.parametrize(("per_class", "nu"), [(False, 0.0), (True, 0.1)])
+def test_distance_matrix_form_equals_the_per_triplet_form(triplets: str, per_class: bool, nu: float) -> None:
+    """Values, embedding and β gradients of the [B, B] form equal the per-triplet gathers it replaced, with
+    duplicate embeddings (zero distances: a positive pair, a negative pair) and repeated mined triplets."""
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(8)[torch.randperm(32)]
+    emb = torch.randn(32, 16) * 0.2 + 0.3  # close together: many active terms of both signs
+    first = labels == labels[0]
+    emb[int(first.nonzero()[1])] = emb[0]  # a positive at distance 0
+    emb[int((~first).nonzero()[0])] = 2 * emb[0]  # a negative at distance 0 after normalisation
+    mined = None
+    if triplets == "mined":
+        dw = registry.build("miner", "distance_weighted", path="miner")
+        draws = [dw(emb, labels) for _ in range(2)]  # per-pair draws twice: repeated triplets
+        mined = tuple(torch.cat(parts) for parts in zip(*draws, strict=True))
+    loss = margin(per_class_beta=per_class, nu=nu, miner=None if mined is None else FixedTriplets(mined))
+    with torch.no_grad():
+        loss.beta.copy_(torch.linspace(0.3, 0.5, len(loss.beta)))
+    ours, old = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    out = loss(ours, labels)
+    out.value.backward()
+    beta_grad, loss.beta.grad = loss.beta.grad, None
+    expected, pos_dist, neg_dist = per_triplet_margin(loss, old, labels, mined)
+    expected.backward()
+    assert torch.isfinite(ours.grad).all()
+    torch.testing.assert_close(out.value, expected)
+    torch.testing.assert_close(ours.grad, old.grad)
+    torch.testing.assert_close(beta_grad, loss.beta.grad)
+    torch.testing.assert_close(out.stats["pos_dist"], pos_dist.detach())
+    torch.testing.assert_close(out.stats["neg_dist"], neg_dist.detach())
+    assert out.stats["triplets"] == (len(mined[0]) if mined else 32 * 7 * 24)

@@ -17,7 +17,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 
 from harness import registry
 from harness.errors import ConfigError
-from methods.distances import cosine_similarity, masked_logsumexp, paired_distance, pairwise_distance
+from methods.distances import cosine_similarity, label_masks, masked_logsumexp, pairwise_distance
 from methods.losses.contrastive import ContrastiveLoss
 from methods.losses.multi_similarity import MultiSimilarityLoss
 from methods.losses.triplet import TripletLoss
@@ -162,11 +162,27 @@ def test_distance_helpers_match_loops_and_gradcheck(metric: str) -> None:
     got = pairwise_distance(x, metric)
     expected = torch.tensor(naive_dist(x.detach(), metric), dtype=torch.float64)
     torch.testing.assert_close(got.fill_diagonal_(0), expected.fill_diagonal_(0))
-    i, j = torch.tensor([0, 1, 4, 2]), torch.tensor([3, 1, 0, 2])
-    torch.testing.assert_close(paired_distance(x, i, j, metric), pairwise_distance(x, metric)[i, j])
     weights = torch.randn(5, 5, dtype=torch.float64)  # a non-symmetric upstream gradient
     assert torch.autograd.gradcheck(lambda e: (pairwise_distance(e, metric) * weights).sum(), (x,))
     assert torch.autograd.gradcheck(lambda e: (cosine_similarity(e) * weights).sum(), (x,))
+
+
+def test_batch_distances_are_exact_at_duplicates_and_near_duplicates() -> None:
+    """The diagonal is 0 and (near-)duplicates come from their rows, value and gradient: the matmul form's
+    rounding would leave them at ~1e-3 (float32, here) with a spurious gradient through the square root."""
+    x = torch.randn(6, 64) + 3.0  # away from the origin: large norms, large rounding of the matmul form
+    x[1] = x[0]
+    x[2] = x[0] + 1e-3 * torch.randn(64)
+    x.requires_grad_(True)
+    dist = pairwise_distance(x, "euclidean")
+    rows = (x[:, None] - x[None]).pow(2).sum(-1).clamp_min(1e-12).sqrt()
+    torch.testing.assert_close(dist, rows)
+    assert dist[0, 1] == dist[1, 1] == rows[0, 1] == 1e-6  # sqrt of the clamp
+    weights = torch.randn(6, 6)
+    grad = torch.autograd.grad((dist * weights).sum(), x)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad((rows * weights).sum(), x)[0])
+    x64 = x.detach().double().requires_grad_(True)  # through the recomputed entries (no root at 0 here)
+    assert torch.autograd.gradcheck(lambda e: (pairwise_distance(e, "sqeuclidean") * weights).sum(), (x64,))
 
 
 @pytest.mark.parametrize("add_one", [False, True])
@@ -371,6 +387,45 @@ def test_external_miner_replaces_built_in_mining() -> None:
     )
     assert TripletLoss.accepts_miner == ("triplets",)
     assert ContrastiveLoss.accepts_miner == MultiSimilarityLoss.accepts_miner == ("pairs",)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize(
+    "selection", [{"miner": "batch_all"}, {"mining": "random"}, {"mining": "batch_hard"}]
+)
+def test_triplet_indexes_its_distance_matrix_like_per_triplet_gathers(
+    distance: str, selection: dict[str, str]
+) -> None:
+    """Selected triplets index the [B, B] matrix (issue #30): the same value and gradient as the two
+    gathered rows per triplet it replaced, duplicate embeddings (zero distances) included."""
+    labels = pk(4, 4)
+    emb = torch.randn(16, 8)
+    first = labels == labels[0]
+    emb[int(first.nonzero()[1])] = emb[0]  # a positive at distance 0
+    emb[int((~first).nonzero()[0])] = emb[0]  # a negative at distance 0
+    miner = registry.build("miner", selection["miner"]) if "miner" in selection else None
+    loss = build("triplet", miner=miner, mining=selection.get("mining", "batch_hard"), distance=distance)
+    mine = loss.select if miner is None else lambda *_: miner(emb, labels)
+    ours, old = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    torch.manual_seed(0)  # random mining: the same draws for both
+    out = loss(ours, labels)
+    out.value.backward()
+    torch.manual_seed(0)
+    pos, neg = label_masks(labels)
+    a, p, n = mine(emb, labels, pos, neg, pairwise_distance(emb, distance))
+
+    def gathered(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        if distance == "cosine":
+            x = F.normalize(old, dim=1)
+            return 1 - (x[i] * x[j]).sum(1)
+        sq = (old[i] - old[j]).pow(2).sum(1)
+        return sq.clamp_min(1e-12).sqrt() if distance == "euclidean" else sq
+
+    expected = F.relu(gathered(a, p) - gathered(a, n) + loss.margin).mean()
+    expected.backward()
+    assert torch.isfinite(ours.grad).all()
+    torch.testing.assert_close(out.value, expected)
+    torch.testing.assert_close(ours.grad, old.grad)
 
 
 @pytest.mark.parametrize(

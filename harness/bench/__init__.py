@@ -11,7 +11,8 @@ from harness.bench.fixtures import bench_fixture
 from harness.bench.pipeline import bench_data, bench_gpu, bench_train
 from harness.bench.study import bench_study
 
-BENCHES: dict[str, Callable[[list[str]], None]] = {
+#: A benchmark returns None, or its exit status (`dmlh bench losses`: 1 when a row misses its target).
+BENCHES: dict[str, Callable[[list[str]], int | None]] = {
     "eval": bench_eval,
     "losses": bench_losses,
     "study": bench_study,
@@ -26,5 +27,7 @@ __all__ = ["BENCHES", "bench_data", "bench_eval", "bench_gpu", "bench_losses", "
 
 
 def main(what: str, options: list[str]) -> None:
-    """Dispatch `dmlh bench WHAT [options]`."""
-    BENCHES[what](options)
+    """Dispatch `dmlh bench WHAT [options]`; a non-zero status of the benchmark exits with it."""
+    status = BENCHES[what](options)
+    if status:
+        raise SystemExit(status)

@@ -146,43 +146,81 @@ def _eval_peak_memory(n: int, dim: int, seed: int) -> None:
     print(x.nbytes / 2**20, status_mib("VmHWM") - base, time.perf_counter() - start)
 
 
-def bench_losses(options: list[str]) -> None:
-    """Forward + backward ms of every registered loss vs its pytorch-metric-learning equivalent.
+def bench_losses(options: list[str]) -> int:
+    """Forward + backward ms of every registered loss vs its pytorch-metric-learning equivalent; returns the
+    exit status: 1 when a row misses its target.
 
     Same inputs for both (random embeddings, P×K labels with K=4), interleaved repeats after a warm-up,
     median reported. Targets: ours/PML <= 1.0 everywhere, < 0.7 for batch-all triplet and multi-similarity.
     Each loss declares its reference implementations next to itself (``register(..., references=...)``,
-    ``harness.plugins.Reference``); a loss that declares none is timed alone.
+    ``harness.plugins.Reference``); a loss that declares none is timed alone. Each row is printed as soon
+    as it is measured; the rows that missed their target are listed again at the end. ``--quick``: B = 128
+    only, fewer repeats (about 10 s on one core; the full run about 2 minutes).
     """
-    import pandas as pd
     import torch
 
     from harness import registry
 
     parser = _losses_parser()
     args = parser.parse_args(options)
+    for key, value in (_LOSSES_QUICK if args.quick else _LOSSES_FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     torch.set_num_threads(args.threads)
     names = registry.registry("loss").names()
     unknown = sorted(set(args.only or []) - set(names))
     if unknown:
         parser.error(f"unknown loss {', '.join(unknown)} (registered: {', '.join(names)})")
-    rows = []
+    cases = []
     for name in args.only or names:
         references = registry.registry("loss").get(name).references
-        for case in references() if references else [None]:
-            rows += [_losses_row(name, case, b, args) for b in args.sizes]
-    threads = torch.get_num_threads()
-    print(f"D={args.dim}, K=4, {threads} threads, median of {args.repeats} forward+backward runs (ms)")
-    print_table(pd.DataFrame(rows), 2, index=False, na_rep="-")
+        cases += [(name, case) for case in (references() if references else [None])]
+    print(
+        f"D={args.dim}, K=4, {torch.get_num_threads()} threads, B={', '.join(map(str, args.sizes))}, "
+        f"median of {args.repeats} forward+backward runs (ms)",
+        flush=True,
+    )
+    variant_width = max((len(case.variant) for _, case in cases if case), default=0)
+    line = _losses_line(max(len(name) for name, _ in cases), variant_width)
+    print(line(None), flush=True)
+    missed = []
+    for name, case in cases:
+        for b in args.sizes:
+            row = _losses_row(name, case, b, args)
+            print(line(row), flush=True)
+            if row["ok"] == "NO":
+                missed.append(row)
+    total = len(cases) * len(args.sizes)
+    if not missed:
+        print(f"all {total} rows within their targets", flush=True)
+        return 0
+    print(f"\n{len(missed)} of {total} rows missed their target:", flush=True)
+    print(line(None))
+    for row in missed:
+        print(line(row))
+    return 1
+
+
+#: `dmlh bench losses` defaults, and those of ``--quick`` (explicit options win over either).
+_LOSSES_FULL: dict[str, Any] = {"sizes": [128, 256, 512], "repeats": 15, "warmup": 2}
+_LOSSES_QUICK: dict[str, Any] = {"sizes": [128], "repeats": 7, "warmup": 1}
 
 
 def _losses_parser() -> argparse.ArgumentParser:
     """The options of `dmlh bench losses`."""
+    full, quick = _LOSSES_FULL, _LOSSES_QUICK
     parser = argparse.ArgumentParser(prog="dmlh bench losses")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512], help="batch sizes (P×4)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"B={quick['sizes'][0]} only, {quick['repeats']} repeats"
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help=f"batch sizes (P×4; default {full['sizes']})"
+    )
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per loss and size (median)")
-    parser.add_argument("--warmup", type=int, default=2)
+    repeats = f"timed runs per loss and size (median; default {full['repeats']})"
+    parser.add_argument("--repeats", type=int, default=None, help=repeats)
+    warmup = f"untimed runs first (default {full['warmup']})"
+    parser.add_argument("--warmup", type=int, default=None, help=warmup)
     parser.add_argument("--only", nargs="+", default=None, help="loss names to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on shared machines)")
@@ -193,6 +231,33 @@ def _losses_parser() -> argparse.ArgumentParser:
         help="skip a PML run whose estimated peak memory is larger (PML lifted structure)",
     )
     return parser
+
+
+#: (column, width, alignment) of a `dmlh bench losses` row; loss and variant widths fit the names.
+_LOSSES_COLUMNS = (
+    ("B", 4, ">"),
+    ("ours ms", 9, ">"),
+    ("PML ms", 9, ">"),
+    ("ours/PML", 8, ">"),
+    ("target", 6, ">"),
+    ("ok", 3, ">"),
+)
+
+
+def _losses_line(loss_width: int, variant_width: int) -> Callable[[dict[str, Any] | None], str]:
+    """A formatter of fixed-width rows (the header for None), so rows can be printed one at a time."""
+    columns = (("loss", max(loss_width, 4), "<"), ("variant", max(variant_width, 7), "<"), *_LOSSES_COLUMNS)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "-" if value != value else f"{value:.2f}"  # NaN: no reference time
+        return str(value)
+
+    def line(row: dict[str, Any] | None) -> str:
+        cells = [f"{key if row is None else cell(row[key]):{align}{width}}" for key, width, align in columns]
+        return "  ".join([*cells, "note" if row is None else row["note"]]).rstrip()
+
+    return line
 
 
 def _losses_row(name: str, case: Any, b: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -5,7 +5,9 @@ triplets and divided by the number of non-zero terms (MultiGrain ``modules/margi
 ``DivisorReducer``), plus ``ν·β`` (Wu's β regularisation; 0 in MultiGrain and PML). β is learnable,
 shared (MultiGrain) or one per class (Wu's official code, β of the anchor's class), initialised at 1.2,
 and carries its own learning-rate multiplier. Triplets come from a miner (``distance_weighted`` in both
-papers) or, without one, are all triplets of the batch.
+papers) or, without one, are all triplets of the batch. The distances are one [B, B] matrix; each of its
+entries enters the sum weighted by the number of triplets that use it (``methods.miners.triplet_counts``),
+so the cost does not grow with the number of triplets (B = 512, K = 4: ~780k).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from torch import Tensor, nn
 from harness.plugins import Reference, set_param_options
 from harness.registry import register
 from harness.types import LossOutput
-from methods.distances import full_precision, label_masks, paired_distance
-from methods.miners import all_triplets
+from methods.distances import full_precision, label_masks, pairwise_distance
+from methods.miners import triplet_counts
 
 
 def _pml_references() -> list[Reference]:
@@ -66,26 +68,28 @@ class MarginLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         if self.normalize:
             embeddings = F.normalize(embeddings, dim=1)
-        if self.miner is None:
-            a, p, n = all_triplets(*label_masks(labels))
-        else:
-            a, p, n = self.miner(embeddings, labels)
-        beta = self.beta[labels[a]] if len(self.beta) > 1 else self.beta.expand(len(a))
-        d_ap = paired_distance(embeddings, a, p, "euclidean")
-        d_an = paired_distance(embeddings, a, n, "euclidean")
-        pos = F.relu(d_ap - beta + self.margin)
-        neg = F.relu(beta - d_an + self.margin)
-        divisor = (torch.count_nonzero(pos) + torch.count_nonzero(neg)).clamp_min(1)
-        value = (pos + neg).sum() / divisor
+        pos, neg = label_masks(labels)
+        triplets = None if self.miner is None else self.miner(embeddings, labels)
+        # each triplet's two terms depend on one entry of the distance matrix each: sum every term once,
+        # weighted by the number of triplets that use it (no per-triplet gather, O(B²) for any triplet count)
+        n_ap, n_an = (n.to(embeddings.dtype) for n in triplet_counts(pos, neg, triplets))
+        dist = pairwise_distance(embeddings, "euclidean")
+        beta = (self.beta[labels] if len(self.beta) > 1 else self.beta)[:, None]  # the anchor's β
+        pos_term = F.relu(dist - beta + self.margin) * n_ap
+        neg_term = F.relu(beta - dist + self.margin) * n_an
+        divisor = (n_ap * (pos_term > 0) + n_an * (neg_term > 0)).sum().clamp_min(1)
+        value = (pos_term + neg_term).sum() / divisor
+        count = n_ap.sum()
         if self.nu:
-            reg = beta.sum() / divisor if len(self.beta) > 1 else self.beta[0]
+            reg = (beta.squeeze(1) * n_ap.sum(1)).sum() / divisor if len(self.beta) > 1 else self.beta[0]
             value = value + self.nu * reg
         with torch.no_grad():
+            d = dist.detach()
             stats = {
-                "triplets": torch.tensor(float(len(a))),
-                "active_fraction": divisor / max(2 * len(a), 1),
+                "triplets": count,
+                "active_fraction": divisor / (2 * count).clamp_min(1),
                 "beta": self.beta.mean(),
-                "pos_dist": d_ap.mean() if len(a) else torch.zeros(()),
-                "neg_dist": d_an.mean() if len(a) else torch.zeros(()),
+                "pos_dist": (d * n_ap).sum() / count.clamp_min(1),
+                "neg_dist": (d * n_an).sum() / count.clamp_min(1),
             }
         return LossOutput(value, stats)

@@ -14,8 +14,8 @@ Per triplet ``ℓ(a, p, n) = [D_ap - D_an + margin]_+`` or, with ``soft``, ``sof
 
 With an external miner the loss is the mean over the mined triplets (``reduction="auto"``): MDR's
 metric loss is ``triplet`` (margin 0.2) + miner ``distance_weighted`` (F.triplet_margin_loss adds 1e-6
-inside the norm; here the squared distance is clamped at 1e-12 instead). Mined triplets without a
-synthesis are scored from their rows alone (O(triplets × D) backward, no B×B matrix).
+inside the norm; here the squared distance is clamped at 1e-12 instead). Every mode computes the [B, B]
+distance matrix once and indexes it with the selected triplets (never two gathered D-dim rows per triplet).
 
 Anchors without a positive or a negative in the batch take no part. PML equivalents: batch-all =
 ``TripletMarginLoss`` (AvgNonZero reducer = ``mean_nonzero``); batch-hard = ``BatchHardMiner`` +
@@ -45,7 +45,6 @@ from methods.distances import (
     full_precision,
     label_masks,
     pair_negative_distances,
-    paired_distance,
     pairwise_distance,
 )
 from methods.miners import (
@@ -152,10 +151,11 @@ class TripletLoss(nn.Module):
             and self.mining in ("all", "semi_hard")
             and isinstance(self.synthesis, PairNegativeSource)
         )
-        dist = None  # the [B, B] matrix with gradient: only for batch-all and synthesis
+        # the [B, B] matrix, computed once: it ranks the triplets and the selected ones index it (cheaper
+        # than gathering two D-dim rows per triplet, even for one triplet per anchor)
         if pair_rule:
             dist = pairwise_distance(embeddings, self.distance)
-        elif batch_all or self.synthesis is not None:
+        else:
             dist = distance_matrix(embeddings, labels, self.distance, self.synthesis)
         if batch_all:
             a, p = positive_pairs(pos, neg)
@@ -179,10 +179,7 @@ class TripletLoss(nn.Module):
                 d_ap, d_an = dist[a, p], cand[a, q, c]
             else:
                 a, p, n = self.select(embeddings, labels, pos, neg, dist)
-                if dist is None:  # distances of the selected triplets only: no B×B backward
-                    d_ap, d_an = (paired_distance(embeddings, a, b, self.distance) for b in (p, n))
-                else:
-                    d_ap, d_an = dist[a, p], dist[a, n]
+                d_ap, d_an = dist[a, p], dist[a, n]
             valid = torch.ones_like(d_an)
             losses = self.violation(d_ap, d_an)
         count, active = valid.sum(), torch.count_nonzero(losses)
@@ -199,13 +196,10 @@ class TripletLoss(nn.Module):
         )
 
     @torch.no_grad()
-    def select(
-        self, embeddings: Tensor, labels: Tensor, pos: Tensor, neg: Tensor, dist: Tensor | None
-    ) -> Triplets:
+    def select(self, embeddings: Tensor, labels: Tensor, pos: Tensor, neg: Tensor, dist: Tensor) -> Triplets:
         """The triplets (a, p, n) of the external miner, else of the built-in mining."""
         if self.miner is not None:
             return self.miner(embeddings, labels)
         if self.mining == "random":
             return random_triplets(pos, neg)
-        ranking = dist.detach() if dist is not None else pairwise_distance(embeddings.detach(), self.distance)
-        return _SELECT[self.mining](ranking, pos, neg)
+        return _SELECT[self.mining](dist.detach(), pos, neg)
