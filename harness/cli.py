@@ -19,17 +19,17 @@ log = logging.getLogger("harness")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from harness import config, train
-    from harness.rundir import format_metrics, write_run
+    from harness import config, distributed, train
+    from harness.rundir import claimed, format_metrics, write_run
 
     cfg = config.load(args.config, args.overrides)
     out = Path(args.results) / "runs" / (args.name or cfg.name)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise HarnessError(
-            f"{out} already holds a run; pass --overwrite to replace it, or --name NEW to keep both"
-        )
-    result = train.run(cfg)
-    write_run(result, out, save_checkpoint=cfg.train.save_checkpoint)
+    if distributed.env_rank() != 0:  # a torchrun rank other than 0: rank 0 claims and writes the run
+        train.run(cfg)
+        return
+    with claimed(out, args.overwrite):
+        result = train.run(cfg)
+        write_run(result, out, save_checkpoint=cfg.train.save_checkpoint)
     print(format_metrics(result))
     print(f"run written to {out}")
 
@@ -236,7 +236,8 @@ def _add_report_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 def _add_bench_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`dmlh bench WHAT [options]`: the options go to the benchmark's own parser (harness.bench)."""
     b = sub.add_parser("bench", help="speed benchmarks against reference implementations")
-    b.add_argument("what", choices=["eval", "losses", "study", "methods", "data", "train", "gpu", "fixture"])
+    benches = ["eval", "losses", "study", "methods", "data", "train", "gpu", "fixture", "ddp"]
+    b.add_argument("what", choices=benches)
     b.add_argument("options", nargs=argparse.REMAINDER, help="benchmark options (see dmlh bench WHAT --help)")
     b.set_defaults(func=_cmd_bench)
 

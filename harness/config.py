@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness import plugins, registry
+from harness.distributed import batch_problems
 from harness.errors import ConfigError
 from harness.types import CLUSTERING_METRICS, METRICS, recall_name
 
@@ -87,6 +88,18 @@ class SamplerSection(_Section):
     repeated_augmentations: int = Field(1, ge=1)
 
 
+class DistributedSection(_Section):
+    """One run across ``world_size`` processes with DDP (``harness.distributed``): one GPU each on CUDA
+    (rank r on the r-th visible device), all on the CPU otherwise; the global batch is the sampler's, shared
+    out in equal contiguous shards and gathered for the loss, so the numbers are those of one process."""
+
+    world_size: int = Field(1, ge=1)
+    #: ``auto``: nccl when training on CUDA, else gloo.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    #: Seconds any collective waits for the other ranks before the run fails (nothing waits forever).
+    timeout_s: float = Field(1800.0, gt=0)
+
+
 class TrainSection(_Section):
     epochs: int = Field(5, ge=0)
     eval_every: int = Field(1, ge=1)
@@ -96,6 +109,15 @@ class TrainSection(_Section):
     best_test_every: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+    #: Autocast dtype when ``amp`` is on (CUDA only): bfloat16 needs no gradient scaling. Losses and
+    #: regularizers still get float32 embeddings.
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    #: The model's weights and its input batches in the channels_last memory format (faster convolutions on
+    #: tensor cores); same numbers within float tolerance.
+    channels_last: bool = False
+    #: ``torch.compile`` of the model's forward (in place: module names and checkpoints unchanged), with
+    #: this mode; ``false`` = eager. Works on the CPU too (inductor's C++ backend needs a C++ compiler).
+    compile: Literal[False, "default", "max-autotune"] = False
     grad_clip: float | None = Field(None, gt=0)
     warmup_epochs: int = Field(0, ge=0)
     backbone_lr_mult: float = Field(1.0, ge=0)
@@ -104,6 +126,7 @@ class TrainSection(_Section):
     selection_metric: str = "recall@1"
     save_checkpoint: bool = False
     threads: int | None = Field(None, ge=1)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
 
 class EvalSection(_Section):
@@ -327,6 +350,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     except pydantic.ValidationError as e:
         raise ConfigError(_pydantic_problems(e, RunConfig) + problems) from e
     problems += _compatibility_problems(cfg) + _selection_problems(cfg) + _offline_mining_problems(cfg)
+    problems += batch_problems(cfg.sampler, cfg.train.distributed.world_size)
     if problems:
         raise ConfigError(problems)
     return resolve(cfg)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -49,6 +50,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 from harness.types import RANKING_METRICS, recall_name
+
+log = logging.getLogger(__name__)
 
 Distance = Literal["cosine", "euclidean"]
 Backend = Literal["auto", "faiss", "torch"]
@@ -271,7 +274,7 @@ def kmeans_clusters(points: Any, n_clusters: int, distance: Distance) -> np.ndar
     """faiss k-means cluster index of every point (KMEANS_SEED, KMEANS_NITER; L2-normalised for cosine)."""
     x = _as_float_tensor(points)
     x = _unit(x) if distance == "cosine" else x
-    on_gpu = x.is_cuda and faiss.get_num_gpus() > 0
+    on_gpu = x.is_cuda and faiss_gpu_problem(x.device) is None
     x_np = np.ascontiguousarray(x.cpu().numpy())
     kmeans = faiss.Kmeans(
         x_np.shape[1], n_clusters, niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=on_gpu, min_points_per_centroid=1
@@ -305,9 +308,12 @@ def _resolve_backend(backend: Backend, device: torch.device, work: int = 0, dim:
     if backend == "torch":
         return "torch"
     if device.type == "cuda":
-        if faiss.get_num_gpus() > 0:
+        problem = faiss_gpu_problem(device)
+        if problem is None:
             return "faiss-gpu"
-        if backend == "auto":  # searching on the GPU with torch beats copying to the CPU for faiss
+        # searching on the GPU with torch beats copying to the CPU for faiss
+        _note_no_faiss_gpu(problem, "torch" if backend == "auto" else "faiss-cpu")
+        if backend == "auto":
             return "torch"
     if backend == "auto" and work > AUTO_PROBE_MIN_WORK:
         return _faster_cpu_backend(dim)
@@ -336,6 +342,37 @@ def _faster_cpu_backend(dim: int) -> str:
 @functools.cache
 def _gpu_resources() -> Any:
     return faiss.StandardGpuResources()
+
+
+def faiss_gpu_problem(device: torch.device) -> str | None:
+    """Why faiss cannot search CUDA tensors on ``device`` (None when it can), probed once per device."""
+    if device.type != "cuda":
+        return f"{device} is not a CUDA device"
+    return _probe_faiss_gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _probe_faiss_gpu(index: int) -> str | None:
+    """One tiny ``knn_gpu`` search on GPU ``index``: the faiss package may have no GPU part (faiss-cpu),
+    or one built for a CUDA the driver or torch's runtime does not work with (see the README)."""
+    try:
+        if not hasattr(faiss, "knn_gpu") or faiss.get_num_gpus() == 0:
+            return "the installed faiss has no GPU support (faiss-cpu, or a faiss GPU build that sees no GPU)"
+        from faiss.contrib import torch_utils  # noqa: F401  (lets faiss take torch CUDA tensors)
+
+        x = torch.eye(2, 8, device=torch.device("cuda", index))
+        faiss.knn_gpu(_gpu_resources(), x, x, 1, metric=faiss.METRIC_INNER_PRODUCT, device=index)
+        torch.cuda.synchronize(index)
+    except Exception as e:  # whatever failed, faiss cannot search on this GPU: say why, search without it
+        return f"faiss's GPU search failed on cuda:{index} ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.cache
+def _note_no_faiss_gpu(problem: str, instead: str) -> None:
+    """Log once per reason and replacement that evaluation of CUDA embeddings does not use faiss-gpu."""
+    where = "torch's GEMM + top-k on the GPU" if instead == "torch" else "faiss on the CPU (copied there)"
+    log.info("evaluation: %s; CUDA embeddings are searched with %s", problem, where)
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import json
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -90,6 +90,24 @@ def embed(
     return torch.cat(embs), torch.cat(labels)
 
 
+def use_channels_last(model: nn.Module) -> None:
+    """Put ``model``'s 4-D weights in the channels_last memory format, and every 4-D image batch it is
+    called with (a forward pre-hook: training, evaluation and benchmarks alike), so that convolutions run
+    in NHWC without a layout conversion per layer. The state_dict keys and values are unchanged."""
+    model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(_channels_last_input)
+
+
+def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+        return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
+def _as_is(out: ModelOutput, labels: torch.Tensor) -> tuple[ModelOutput, torch.Tensor]:
+    return out, labels
+
+
 @dataclass
 class Learner:
     """What one optimisation step needs, assembled from the config: the model, the metric loss (with its
@@ -103,10 +121,21 @@ class Learner:
     amp: bool
     #: The loss's miner (also reachable as ``loss.miner``): the trainer asks an offline one to mine the split.
     miner: nn.Module | None = None
+    #: The model's output of this process's shard → that of the global batch (``harness.distributed.Dist.
+    #: global_batch``: gathered over the ranks of a DDP run); as it is in one process.
+    global_batch: Callable[[ModelOutput, torch.Tensor], tuple[ModelOutput, torch.Tensor]] = field(
+        default=_as_is, repr=False
+    )
+    #: Autocast dtype of the model's forward when ``amp`` is on (``train.amp_dtype``).
+    amp_dtype: torch.dtype = torch.float16
 
     @classmethod
     def build(cls, cfg: RunConfig, num_classes: int, in_channels: int, device: torch.device) -> Learner:
         model = build_model(cfg, num_classes=num_classes, in_channels=in_channels).to(device)
+        if cfg.train.channels_last:
+            use_channels_last(model)
+        if cfg.train.compile:  # in place and lazy: compiled at the first forward, state_dict keys unchanged
+            model.compile(mode=cfg.train.compile)
         ctx = {"num_classes": num_classes, "embedding_dim": model.embedding_dim}
         miner = build_component(cfg.miner, "miner", "miner", **ctx) if cfg.miner else None
         synthesis = build_component(cfg.synthesis, "synthesis", "synthesis", **ctx) if cfg.synthesis else None
@@ -118,13 +147,21 @@ class Learner:
         groups = param_groups(model, [loss, regularizers], cfg)
         optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
         amp = cfg.train.amp and device.type == "cuda"
-        return cls(model, loss, regularizers, optimizer, amp=amp, miner=miner)
+        amp_dtype = getattr(torch, cfg.train.amp_dtype)
+        return cls(model, loss, regularizers, optimizer, amp=amp, miner=miner, amp_dtype=amp_dtype)
+
+    @property
+    def grad_scaling(self) -> bool:
+        """Whether the backward pass needs a GradScaler: float16 autocast only (bfloat16 has float32's
+        exponent range, so its gradients do not underflow)."""
+        return self.amp and self.amp_dtype == torch.float16
 
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss of one batch (metric loss per model part + regularizers + model aux losses) and its
         components as scalars for the history."""
-        with torch.autocast(images.device.type, enabled=self.amp):
+        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp):
             out: ModelOutput = self.model(images, labels)
+        out, labels = self.global_batch(out, labels)  # the ranks' shards gathered (harness.distributed)
         parts = out.parts if out.parts is not None else [out.embeddings]
         metric_outputs: list[LossOutput] = [self.loss(p.float(), labels) for p in parts]
         total = cast(torch.Tensor, sum(o.value for o in metric_outputs))  # at least one part

@@ -21,6 +21,7 @@ from torch import nn
 
 from harness import registry
 from harness.config import RunConfig, split_params
+from harness.distributed import batch_gather
 from harness.errors import ConfigError
 from harness.registry import register
 from harness.types import DataConfig, ModelOutput, StageInfo
@@ -98,13 +99,14 @@ class StagedBackbone(nn.Module):
 def mean_distance_scale(e: torch.Tensor) -> torch.Tensor:
     """Divide a batch by its mean off-diagonal pairwise Euclidean distance (MDR 6.1; not detached), in
     float32 whatever the autocast dtype (the official code trains MDR in fp32: the scale of small
-    distances must not be rounded to bf16)."""
+    distances must not be rounded to bf16). In a DDP run the mean is the global batch's."""
     e = e.float()
-    b = e.shape[0]
+    batch = batch_gather(e)  # a DDP run's global batch: the scale of one process
+    b = batch.shape[0]
     if b < 2:
         return e
     with torch.autocast(device_type=e.device.type, enabled=False):
-        d = torch.cdist(e, e)
+        d = torch.cdist(batch, batch)
         return e / (d.sum() / (b * (b - 1))).clamp_min(1e-12)
 
 

@@ -6,7 +6,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +89,51 @@ def _write_files(result: RunResult, tmp: Path, save_checkpoint: bool) -> None:
         import torch
 
         torch.save(result.checkpoint, tmp / "checkpoint.pt")
+
+
+@contextmanager
+def claimed(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Hold the run name ``directory`` while a run trains and writes it: a claim file beside it, created
+    atomically, so that a second ``dmlh run`` of the same name is refused before it trains (never a silent
+    replace). Refused too: a name that holds a finished run, unless ``overwrite``. A claim left by a dead
+    process on this host is taken over."""
+    directory = Path(directory)
+    if not overwrite and directory.exists() and any(directory.iterdir()):
+        raise HarnessError(
+            f"{directory} already holds a run; pass --overwrite to replace it, or --name NEW to keep both"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    claim = directory.with_name(f".{directory.name}.claim")
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = claim.read_text().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                claim.unlink(missing_ok=True)  # its run died: the name is free
+                continue
+            raise HarnessError(
+                f"another dmlh run ({claim.read_text().strip() or 'starting'}: host pid) is training "
+                f"{directory} now; wait for it, or pass --name NEW"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield directory
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _replace(tmp: Path, directory: Path) -> None:

@@ -23,13 +23,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from harness import distributed
 from harness.config import RunConfig
 from harness.data import build_transforms, load_splits
 from harness.data.batch_augment import build_batch_augment
 from harness.data.cache import cached_splits, num_workers
 from harness.data.prefetch import ThreadedLoader, received_in_thread
 from harness.data.sampler import build_sampler
-from harness.errors import NonFiniteLossError, TrainingError
+from harness.distributed import SINGLE, Dist, ShardedBatches
+from harness.errors import ConfigError, NonFiniteLossError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.learner import Learner, as_float, embed
 from harness.model import StagedBackbone, build_component
@@ -87,22 +89,27 @@ def pick_device(choice: str) -> torch.device:
 class _Trainer:
     """The state of one run; ``run`` below is its only user."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.device = pick_device(cfg.train.device)
+    def __init__(self, cfg: RunConfig, dist: Dist = SINGLE):
+        self.cfg, self.dist = cfg, dist
+        self.device = dist.place(pick_device(cfg.train.device))
         self.splits = load_splits(cfg.data)
         num_classes = self.splits.num_train_classes
         self.learner = Learner.build(cfg, num_classes, self.splits.channels, self.device)
+        if dist.active:  # global-batch statistics; every replica starts from rank 0's weights
+            self.learner.model = distributed.sync_batchnorm(self.learner.model, self.device, dist.world_size)
+            self.learner.global_batch = dist.global_batch
+            dist.broadcast_modules(self.learner.model, self.learner.loss, self.learner.regularizers)
         self.model, self.loss, self.regularizers = (
             self.learner.model,
             self.learner.loss,
             self.learner.regularizers,
         )
         self.optimizer = self.learner.optimizer
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         backbone = cast(StagedBackbone, self.model.backbone)
         train_tf, test_tf = build_transforms(cfg.data, backbone.data_config, self.splits.channels)
         self.splits = cached_splits(self.splits, cfg.data, backbone.data_config)
-        self.num_workers = num_workers(cfg.data, self.splits)
+        self.num_workers = num_workers(cfg.data, self.splits) // dist.world_size  # the ranks share the CPUs
         self.augment = build_batch_augment(
             cfg.data, backbone.data_config, self.splits.train, self.device, cfg.seed
         )
@@ -125,15 +132,17 @@ class _Trainer:
             else None
         )
         self.sampler = build_sampler(cfg.sampler, self.splits.train.labels, cfg.seed)
+        # every rank draws the same global batches and loads its contiguous shard of each
+        shard = ShardedBatches(self.sampler, dist.rank, dist.world_size) if dist.active else self.sampler
         loader = torch.utils.data.DataLoader(
             self.train_set,
-            batch_sampler=self.sampler,
+            batch_sampler=shard,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
         )
         self.loader: DataLoader | ThreadedLoader = received_in_thread(loader, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.learner.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.learner.grad_scaling)  # not for bfloat16
 
     def train_epoch(self, epoch: int, progress: Progress) -> dict[str, float]:
         self.model.train()
@@ -161,6 +170,7 @@ class _Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
+            self.dist.average_gradients(self.params)  # over the ranks of a DDP run
             if self.cfg.train.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_value_(
@@ -173,7 +183,8 @@ class _Trainer:
                 sums[k] += v
             n += 1
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            progress.step(epoch, step + 1, stats["loss"], len(labels), bar_shown=not bar.disable)
+            images_seen = len(labels) * self.dist.world_size
+            progress.step(epoch, step + 1, stats["loss"], images_seen, bar_shown=not bar.disable)
         if self.scheduler is not None:
             self.scheduler.step()
         return {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
@@ -189,14 +200,7 @@ class _Trainer:
         if epoch % miner.refresh_every:
             return {"mining_s": 0.0}
         t = time.perf_counter()
-        emb, labels = embed(
-            self.model,
-            self.eval_sets["train"],
-            self.cfg.eval.batch_size,
-            self.device,
-            self.num_workers,
-            desc="embed train (mining)",
-        )
+        emb, labels = self.embed_split("train", desc="embed train (mining)")
         rng = np.random.default_rng([self.cfg.seed % 2**32, epoch, 1])  # not the sampler's stream
         triplets, stats = miner.mine_split(emb, labels, rng)
         assert isinstance(self.sampler, TripletBatches), "config.validate pairs an offline miner with it"
@@ -209,14 +213,7 @@ class _Trainer:
         ev = self.cfg.eval
 
         def emb(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            return embed(
-                self.model,
-                self.eval_sets[name],
-                ev.batch_size,
-                self.device,
-                self.num_workers,
-                desc=f"embed {name}",
-            )
+            return self.embed_split(name, desc=f"embed {name}")
 
         gallery, g_labels = emb(split)
         query, q_labels = emb("query") if split == "test" and "query" in self.eval_sets else (None, None)
@@ -231,18 +228,32 @@ class _Trainer:
         nmi = ev.nmi and (split == "test" or self.cfg.train.selection_metric in CLUSTERING_METRICS)
         return self.retrieval(gallery, query, nmi)
 
+    def embed_split(self, name: str, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and labels of split ``name`` in order (each rank of a DDP run embeds a shard)."""
+        ev = self.cfg.eval
+
+        def embed_set(dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+            return embed(self.model, dataset, ev.batch_size, self.device, self.num_workers, desc=desc)
+
+        dim = int(getattr(self.model, "embedding_dim", 0))
+        self.dist.broadcast_buffers(self.model)
+        return self.dist.embed(embed_set, self.eval_sets[name], ev.batch_size, dim)
+
     def retrieval(self, gallery: torch.Tensor, query: torch.Tensor | None, nmi: bool) -> dict[str, float]:
-        """``retrieval_metrics`` of embeddings of the last evaluated split (its labels), as ``eval`` asks."""
+        """``retrieval_metrics`` of embeddings of the last evaluated split (its labels), as ``eval`` asks;
+        computed once (rank 0 of a DDP run, every rank gets them)."""
         ev, (_, g_labels, _, q_labels) = self.cfg.eval, self.embedded
-        return retrieval_metrics(
-            gallery,
-            g_labels,
-            ks=tuple(ev.ks),
-            query_embeddings=query,
-            query_labels=q_labels,
-            distance=ev.distance,
-            backend=ev.backend,
-            nmi=nmi,
+        return self.dist.on_main(
+            lambda: retrieval_metrics(
+                gallery,
+                g_labels,
+                ks=tuple(ev.ks),
+                query_embeddings=query,
+                query_labels=q_labels,
+                distance=ev.distance,
+                backend=ev.backend,
+                nmi=nmi,
+            )
         )
 
     def learner_metrics(self) -> dict[str, float]:
@@ -293,13 +304,50 @@ class _Trainer:
 
 def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     """Train and evaluate ``config``. ``reporter(epoch, val_metrics)`` is called after every validation
-    and may raise (e.g. optuna.TrialPruned) to stop the run."""
+    and may raise (e.g. optuna.TrialPruned) to stop the run.
+
+    With ``train.distributed.world_size`` > 1 the run trains in that many processes it spawns (DDP,
+    ``harness.distributed``); started by torchrun, this process is one rank. Either way the caller gets
+    rank 0's result (under torchrun every rank returns its own; only rank 0's caller should write it)."""
     cfg = config
+    world = cfg.train.distributed.world_size
+    if distributed.from_env():
+        with distributed.env_process_group(cfg) as dist:
+            return _run(cfg, reporter, dist)
+    problems = distributed.batch_problems(cfg.sampler, world)
+    if problems:
+        raise ConfigError(problems)
+    if world == 1:
+        return _run(cfg, reporter, SINGLE)
+    backend = distributed.resolve_backend(cfg.train.distributed.backend, cfg.train.device)
+    if backend == "nccl" and torch.cuda.device_count() < world:
+        raise TrainingError(
+            f"train.distributed.world_size: {world} ranks need {world} GPUs, "
+            f"{torch.cuda.device_count()} visible"
+        )
+    return cast(
+        RunResult,
+        distributed.launch(
+            _rank_run, (cfg.to_dict(),), world, backend, cfg.train.distributed.timeout_s, reporter
+        ),
+    )
+
+
+def _rank_run(dist: Dist, raw: dict[str, Any]) -> RunResult:
+    """One spawned rank of a DDP run (``raw``: the resolved config); rank 0's reporter asks the caller's
+    (``distributed.launch``)."""
+    cfg = RunConfig.model_validate(raw)
+    reporter = (lambda epoch, val: distributed.ask_parent(dist, epoch, val)) if dist.is_main else None
+    return _run(cfg, reporter, dist)
+
+
+def _run(cfg: RunConfig, reporter: Reporter | None, dist: Dist) -> RunResult:
     t0 = time.perf_counter()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = dist.threads(cfg.train.threads)
+    if threads:
+        torch.set_num_threads(threads)
     seed_everything(cfg.seed)
-    tr = _Trainer(cfg)
+    tr = _Trainer(cfg, dist)
     has_val = "val" in tr.eval_sets
     log.info(
         "run %s: %d train / %s val / %d test images, %d train classes, device %s",
@@ -435,6 +483,6 @@ def _fit(tr: _Trainer, reporter: Reporter | None, collapse: CollapseCheck, t0: f
         row["seconds"] = time.perf_counter() - t0
         fit.history.append(row)
         log.info("%s", progress.epoch_line(row, selection))
-        if reporter is not None and val is not None:
-            reporter(epoch + 1, val)
+        if val is not None:  # rank 0 of a DDP run decides; every rank follows
+            tr.dist.report(reporter, epoch + 1, val)
     return fit

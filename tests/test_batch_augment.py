@@ -228,7 +228,7 @@ def test_training_through_the_cache_batches_its_augmentation(
     assert again.history[0]["train/loss"] == result.history[0]["train/loss"]  # reproducible
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (augmentation on the device)")
+@pytest.mark.cuda  # augmentation on the device
 def test_augmentation_on_the_gpu_equals_the_cpu() -> None:
     cpu = _augment(size=32)
     gpu = BatchAugment(

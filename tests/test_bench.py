@@ -77,7 +77,7 @@ def test_bench_gpu_says_no_gpu_and_returns(capsys: pytest.CaptureFixture) -> Non
     assert "no GPU present" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_bench_gpu_on_a_gpu(capsys: pytest.CaptureFixture) -> None:
     main("gpu", ["--images", "256", "--batches", "2", "--warmup", "1", "--eval-n", "2000"])
     assert "(c)/(b)" in capsys.readouterr().out

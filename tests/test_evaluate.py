@@ -275,7 +275,7 @@ def test_torch_backend_memory_is_bounded(monkeypatch):
     assert ours == retrieval_metrics(x, y, backend="faiss", nmi=False)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_cuda_matches_cpu(distance):
     x, y = tied_data(400, 5, 60, seed=16)

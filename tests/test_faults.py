@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -174,3 +175,39 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_reruns_the_same_hyperparamete
     assert [t.state for t in tune] == [TrialState.FAIL, TrialState.COMPLETE]
     assert tune[1].user_attrs["retry_of"] == 0 and "margin" in str(tune[0].params)
     assert tune[1].params == tune[0].params  # the interrupted trial's values, not new ones
+
+
+def test_a_run_name_is_claimed_before_training_and_a_dead_claim_is_taken_over(tmp_path: Path) -> None:
+    from harness.errors import HarnessError
+    from harness.rundir import claimed
+
+    out = tmp_path / "runs" / "x"
+    with claimed(out):
+        with pytest.raises(HarnessError, match="another dmlh run .* is training .*runs/x now"):
+            with claimed(out, overwrite=True):
+                pass
+    pid = "import os; print(os.getpid())"
+    gone = subprocess.run([sys.executable, "-c", pid], capture_output=True, text=True, check=True)
+    (tmp_path / "runs" / ".x.claim").write_text(f"{socket.gethostname()} {gone.stdout.strip()}")
+    with claimed(out):  # its process is gone: the name is free
+        out.mkdir()
+        (out / "complete").write_text("done\n")
+    with pytest.raises(HarnessError, match="already holds a run; pass --overwrite"):
+        with claimed(out):
+            pass
+
+
+def test_two_overlapping_runs_of_one_name_never_replace_each_other_silently(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    base = tiny_study()["base"]
+    base["sampler"]["batches_per_epoch"] = 60
+    config.write_text(yaml.safe_dump(base))
+    cmd = [sys.executable, "-m", "harness.cli", "--results", str(tmp_path), "run", str(config), "--name", "x"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    runs = [subprocess.Popen(cmd, **pipes) for _ in range(2)]  # type: ignore[call-overload]
+    outs = [(p.wait(timeout=1200), *p.communicate()) for p in runs]
+    codes = sorted(code for code, _, _ in outs)
+    assert codes == [0, 2], outs
+    refused = next(err for code, _, err in outs if code == 2)
+    assert "another dmlh run" in refused or "already holds a run" in refused, refused
+    assert sum("run written to" in out for _, out, _ in outs) == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from harness.bench.components import bench_eval, bench_losses, bench_methods
+from harness.bench.ddp import bench_ddp
 from harness.bench.fixtures import bench_fixture
 from harness.bench.pipeline import bench_data, bench_gpu, bench_train
 from harness.bench.study import bench_study
@@ -21,6 +22,7 @@ BENCHES: dict[str, Callable[[list[str]], int | None]] = {
     "train": bench_train,
     "gpu": bench_gpu,
     "fixture": bench_fixture,
+    "ddp": bench_ddp,
 }
 
 __all__ = ["BENCHES", "bench_data", "bench_eval", "bench_gpu", "bench_losses", "bench_methods", "main"]

@@ -250,11 +250,25 @@ def bench_gpu(options: list[str]) -> None:
     parser = _parser("dmlh bench gpu", config=False)
     parser.add_argument("--images", type=int, default=6000, help="JPEGs of the synthetic CUB-sized epoch")
     parser.add_argument("--eval-n", type=int, default=60_000)
+    parser.add_argument("--all", action="store_true", help="the device check: every section, CUDA tests too")
+    parser.add_argument("--section", choices=["steps", "pipeline", "eval"], help="one section of --all")
+    parser.add_argument("--workdir", default=None, help="folder of the --section's fixture")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole --all check")
     args = parser.parse_args(options)
     if not torch.cuda.is_available():
         print("no GPU present: dmlh bench gpu measures nothing on this machine")
         return
     logging.getLogger("harness").setLevel(logging.WARNING)
+    if args.all or args.section:  # harness/bench/gpu.py: the prepared device check
+        from harness.bench import gpu
+
+        if args.section:
+            with tempfile.TemporaryDirectory(prefix="dmlh-bench-gpu-") as tmp:
+                args.workdir = args.workdir or tmp
+                gpu.run_section(args.section, args)
+            return
+        args.budget = args.budget or gpu.BUDGET_S
+        raise SystemExit(gpu.run_all(args))
     with tempfile.TemporaryDirectory(prefix="dmlh-bench-gpu-") as tmp:
         rows = _gpu_training(Path(tmp), args)
     rows.append(_gpu_eval(args.eval_n))
