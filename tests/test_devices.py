@@ -127,3 +127,32 @@ def test_a_study_on_four_simulated_gpus_runs_two_pinned_workers_per_gpu(tmp_path
     log = study_run("--gpus", "1,3")
     assert Counter(re.findall(r"holds GPU (\S+) ", log)) == Counter({"1": 1, "3": 1}), log
     assert set(store.load("tiny2", results=tmp_path)["gpus"]) <= {"1", "3"}
+
+
+@pytest.mark.slow
+def test_gpus_per_trial_trains_each_trial_with_ddp_on_its_group(tmp_path: Path) -> None:
+    """4 simulated GPUs, ``--gpus-per-trial 2``: two workers holding 0,1 and 2,3, each trial a 2-rank DDP
+    run (gloo here, as there is no CUDA), recorded with its group; a batch that does not split is refused
+    before any trial."""
+    spec = tiny_study(final={"seeds": [0, 1]})
+    spec["base"]["backbone"]["frozen_bn"] = True  # BatchNorm statistics stay per rank on the CPU
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "harness.cli", "--results", str(tmp_path), "study", "run", str(path)]
+    options = {"env": env, "capture_output": True, "text": True, "timeout": 1800}
+    done = subprocess.run([*cmd, "--gpus-per-trial", "2"], **options)  # type: ignore[call-overload]
+    assert done.returncode == 0, done.stderr
+    assert sorted(re.findall(r"holds GPU (\S+) ", done.stderr)) == ["0,1", "2,3"], done.stderr
+    df = store.load("tiny", results=tmp_path)
+    assert len(df) == 2 and (df["state"] == "COMPLETE").all()
+    assert set(df["gpus"]) <= {"0,1", "2,3"}
+    for run_dir in df["run_dir"]:
+        resolved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        assert resolved["train"]["distributed"]["world_size"] == 2
+
+    spec["name"], spec["base"]["sampler"]["k"] = "odd", 3  # 3 × 3 = 9 images: not 2 equal shards
+    path.write_text(yaml.safe_dump(spec))
+    odd = subprocess.run([*cmd, "--gpus-per-trial", "2"], **options)  # type: ignore[call-overload]
+    assert odd.returncode == 2 and "--gpus-per-trial: 2 ranks cannot share the global batch" in odd.stderr
+    assert not (tmp_path / "odd" / "runs").exists()

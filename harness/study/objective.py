@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.config import RunConfig
+from harness.config import RunConfig, assign, validate
 from harness.errors import HarnessError, TrainingError
 from harness.store import tune_study_name
 from harness.study.devices import trial_device
@@ -44,10 +44,12 @@ def make_pruner(spec: StudySpec, study_name: str) -> optuna.pruners.BasePruner:
 class Objective:
     """Runs claimed units of ``spec``, tells their trials the outcome, keeps run records in folder/runs."""
 
-    def __init__(self, spec: StudySpec, queue: WorkQueue, folder: Path):
+    def __init__(self, spec: StudySpec, queue: WorkQueue, folder: Path, world_size: int = 1):
         self.spec = spec
         self.queue = queue
         self.folder = folder
+        #: GPUs of each trial (``--gpus-per-trial``): its runs train with DDP over that many ranks.
+        self.world_size = world_size
 
     def _resolve(self, unit: Unit, trial: optuna.Trial, snap: Snapshot) -> tuple[dict[str, Any], RunConfig]:
         """The tuned values and the RunConfig of ``unit``: sampled (tune), the arm's best tuned config
@@ -55,11 +57,17 @@ class Objective:
         arm = self.spec.arm(unit.attrs["arm"])
         if unit.attrs["stage"] == "tune":
             tuned = self.spec.suggest(trial, arm)
-            return tuned, self.spec.config(arm, tuned)
+            return tuned, self._placed(self.spec.config(arm, tuned))
         if unit.attrs.get("protocol") == "literature":
-            return {}, self.spec.literature_config(arm, unit.attrs["seed"])
+            return {}, self._placed(self.spec.literature_config(arm, unit.attrs["seed"]))
         tuned = self._best_tuned(arm, snap)
-        return tuned, self.spec.config(arm, {**tuned, "seed": unit.attrs["seed"]})
+        return tuned, self._placed(self.spec.config(arm, {**tuned, "seed": unit.attrs["seed"]}))
+
+    def _placed(self, cfg: RunConfig) -> RunConfig:
+        """``cfg`` on this worker's GPUs: ``train.distributed.world_size`` from ``--gpus-per-trial``."""
+        if self.world_size == 1:
+            return cfg
+        return validate(assign(cfg.to_dict(), {"train.distributed.world_size": self.world_size}))
 
     def _best_tuned(self, arm: Arm, snap: Snapshot) -> dict[str, Any]:
         """The tuned values of the arm's best complete tune trial (by the validation objective)."""
@@ -156,7 +164,7 @@ class Objective:
             if tune and self.spec.pruner and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val {metric} {value:.4f})")
 
-        trial.set_user_attr("device", trial_device(cfg.train.device))
+        trial.set_user_attr("device", trial_device(cfg.train.device, cfg.train.distributed.world_size))
         log.info("%s: start (run %s)", what, cfg.run_key())
         try:
             with self.queue.heartbeat(trial_id):

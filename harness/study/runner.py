@@ -75,7 +75,7 @@ class Worker:
             return {"sampler": make_sampler(self.spec, name), "pruner": make_pruner(self.spec, name)}
 
         self.queue = WorkQueue(ctx.spec, ctx.storage, ctx.results, ctx.invocation, options)
-        self.objective = Objective(ctx.spec, self.queue, ctx.results / ctx.spec.name)
+        self.objective = Objective(ctx.spec, self.queue, ctx.results / ctx.spec.name, ctx.gpus_per_trial)
 
     def work(self) -> int:
         """Run units until all are settled, the deadline passes or most trials fail; return how many ran."""
@@ -292,12 +292,14 @@ def _run_pinned(ctx: Context, slots: list[Slot]) -> list[tuple[Slot, str]]:
     return died
 
 
-def check_batches(spec: StudySpec) -> None:
-    """Every arm's batches against its training split, before any trial runs (``sampler.p`` above the
-    split's classes fails here with the arm named, not as a study of failed trials). Loads each distinct
-    dataset once; its image check is cached, so the trials do not decode the files again."""
+def check_batches(spec: StudySpec, world_size: int = 1) -> None:
+    """Every arm's batches against its training split and the ranks of a trial, before any trial runs
+    (``sampler.p`` above the split's classes fails here with the arm named, not as a study of failed
+    trials). Loads each distinct dataset once; its image check is cached, so the trials do not decode the
+    files again."""
     from harness.data import load_splits
     from harness.data.sampler import build_sampler
+    from harness.distributed import batch_problems
 
     configs = [(f"arms ({a.label})", spec.config(a, {})) for a in spec.arms if "fair" in spec.protocols]
     configs += [
@@ -316,6 +318,9 @@ def check_batches(spec: StudySpec) -> None:
         except ConfigError as e:
             for p in e.problems:
                 problems.setdefault(p, []).append(where)
+        for p in batch_problems(cfg.sampler, world_size):
+            p = p.replace("train.distributed.world_size", "--gpus-per-trial")
+            problems.setdefault(p, []).append(where)
     if problems:
         raise ConfigError([f"{', '.join(places)}: {p}" for p, places in problems.items()])
 
@@ -356,7 +361,7 @@ def run_study(
     writing the report) when an arm has no completed final run, naming the arms and why."""
     slots = plan_workers(workers, parse_gpus(gpus), trials_per_gpu, gpus_per_trial)
     spec = load_study(path, overrides, name, protocol)
-    check_batches(spec)
+    check_batches(spec, gpus_per_trial)
     prepare(open_storage(storage, spec.name, results, workers=len(slots), create=True), spec)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ctx = Context(
