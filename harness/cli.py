@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dmlh list | head`: the reader left; exit quietly like other tools
+        # Python would report the failed flush of stdout at exit: point stdout at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -278,10 +282,6 @@ def main(argv: list[str] | None = None) -> int:
             "interrupted: every finished run is stored; rerun the same command to resume", file=sys.stderr
         )
         return 130
-    except BrokenPipeError:  # `dmlh list | head`: the reader left; exit quietly like other tools
-        # Python would report the failed flush of stdout at exit: point stdout at /dev/null first
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     return 0
 
 

@@ -26,9 +26,10 @@ from harness.plugins import HasBackbone, param_options
 from harness.types import LossOutput, ModelOutput
 
 
-def as_float(v: float | torch.Tensor) -> float:
-    """A loss statistic (float or tensor) as a Python float for the history."""
-    return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
+def _detached(v: float | torch.Tensor) -> float | torch.Tensor:
+    """A loss statistic as the history keeps it: a float32 tensor cut from the graph (no host read), or a
+    plugin's float as it is."""
+    return v.detach().float() if isinstance(v, torch.Tensor) else float(v)
 
 
 def param_groups(model: nn.Module, loss_modules: Iterable[nn.Module], cfg: RunConfig) -> list[dict[str, Any]]:
@@ -156,28 +157,31 @@ class Learner:
         exponent range, so its gradients do not underflow)."""
         return self.amp and self.amp_dtype == torch.float16
 
-    def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def objective(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Total loss of one batch (metric loss per model part + regularizers + model aux losses) and its
-        components as scalars for the history."""
+        components for the history: detached tensors (or a plugin's floats), never read back to the host
+        here, so the step does not wait for the device (``monitor.StepStats`` reads them per interval)."""
         with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp):
             out: ModelOutput = self.model(images, labels)
         out, labels = self.global_batch(out, labels)  # the ranks' shards gathered (harness.distributed)
         parts = out.parts if out.parts is not None else [out.embeddings]
         metric_outputs: list[LossOutput] = [self.loss(p.float(), labels) for p in parts]
         total = cast(torch.Tensor, sum(o.value for o in metric_outputs))  # at least one part
-        stats: dict[str, float] = {"loss/metric": as_float(total)}
+        stats: dict[str, torch.Tensor | float] = {"loss/metric": _detached(total)}
         for o in metric_outputs:
             for k, v in o.stats.items():
-                stats[f"loss/{k}"] = stats.get(f"loss/{k}", 0.0) + as_float(v) / len(metric_outputs)
+                stats[f"loss/{k}"] = stats.get(f"loss/{k}", 0.0) + _detached(v) / len(metric_outputs)
         for i, reg in enumerate(self.regularizers):
             r = reg(out.embeddings.float(), labels)
             total = total + r.value
-            stats[f"reg{i}/value"] = as_float(r.value)
-            stats.update({f"reg{i}/{k}": as_float(v) for k, v in r.stats.items()})
+            stats[f"reg{i}/value"] = _detached(r.value)
+            stats.update({f"reg{i}/{k}": _detached(v) for k, v in r.stats.items()})
         for name, value in out.aux_losses.items():
             total = total + value
-            stats[f"aux/{name}"] = as_float(value)
-        stats.update({f"model/{k}": as_float(v) for k, v in out.stats.items()})
+            stats[f"aux/{name}"] = _detached(value)
+        stats.update({f"model/{k}": _detached(v) for k, v in out.stats.items()})
         stats.update(embedding_stats(out.embeddings, labels))  # collapse shows here first
         return total, stats
 

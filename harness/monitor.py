@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from harness.errors import NonFiniteLossError
+
 log = logging.getLogger(__name__)
 
 #: Seconds between two progress lines within one epoch when no progress bar is showing.
@@ -29,24 +31,79 @@ COLLAPSE_SPREAD = 0.05
 ZERO_NORM = 1e-6
 #: A metric loss within this fraction of ``loss.margin`` counts as pinned at the margin.
 MARGIN_TOLERANCE = 0.05
+#: Training steps between two reads of the loss statistics (and the NaN check) from the device.
+READ_EVERY = 25
 
 
-def embedding_stats(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def embedding_stats(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean Euclidean distance of same-class pairs (``embed/pos_dist``, NaN without any) and of
     different-class pairs (``embed/neg_dist``) in a batch, and the mean embedding norm (``embed/norm``):
-    the quantities that shrink to 0 when the embedding collapses. One host sync per batch."""
+    the quantities that shrink to 0 when the embedding collapses. Tensors on the embeddings' device: nothing
+    is read back to the host (``StepStats`` reads them once per interval)."""
     e = embeddings.detach().float()
     dist = torch.cdist(e, e)
     same = labels[:, None] == labels[None, :]
     pos = same & ~torch.eye(len(e), dtype=torch.bool, device=e.device)
     neg = ~same
-    sums = torch.stack([(dist * pos).sum(), pos.sum(), (dist * neg).sum(), neg.sum(), e.norm(dim=1).mean()])
-    pos_sum, n_pos, neg_sum, n_neg, norm = sums.tolist()
-    return {
-        "embed/pos_dist": pos_sum / n_pos if n_pos else math.nan,
-        "embed/neg_dist": neg_sum / n_neg if n_neg else math.nan,
-        "embed/norm": norm,
+    return {  # 0 / 0 is NaN: no pair of the kind
+        "embed/pos_dist": (dist * pos).sum() / pos.sum(),
+        "embed/neg_dist": (dist * neg).sum() / neg.sum(),
+        "embed/norm": e.norm(dim=1).mean(),
     }
+
+
+class StepStats:
+    """The loss statistics of an epoch's training steps, kept on the training device: ``add`` after each
+    step queues a few device additions and never reads a tensor back (the host never waits for the GPU);
+    ``read`` does, once per interval (``READ_EVERY`` steps) and at the end of the epoch. A non-finite loss
+    is remembered with its step and components and raised (``NonFiniteLossError``) at the next read."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch  # 0-based, for the message
+        self.keys: list[str] | None = None
+        self.sums: torch.Tensor | None = None
+        self.first_bad: torch.Tensor | None = None  # [step, loss, components...] of the first NaN/Inf loss
+        self.steps = 0
+        self.last: dict[str, float] = {}
+
+    def add(self, step: int, loss: torch.Tensor, stats: dict[str, torch.Tensor | float]) -> None:
+        """Count one step's ``loss`` and ``stats`` (tensors or floats) in the sums, on the loss's device."""
+        keys = ["loss", *stats]
+        if self.keys is not None and keys != self.keys:  # a step with other statistics: settle the sums
+            self.read()
+        device = loss.device
+        row = torch.stack(
+            [
+                v.detach().float().reshape(()).to(device, non_blocking=True)
+                if isinstance(v, torch.Tensor)
+                else torch.full((), float(v), device=device)
+                for v in (loss, *stats.values())
+            ]
+        )
+        bad = ~torch.isfinite(row[0])
+        at = torch.cat([torch.full((1,), float(step), device=device), row])
+        if self.sums is None or self.first_bad is None:
+            self.keys, self.sums, self.first_bad = keys, row, torch.where(bad, at, torch.full_like(at, -1.0))
+        else:
+            self.sums = self.sums + row
+            fresh = bad & (self.first_bad[0] < 0)
+            self.first_bad = torch.where(fresh, at, self.first_bad)
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """The mean of every statistic since the epoch began (one host read); raises NonFiniteLossError
+        naming the first step (0-based ``step`` of ``add``, shown 1-based) whose loss was NaN or Inf."""
+        if self.sums is None or self.first_bad is None or self.keys is None:
+            return dict(self.last)
+        sums, bad = torch.stack([self.sums, self.first_bad[1:]]).tolist(), self.first_bad[0].item()
+        if bad >= 0:
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys[1:], sums[1][1:], strict=True))
+            raise NonFiniteLossError(
+                f"loss became {sums[1][0]} at epoch {self.epoch + 1}, step {int(bad) + 1} (components: "
+                f"{parts}); try a lower optimizer.lr or train.grad_clip"
+            )
+        self.last = {k: v / self.steps for k, v in zip(self.keys, sums[0], strict=True)}
+        return dict(self.last)
 
 
 def _duration(seconds: float) -> str:

@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -31,11 +30,11 @@ from harness.data.cache import cached_splits, num_workers
 from harness.data.prefetch import ThreadedLoader, received_in_thread
 from harness.data.sampler import build_sampler
 from harness.distributed import SINGLE, Dist, ShardedBatches
-from harness.errors import ConfigError, NonFiniteLossError, TrainingError
+from harness.errors import ConfigError, TrainingError
 from harness.evaluate import retrieval_metrics
-from harness.learner import Learner, as_float, embed
+from harness.learner import Learner, embed
 from harness.model import StagedBackbone, build_component
-from harness.monitor import CollapseCheck, Progress, inert_synthesis
+from harness.monitor import READ_EVERY, CollapseCheck, Progress, StepStats, inert_synthesis
 from harness.plugins import (
     AttentionMaps,
     Ensemble,
@@ -152,8 +151,7 @@ class _Trainer:
         for p in cast(nn.Module, self.model.backbone).parameters():
             p.requires_grad_(not warm)
         self.sampler.set_epoch(epoch)
-        sums: dict[str, float] = defaultdict(float)
-        n = 0
+        meter = StepStats(epoch)
         progress.begin_epoch()
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False, disable=None)
         for step, (images, labels) in enumerate(bar):
@@ -162,12 +160,7 @@ class _Trainer:
                 images = self.augment(images)
             labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
             total, stats = self.learner.objective(images, labels)
-            if not torch.isfinite(total):
-                raise NonFiniteLossError(
-                    f"loss became {total.item()} at epoch {epoch + 1}, step {step + 1} "
-                    f"(components: {', '.join(f'{k}={v:.4g}' for k, v in stats.items())}); "
-                    "try a lower optimizer.lr or train.grad_clip"
-                )
+            meter.add(step, total, stats)  # no host read: a NaN is found at the next read, with its step
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.dist.average_gradients(self.params)  # over the ranks of a DDP run
@@ -178,16 +171,14 @@ class _Trainer:
                 )
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            stats["loss"] = as_float(total)
-            for k, v in stats.items():
-                sums[k] += v
-            n += 1
-            bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            images_seen = len(labels) * self.dist.world_size
-            progress.step(epoch, step + 1, stats["loss"], images_seen, bar_shown=not bar.disable)
+            if (step + 1) % READ_EVERY == 0:
+                bar.set_postfix(loss=f"{meter.read()['loss']:.4f}")
+            images_seen, loss = len(labels) * self.dist.world_size, meter.last.get("loss", math.nan)
+            progress.step(epoch, step + 1, loss, images_seen, bar_shown=not bar.disable)  # loss as last read
+        means = meter.read()
         if self.scheduler is not None:
             self.scheduler.step()
-        return {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+        return {f"train/{k}": v for k, v in means.items()}
 
     def refresh_triplets(self, epoch: int) -> dict[str, float]:
         """Offline mining (``plugins.SplitMiner``): on the epochs its ``refresh_every`` says (0, N, 2N, ...),

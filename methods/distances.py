@@ -82,6 +82,25 @@ class _Gram(torch.autograd.Function):
 #: embeddings) are recomputed from the rows: there the matmul form's rounding error (~1e-7 of the norms in
 #: float32) is no longer small against the value.
 NEAR_ZERO = 1e-3
+#: On a GPU, candidates for that per image of the batch: the ``NEAR_CANDIDATES·B`` smallest off-diagonal
+#: entries are checked (a fixed number, so finding them never reads the matrix back to the host: no stall).
+#: A P×K batch that pads a 2-image class with repeats has one or a few duplicates per image.
+NEAR_CANDIDATES = 4
+
+
+def _near_pairs(out: Tensor, threshold: Tensor, fixed_size: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows, columns and a mask of the off-diagonal entries of ``out`` (diagonal at +inf) to recompute:
+    exactly those below ``threshold`` (on the CPU: a host read costs nothing there, and a well-spread batch
+    has none), or with ``fixed_size`` (on a GPU) the ``NEAR_CANDIDATES·B`` smallest, masked by it."""
+    n = len(out)
+    if not fixed_size:
+        if out.amin() > threshold:
+            none = torch.zeros(0, dtype=torch.long)
+            return none, none, torch.zeros(0, dtype=torch.bool)
+        i, j = (out <= threshold).nonzero(as_tuple=True)
+        return i, j, torch.ones_like(i, dtype=torch.bool)
+    smallest, index = out.view(-1).topk(min(NEAR_CANDIDATES * n, n * n - n), largest=False)
+    return index // n, index % n, smallest <= threshold
 
 
 class _SquaredEuclidean(torch.autograd.Function):
@@ -90,10 +109,10 @@ class _SquaredEuclidean(torch.autograd.Function):
     from the origin); backward ``2 (c·rowsum(S) - S c)`` with ``S = G + Gᵀ``: one matmul, where autograd
     would need two (the centring is a constant shift: the gradient passes through unchanged).
 
-    The diagonal is exactly 0 (a constant: no gradient), and the few off-diagonal entries below
-    ``NEAR_ZERO`` are ``|c_i - c_j|²`` from the rows, value and gradient: duplicate embeddings are at
+    The diagonal is exactly 0 (a constant: no gradient), and off-diagonal entries below ``NEAR_ZERO``
+    (``_near_pairs``) are ``|c_i - c_j|²`` from the rows, value and gradient: duplicate embeddings are at
     distance 0 with zero gradient, near-duplicates at their exact distance, as a per-pair computation gives
-    them. Finding them costs one comparison of the matrix with a scalar; well-spread batches have none.
+    them. On a GPU this is fixed-size tensor work: no host read, no branch on data.
     """
 
     @staticmethod
@@ -101,29 +120,24 @@ class _SquaredEuclidean(torch.autograd.Function):
         c = x - x.mean(0, keepdim=True)
         norms = c.pow(2).sum(1)
         out = torch.addmm(norms[:, None] + norms[None, :], c, c.T, alpha=-2.0)
-        diagonal = out.diagonal()
-        diagonal.fill_(float("inf"))
-        i = j = torch.zeros(0, dtype=torch.long, device=x.device)
-        if len(x) > 1:
-            threshold = NEAR_ZERO * 2.0 * norms.max()
-            if out.amin() <= threshold:  # one reduction; the mask only when there is a near pair
-                i, j = (out <= threshold).nonzero(as_tuple=True)
-                out[i, j] = (c[i] - c[j]).pow(2).sum(1)
-        diagonal.zero_()
-        ctx.save_for_backward(c, i, j)
+        out.diagonal().fill_(float("inf"))  # never a candidate
+        i, j, near = _near_pairs(out, NEAR_ZERO * 2.0 * norms.max(), fixed_size=x.device.type != "cpu")
+        out[i, j] = torch.where(near, (c[i] - c[j]).pow(2).sum(1), out[i, j])
+        out.diagonal().zero_()
+        ctx.save_for_backward(c, i, j, near)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        c, i, j = ctx.saved_tensors
-        if len(i):  # the recomputed entries: their gradient from the rows, not through the matmul form
-            g = grad[i, j][:, None] * (c[i] - c[j])
-            grad = grad.index_put((i, j), grad.new_zeros(()))
+        c, i, j, near = ctx.saved_tensors
+        # the recomputed entries: their gradient from the rows, not through the matmul form
+        at = grad[i, j]
+        g = (at * near)[:, None] * (c[i] - c[j])
+        grad = grad.index_put((i, j), torch.where(near, torch.zeros_like(at), at))
         sym = grad + grad.T
         sym.diagonal().zero_()
         out = torch.addmm(c * sym.sum(1, keepdim=True), sym, c, alpha=-1.0)
-        if len(i):
-            out.index_add_(0, i, g).index_add_(0, j, -g)
+        out.index_add_(0, i, g).index_add_(0, j, -g)
         return out.mul_(2.0)
 
 

@@ -92,7 +92,7 @@ def _step(dist: Dist, name: str) -> tuple[float, dict[str, torch.Tensor], dict[s
         for k, p in module.named_parameters()
         if p.grad is not None
     }
-    return float(total.detach()), grads, stats
+    return float(total.detach()), grads, {k: float(v) for k, v in stats.items()}
 
 
 def _grad_job(dist: Dist) -> dict[str, Any]:

@@ -167,9 +167,17 @@ def test_distance_helpers_match_loops_and_gradcheck(metric: str) -> None:
     assert torch.autograd.gradcheck(lambda e: (cosine_similarity(e) * weights).sum(), (x,))
 
 
-def test_batch_distances_are_exact_at_duplicates_and_near_duplicates() -> None:
+@pytest.mark.parametrize("fixed_size", [False, True], ids=["cpu-rule", "gpu-rule"])
+def test_batch_distances_are_exact_at_duplicates_and_near_duplicates(
+    fixed_size: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The diagonal is 0 and (near-)duplicates come from their rows, value and gradient: the matmul form's
-    rounding would leave them at ~1e-3 (float32, here) with a spurious gradient through the square root."""
+    rounding would leave them at ~1e-3 (float32, here) with a spurious gradient through the square root.
+    The GPU's rule (a fixed number of candidates, no host read) gives the same as the CPU's."""
+    from methods import distances
+
+    rule = distances._near_pairs
+    monkeypatch.setattr(distances, "_near_pairs", lambda out, cut, **_: rule(out, cut, fixed_size))
     x = torch.randn(6, 64) + 3.0  # away from the origin: large norms, large rounding of the matmul form
     x[1] = x[0]
     x[2] = x[0] + 1e-3 * torch.randn(64)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,69 @@ def test_checkpoint_restores_the_best_state(tmp_path: Path) -> None:
     model = build_model(tiny(), num_classes=9, in_channels=1)
     model.load_state_dict(res.checkpoint["model"])
     assert torch.equal(model.head.weight, res.checkpoint["model"]["head.weight"])
+
+
+def test_the_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """50 steps of the trainer's loop: the loss statistics stay on the device and are read once per
+    READ_EVERY steps (and at the epoch's end); every other host read by the engine (``.item()``,
+    ``.tolist()``, ``float()``, ``bool()`` of a tensor, ``.cpu()``, ``.numpy()`` in harness/) is counted and
+    must not happen: on a GPU each would stall the step. Plugins may take CPU-only shortcuts (distances'
+    near-duplicate search); the cuda-marked test in test_gpu_options checks everything with torch's sync
+    debug mode."""
+    from harness import monitor, train
+
+    reads: list[str] = []
+    in_step = [False]
+
+    def counting(name: str) -> None:
+        real = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: object, **kwargs: object) -> object:
+            caller = sys._getframe(1).f_code.co_filename  # the engine's reads: torch's own (an optimizer's
+            if in_step[0] and f"{os.sep}harness{os.sep}" in caller:  # step counter on the host) are not
+                reads.append(f"{name} in {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
+        counting(name)
+    real_read = monitor.StepStats.read
+    allowed = [0]
+
+    def read_stats(self: monitor.StepStats) -> dict[str, float]:
+        in_step[0] = False  # the interval's one read
+        allowed[0] += 1
+        try:
+            return real_read(self)
+        finally:
+            in_step[0] = True
+
+    monkeypatch.setattr(monitor.StepStats, "read", read_stats)
+    real_epoch = train._Trainer.train_epoch
+
+    def epoch(self: train._Trainer, *args: object) -> dict[str, float]:
+        in_step[0] = True
+        try:
+            return real_epoch(self, *args)  # type: ignore[arg-type]
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(train._Trainer, "train_epoch", epoch)
+    res = run(tiny("sampler.batches_per_epoch=50", "train.epochs=1", "data.num_workers=0"))
+    assert reads == [], f"{len(reads)} host reads in 50 steps: {sorted(set(reads))}"
+    assert allowed[0] == 50 // monitor.READ_EVERY + 1
+    assert res.history[0]["train/loss"] > 0
+
+
+def test_step_stats_average_on_the_device_and_name_the_first_non_finite_step() -> None:
+    from harness.monitor import StepStats
+
+    meter = StepStats(epoch=2)
+    for step, loss in enumerate([1.0, 3.0, 2.0]):
+        meter.add(step, torch.tensor(loss), {"a": torch.tensor(2 * loss), "b": 0.5})
+    assert meter.read() == {"loss": 2.0, "a": 4.0, "b": 0.5}
+    meter.add(3, torch.tensor(float("nan")), {"a": torch.tensor(7.0), "b": 0.5})
+    meter.add(4, torch.tensor(float("inf")), {"a": torch.tensor(8.0), "b": 0.5})  # not the first
+    with pytest.raises(NonFiniteLossError, match=r"became nan at epoch 3, step 4 \(components: a=7, b=0.5"):
+        meter.read()
