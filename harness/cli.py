@@ -87,16 +87,27 @@ def _cmd_study_run(args: argparse.Namespace) -> None:
         raise incomplete
 
 
+def _study_name(name_or_yaml: str) -> str:
+    """A study's name, given as such or as the study YAML `dmlh study run` took."""
+    path = Path(name_or_yaml)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        from harness.config import load_yaml
+
+        return str(load_yaml(path).get("name") or path.stem)
+    return name_or_yaml
+
+
 def _cmd_study_status(args: argparse.Namespace) -> None:
     from harness.reporting.status import status
 
-    print(status(args.name, storage=args.storage, results=args.results))
+    print(status(_study_name(args.name), storage=args.storage, results=args.results))
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from harness import report
 
-    out = report.write_report(args.name, storage=args.storage, results=args.results, baseline=args.baseline)
+    name = _study_name(args.name)
+    out = report.write_report(name, storage=args.storage, results=args.results, baseline=args.baseline)
     print(f"tables and plots written to {out}")
 
 
@@ -210,9 +221,22 @@ def _add_study_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     sr.set_defaults(func=_cmd_study_run)
     ss = ssub.add_parser("status", help="counts by state, best arms, time spent")
-    ss.add_argument("name")
+    ss.add_argument("name", help="the study's name or its YAML")
     ss.add_argument("--storage", default=None)
     ss.set_defaults(func=_cmd_study_status)
+
+    def _cmd_study_check(args: argparse.Namespace) -> None:
+        from harness.study.recipe import cmd_check
+
+        cmd_check(args)
+
+    sc = ssub.add_parser(
+        "check",
+        help="validate study files without loading data: every arm's config, and a paper study's recipe: "
+        "against the literature config of every arm",
+    )
+    sc.add_argument("studies", nargs="+", help="study YAML files, then dotted overrides (base.seed=1)")
+    sc.set_defaults(func=_cmd_study_check)
 
 
 def _workers(text: str) -> int | str:
@@ -227,7 +251,7 @@ def _workers(text: str) -> int | str:
 def _add_report_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`dmlh report NAME`: the tables and plots of a study."""
     rp = sub.add_parser("report", help="write comparison tables and plots of a study")
-    rp.add_argument("name")
+    rp.add_argument("name", help="the study's name or its YAML")
     rp.add_argument("--storage", default=None)
     rp.add_argument("--baseline", default=None, help="baseline arm for the ablation tables")
     rp.set_defaults(func=_cmd_report)

@@ -28,9 +28,38 @@ from harness.types import CLUSTERING_METRICS, METRICS, recall_name
 Component = dict[str, Any]
 
 
+#: What YAML 1.1 reads as a boolean: ``cache: off`` arrives as False, in a file and in a dotted override.
+_OFF_WORDS = ("off", "no", "false", "n")
+_ON_WORDS = ("on", "yes", "true", "y")
+
+
+def _is_off(value: Any) -> bool:
+    return value is False or (isinstance(value, str) and value.lower() in _OFF_WORDS)
+
+
+def _is_on(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in _ON_WORDS)
+
+
+def _switch(off: Any, on: Any = None) -> Any:
+    """A ``mode="before"`` validator for a switch-like option: YAML's booleans (``off``/``no``/``false``
+    arrive as False) and their words as strings are the option's ``off`` value, and, when it has one, its
+    ``on`` value; anything else is validated as it is."""
+
+    def convert(value: Any) -> Any:
+        if _is_off(value):
+            return off
+        if on is not None and _is_on(value):
+            return on
+        return value
+
+    return convert
+
+
 def _component(value: Any) -> Any:
-    """Accept the ``name`` shorthand for ``{name: name}``; ``none``/null means absent."""
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
+    """Accept the ``name`` shorthand for ``{name: name}``; ``none``/null (and YAML's ``off``/``false``)
+    means absent."""
+    if value is None or _is_off(value) or (isinstance(value, str) and value.lower() == "none"):
         return None
     if isinstance(value, str):
         return {"name": value}
@@ -58,8 +87,9 @@ class DataSection(_Section):
     cache: Literal["auto", "off", "memory", "disk"] = "auto"
     cache_budget_gib: float = Field(64.0, gt=0)
     #: Random crops, flips and normalisation of a training batch at once on the training device
-    #: (``harness.data.batch_augment``; workers only copy uint8 images); ``auto``: when the images come
-    #: from the cache and the recipe is batched (not ``grey``).
+    #: (``harness.data.batch_augment``; workers only copy uint8 images); ``auto``: on CUDA, when the images
+    #: come from the cache and the recipe is batched (not ``grey``). On the CPU ``auto`` leaves the crops to
+    #: the DataLoader workers (``CachedCrop``: uint8, one resize per image), which never slows the step.
     batch_augment: bool | Literal["auto"] = "auto"
     #: Train without image files that fail to decode (their count is logged) instead of refusing to start.
     skip_bad: bool = False
@@ -68,6 +98,8 @@ class DataSection(_Section):
     min_side: int = Field(8, ge=1)
 
     _c = field_validator("dataset", mode="before")(_component)
+    _cache = field_validator("cache", mode="before")(_switch("off"))
+    _ba = field_validator("batch_augment", mode="before")(_switch(False, True))
 
 
 class SamplerSection(_Section):
@@ -127,6 +159,8 @@ class TrainSection(_Section):
     save_checkpoint: bool = False
     threads: int | None = Field(None, ge=1)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+    _compile = field_validator("compile", mode="before")(_switch(False, "default"))
 
 
 class EvalSection(_Section):
@@ -333,6 +367,22 @@ def _selection_problems(cfg: RunConfig) -> list[str]:
     return [f"train.selection_metric: {metric!r} is not computed (computed: {', '.join(computed)}){hint}"]
 
 
+#: The ``data.transform`` recipes ``harness.data.batch_augment`` runs on batches (``BATCHED`` there).
+BATCHED_TRANSFORMS = ("imagenet", "symm_official", "mdr_official", "abe_official")
+
+
+def _data_problems(cfg: RunConfig) -> list[str]:
+    """What the data section says wrong by itself, found before any image is read (not after the image check
+    and the cache): a batched augmentation of a recipe that is not batched."""
+    data = cfg.data
+    if data.batch_augment is True and data.transform not in ("auto", *BATCHED_TRANSFORMS):
+        return [
+            f"data.batch_augment: the {data.transform!r} transform is not batched (batched: "
+            f"{', '.join(BATCHED_TRANSFORMS)}); set data.batch_augment: auto or false"
+        ]
+    return []
+
+
 def _fill_defaults(spec: Component, kind: str) -> Component:
     name, params = split_params(spec)
     entry = registry.registry(kind).get(name)
@@ -350,10 +400,25 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     except pydantic.ValidationError as e:
         raise ConfigError(_pydantic_problems(e, RunConfig) + problems) from e
     problems += _compatibility_problems(cfg) + _selection_problems(cfg) + _offline_mining_problems(cfg)
-    problems += batch_problems(cfg.sampler, cfg.train.distributed.world_size)
+    problems += batch_problems(cfg.sampler, cfg.train.distributed.world_size) + _data_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    problems = _build_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return resolve(cfg)
+
+
+def _build_problems(cfg: RunConfig) -> list[str]:
+    """A third-party component that cannot be built with these params (a plugin written against another
+    version of the harness's interfaces) is a config error, found before any data is read."""
+    problems = []
+    for kind, path, spec in cfg.components():
+        name, params = split_params(spec)
+        problem = registry.build_problem(kind, name, params, path)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -444,8 +509,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: config file not found")
     try:
         data = parse_yaml(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    except yaml.YAMLError as e:  # PyYAML names a parsed string "<unicode string>": name the file instead
+        raise ConfigError(f"{p}: not valid YAML: {str(e).replace('<unicode string>', str(p))}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     return data

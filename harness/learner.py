@@ -22,6 +22,7 @@ from harness.data.prefetch import received_in_thread
 from harness.errors import ConfigError
 from harness.model import build_component, build_model
 from harness.monitor import embedding_stats
+from harness.optim import decay_groups
 from harness.plugins import HasBackbone, param_options
 from harness.types import LossOutput, ModelOutput
 
@@ -146,6 +147,7 @@ class Learner:
             for i, r in enumerate(cfg.regularizers)
         ).to(device)
         groups = param_groups(model, [loss, regularizers], cfg)
+        groups = decay_groups(groups, [model, loss, regularizers], str(cfg.optimizer.get("decay", "all")))
         optimizer = build_component(cfg.optimizer, "optimizer", "optimizer", params=groups)
         amp = cfg.train.amp and device.type == "cuda"
         amp_dtype = getattr(torch, cfg.train.amp_dtype)

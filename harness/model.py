@@ -11,6 +11,7 @@ Contracts the engine relies on:
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Annotated, Any, Literal, cast
 
@@ -23,6 +24,7 @@ from harness import registry
 from harness.config import RunConfig, split_params
 from harness.distributed import batch_gather
 from harness.errors import ConfigError
+from harness.plugins import InterfaceDeprecationWarning
 from harness.registry import register
 from harness.types import DataConfig, ModelOutput, StageInfo
 
@@ -43,17 +45,44 @@ class StagedBackbone(nn.Module):
         channels: dict[str, int],
         data_config: DataConfig,
         *,
-        reductions: dict[str, int],
+        reductions: dict[str, int] | None = None,
         frozen_bn: bool = False,
     ):
         super().__init__()
+        self.stages = nn.ModuleDict(stages)
+        self.data_config = data_config
+        if reductions is None:  # a backbone written before `reductions` existed: measured, with a warning
+            reductions = self._measure_reductions()
+            warnings.warn(
+                f"{type(self).__module__}.{type(self).__name__}: StagedBackbone.__init__ without reductions= "
+                "is deprecated and will be an error; measured from a forward pass at input size "
+                f"{data_config.input_size}: pass reductions={reductions} to super().__init__",
+                InterfaceDeprecationWarning,
+                stacklevel=2,
+            )
         missing = (set(stages) - set(channels)) | (set(stages) - set(reductions))
         assert not missing, f"stage channels or reductions missing for {missing}"
-        self.stages = nn.ModuleDict(stages)
         self.stage_channels = dict(channels)
         self.stage_reductions = dict(reductions)
-        self.data_config = data_config
         self.frozen_bn = frozen_bn
+
+    def _measure_reductions(self) -> dict[str, int]:
+        """Each stage's input side / output side on one zero image at the declared input size (on the
+        parameters' device: free on torch's meta device), for backbones that do not declare them."""
+        size, params = self.data_config.input_size, next(self.parameters(), None)
+        device = params.device if params is not None else torch.device("cpu")
+        x = torch.zeros(1, self.data_config.in_channels, size, size, device=device)
+        was_training, out = self.training, {}
+        self.eval()  # no running-statistics update
+        try:
+            with torch.no_grad():
+                for name, stage in self.stages.items():
+                    x = stage(x)
+                    side = x.shape[-1] if x.dim() == 4 else 1  # a pooled [B, C] stage: the whole image
+                    out[name] = max(1, round(size / side))
+        finally:
+            nn.Module.train(self, was_training)
+        return out
 
     @property
     def stage_names(self) -> list[str]:

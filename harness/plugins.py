@@ -123,6 +123,11 @@ class TripletBatches(Protocol):
         ...
 
 
+class InterfaceDeprecationWarning(FutureWarning):
+    """A plugin uses an interface of the harness that changed (shown to users; ``dmlh list`` and the contract
+    checks of ``harness.testing`` report it, with the one-line change to make)."""
+
+
 def mines_split(miner_cls: object) -> bool:
     """Whether a miner class mines the whole training split (``SplitMiner``), read before it is built."""
     return callable(getattr(miner_cls, "mine_split", None))

@@ -19,21 +19,26 @@ callable that is called once. A plugin that fails to load is logged, skipped and
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.metadata
 import inspect
+import json
 import logging
 import pkgutil
+import re
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pydantic
+import torch
 
 from harness.errors import ConfigError, HarnessError, UnknownComponentError
-from harness.plugins import BenchVariant, Reference
+from harness.plugins import BenchVariant, InterfaceDeprecationWarning, Reference
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +365,111 @@ def _at(path: str, problem: str, entry: Entry) -> str:
     return f"{path}: {problem}"
 
 
+#: Stand-ins for the context a constructor may ask for, in a build probe (``build_problem``); a component that
+#: asks for anything else (a model's built backbone) is not probed.
+_PROBE_CONTEXT: dict[str, Any] = {
+    "num_classes": 4,
+    "embedding_dim": 16,
+    "in_channels": 3,
+    "miner": None,
+    "synthesis": None,
+    "epochs": 1,
+}
+_PROBES: dict[str, tuple[str | None, list[str]]] = {}
+#: Kinds whose building reads data (a dataset loads its images): never built to probe them.
+_NOT_PROBED = frozenset({"dataset"})
+
+
+def is_builtin(entry: Entry) -> bool:
+    """Whether ``entry`` comes with dml-harness (its ``methods`` package or the engine)."""
+    return entry.plugin == "builtin" or entry.plugin.split(".")[0] in ("harness", "methods")
+
+
+def build_problem(
+    kind: str, name: str, params: Mapping[str, Any] | None = None, path: str = ""
+) -> str | None:
+    """Why the third-party component ``kind/name`` cannot be built with ``params`` (None: it can), in one
+    line naming its package and what to change: an interface change of the harness breaks a plugin here,
+    before any data is read, not as a raw TypeError in the middle of a run. Built-ins are covered by the
+    contract tests and not probed; nor is a component that asks for context other than ``_PROBE_CONTEXT``."""
+    problem, _ = _probe(kind, name, params or {})
+    return f"{path or kind}: {problem}" if problem else None
+
+
+def build_warnings(kind: str, name: str) -> list[str]:
+    """The deprecation warnings that building the third-party component ``kind/name`` from its defaults
+    gives."""
+    return _probe(kind, name, {})[1]
+
+
+def _probe(kind: str, name: str, params: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+    entry = registry(kind).get(name)
+    if kind in _NOT_PROBED or is_builtin(entry) or not entry.context <= set(_PROBE_CONTEXT):
+        return None, []
+    key = json.dumps([kind, name, params], sort_keys=True, default=repr)
+    if key not in _PROBES:
+        _PROBES[key] = _build_on_meta(entry, params)
+    return _PROBES[key]
+
+
+def _build_on_meta(entry: Entry, params: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+    """Build ``entry`` on torch's meta device (no memory, no compute; on the CPU if that fails)."""
+    ctx = {k: _PROBE_CONTEXT[k] for k in entry.context}
+    error: Exception | None = None
+    for device in ("meta", "cpu"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with torch.device(device):
+                    entry.obj(**params, **ctx)
+            except HarnessError:  # a user error (an absent weights file): the real build reports it
+                return None, []
+            except Exception as e:  # any defect of the plugin: reported, never raised
+                error = e
+                continue
+        deprecated = [w.message for w in caught if issubclass(w.category, InterfaceDeprecationWarning)]
+        notes = [f"deprecated: {message}" for message in deprecated]
+        return None, notes
+    assert error is not None
+    return (
+        f"{entry.kind} {entry.name!r} of {_package(entry)} cannot be built: {type(error).__name__}: {error}; "
+        f"{_fix(entry, error)}",
+        [],
+    )
+
+
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def _package(entry: Entry) -> str:
+    """``plugin 'x' (package dist-name, module mod)``: where a user goes to fix a component."""
+    module = str(getattr(entry.obj, "__module__", "") or "")
+    dists = _distributions().get(module.split(".")[0], [])
+    package = ", ".join(dists) or f"{module.split('.')[0]}, not an installed distribution"
+    return f"plugin {entry.plugin!r} (package {package}; module {module})"
+
+
+def _fix(entry: Entry, error: Exception) -> str:
+    """What to change: a call to a harness base class of another version gets that class's signature now."""
+    called = re.search(r"(\w+)\.__init__\(\)", str(error))
+    if isinstance(error, TypeError) and called and inspect.isclass(entry.obj):
+        for base in entry.obj.__mro__[1:]:
+            if base.__name__ == called.group(1) and base.__module__.split(".")[0] == "harness":
+                signature = str(inspect.signature(base)).replace("'", "")  # postponed annotations
+                return (
+                    f"it calls {base.__name__}.__init__ as another dml-harness version had it; now "
+                    f"{base.__name__}{signature} ({base.__module__}): update the plugin's call, or install "
+                    "the dml-harness version it was written for"
+                )
+    return "fix the plugin, or install the dml-harness version it was written for"
+
+
 def describe(kinds_: Iterable[str] | None = None) -> str:
     """Human-readable listing of every component with its parameters and defaults (``dmlh list``)."""
-    lines = []
+    lines: list[str] = []
+    unbuildable: list[str] = []
     for kind in kinds_ or kinds():
         reg = registry(kind)
         lines.append(f"[{kind}]")
@@ -370,8 +477,14 @@ def describe(kinds_: Iterable[str] | None = None) -> str:
             lines.append(f"  {e.name}  ({e.plugin})  {e.summary}")
             for p in e.params.values():
                 lines.append(f"      {p.describe()}")
+            problem = build_problem(kind, e.name)
+            if problem:
+                unbuildable.append(problem)
+                lines.append(f"      BROKEN: {problem}")
+            lines.extend(f"      {note}" for note in build_warnings(kind, e.name))
     broken = broken_plugins()
-    if broken:
+    if broken or unbuildable:
         lines.append("[broken plugins]")
         lines.extend(f"  {name}: {err}" for name, err in broken.items())
+        lines.extend(f"  {problem}" for problem in unbuildable)
     return "\n".join(lines)

@@ -22,8 +22,8 @@ import yaml
 from harness import store
 from harness.errors import HarnessError
 from harness.reporting import diagnostics as method_diagnostics
+from harness.reporting import effects, learners, page, paper, plots, search, stats
 from harness.reporting import figures as pictures
-from harness.reporting import learners, page, paper, plots, search, stats
 from harness.reporting.tables import display, is_best, tex_escape, to_markdown, write_table
 from harness.types import TABLE_METRICS, metric_title, recall_k
 
@@ -64,6 +64,35 @@ def summarize(final: pd.DataFrame, metrics: list[str], meta: dict[str, Any]) -> 
         out[f"{m}_std"] = stats["std"]
         out[f"{m}_best"] = is_best(out[f"{m}_mean"])
     return out
+
+
+def matched_seeds(final: pd.DataFrame, order: Sequence[str]) -> tuple[pd.DataFrame, str | None]:
+    """The runs of the seeds every arm completed, and a note saying what that leaves out (None: every arm
+    has the same seeds). Means over different seeds are not comparable (a study stopped by a timeout with 3
+    runs of one arm and 2 of another), nor equal to the paired Δ of the same row; so the tables compare the
+    arms on their common seeds. With no seed common to every arm nothing is left out and the note marks the
+    incomplete arms: their means are over their own seeds."""
+    seeds = {arm: set(final.loc[final.arm == arm, "seed"]) for arm in order}
+    if len({frozenset(s) for s in seeds.values()}) <= 1:
+        return final, None
+    common = set.intersection(*seeds.values())
+    every = set.union(*seeds.values())
+    incomplete = "; ".join(
+        f"{arm} (seeds {', '.join(map(str, sorted(s)))} of {', '.join(map(str, sorted(every)))})"
+        for arm, s in seeds.items()
+        if s != every
+    )
+    if not common:
+        return final, (
+            f"Incomplete arms: {incomplete}. No seed completed in every arm: each arm's mean is over its own "
+            "seeds, so the arms' means are not comparable, and no pair is tested"
+        )
+    kept = final[final.seed.isin(common)]
+    return kept, (
+        f"Arms compared on their common seeds {', '.join(map(str, sorted(common)))} only (means, Δ and "
+        f"paired tests alike; {len(final) - len(kept)} runs of other seeds left out of the tables). "
+        f"Incomplete arms: {incomplete}"
+    )
 
 
 def resolve_baseline(requested: str | None, meta: dict[str, Any], arms: Sequence[str]) -> str | None:
@@ -157,9 +186,16 @@ def _paper_section(name: str, final: pd.DataFrame, meta: dict[str, Any], tables:
     order = _arm_order(meta, [*final.arm.unique(), *(meta.get("published") or {})])
     table = paper.paper_table(final, metrics, order, meta)
     caption = paper.paper_caption(name, meta)
-    return _arm_metric_section(
+    lines = _arm_metric_section(
         "Published vs ours", table, table, paper.paper_display, tables / "paper", caption
     )
+    recipe = paper.recipe_table(meta)
+    if not recipe.empty:  # under the paper table: what is from the paper, from the official code, ours
+        caption = paper.recipe_caption(name)
+        tex = recipe.map(tex_escape)
+        write_table(recipe, recipe, tex, tables / "recipe", caption, n_labels=len(recipe.columns))
+        lines += ["", "### Recipe", "", caption + ".", "", to_markdown(recipe)]
+    return lines
 
 
 def _arm_metric_section(
@@ -210,15 +246,16 @@ def write_report(
     by_protocol = paper.split_by_protocol(final)
     final = by_protocol.get("fair", by_protocol.get("literature", final))
     metrics = table_metrics(final)
-    summary = summarize(final, metrics, meta)
+    matched, unmatched = matched_seeds(final, _arm_order(meta, list(final.arm.unique())))
+    summary = summarize(matched, metrics, meta)
     order = list(summary.index)
-    lines += _comparison_section(
-        name, summary, metrics, len(by_protocol) > 1, tables, meta.get("notes") or []
-    )
+    notes = [*(meta.get("notes") or []), *([unmatched] if unmatched else [])]
+    lines += _comparison_section(name, summary, metrics, len(by_protocol) > 1, tables, notes)
     lines += _learners_section(name, final, order, tables)
     base = resolve_baseline(baseline, meta, order)
     if base is not None and base in summary.index:
-        lines += _baseline_sections(name, final, summary, metrics, meta, base, tables)
+        lines += _baseline_sections(name, matched, summary, metrics, meta, base, tables)
+        lines += _effects_sections(name, matched, metrics, meta, base, tables)
     if meta.get("tune_params"):
         lines += _tuned_section(name, df, meta, order, tables)
     saved = pictures.saved_runs(final, order)
@@ -228,6 +265,8 @@ def write_report(
     budget = search.trials_per_arm(df, order)
     budget.to_csv(tables / "trials_per_arm.csv")
     lines += ["## Trials per arm", "", to_markdown(budget.reset_index()), ""]
+    if any(title in budget for title in search.EPOCH_TIMES.values()):
+        lines += [search.TIMES_NOTE, ""]
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in drawn if p.suffix == ".png"]
     _write_pages(name, lines, folder, final, order)
@@ -345,6 +384,41 @@ def _baseline_sections(
         tex = stats.significance_display(sig, True, tex_escape)
         write_table(sig, md, tex, tables / "significance", cap, n_labels=2)
         lines += ["## Significance against the baseline", "", cap, "", to_markdown(md)]
+    return lines
+
+
+def _effects_sections(
+    name: str, final: pd.DataFrame, metrics: list[str], meta: dict[str, Any], base: str, tables: Path
+) -> list[str]:
+    """A factorial study's simple effects (each factor at every level of the others) and the interaction of
+    every pair of factors, of the study's metric (``harness.reporting.effects``)."""
+    metric = meta.get("metric", "recall@1")
+    metric = metric if metric in metrics else metrics[0]
+    title, lines = metric_title(metric), []
+    parts = (
+        (
+            "Effects at every level of the other factors",
+            effects.simple_effects(final, metric, meta, base),
+            "effects",
+            f"{name}: Δ {title} (points) of changing one factor from the baseline's level, at every "
+            "combination of the other factors' levels, paired over the seeds both arms completed",
+        ),
+        (
+            "Interactions",
+            effects.interactions(final, metric, meta, base),
+            "interactions",
+            f"{name}: interaction of each pair of factors, Δ {title} (points) = (y[a', b'] − y[a, b']) − "
+            "(y[a', b] − y[a, b]) with a, b the baseline's levels: how much one factor's effect changes with "
+            "the other's level (0: the effects add up), paired over the seeds the four arms completed",
+        ),
+    )
+    for title_, table, stem, cap in parts:
+        if table.empty:
+            continue
+        md = effects.effects_display(table, False)
+        tex = effects.effects_display(table, True, tex_escape)
+        write_table(table, md, tex, tables / stem, cap, n_labels=3)
+        lines += [f"## {title_}", "", cap + ".", "", to_markdown(md)]
     return lines
 
 

@@ -58,6 +58,7 @@ def write_run(result: RunResult, directory: str | Path, *, save_checkpoint: bool
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the run from colleagues on a server
         _write_files(result, tmp, save_checkpoint)
         for f in tmp.iterdir():
             _fsync(f)
@@ -124,6 +125,12 @@ def claimed(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield directory
     finally:
         claim.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:

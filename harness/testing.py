@@ -3,12 +3,14 @@
 The built-ins are checked by ``tests/test_contracts.py`` (parametrised over the registry); a
 third-party plugin package can call the same functions in its own tests::
 
-    from harness.testing import check_component
-    check_component("loss", "my_loss")
+    from harness.testing import check_component, check_plugin
+    check_component("loss", "my_loss")      # one component
+    check_plugin("my_methods")              # everything its dmlh.plugins entry point registered
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -177,5 +179,43 @@ _CHECKS: dict[str, Callable[[str], None]] = {
 
 
 def check_component(kind: str, name: str) -> None:
-    """Run the contract check of ``kind`` on the registered component ``name``."""
-    _CHECKS[kind](name)
+    """Run the contract check of ``kind`` on the registered component ``name``: it builds (``dmlh list`` and
+    config validation would refuse it otherwise), uses no deprecated harness interface, and runs."""
+    problem = registry.build_problem(kind, name)
+    assert problem is None, problem
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _CHECKS[kind](name)
+    old = plugins.InterfaceDeprecationWarning
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, old)]
+    assert not deprecated, f"{kind} {name} uses a deprecated dml-harness interface: {'; '.join(deprecated)}"
+
+
+def plugin_components(plugin: str) -> list[tuple[str, str]]:
+    """``(kind, name)`` of every component with a contract check that ``plugin`` registered: its
+    ``dmlh.plugins`` entry-point name, or the module (prefix) its classes live in."""
+    out = []
+    for kind in CHECKED_KINDS:
+        for entry in registry.registry(kind).entries():
+            module = str(getattr(entry.obj, "__module__", ""))
+            if plugin in (entry.plugin, module) or module.startswith(plugin + "."):
+                out.append((kind, entry.name))
+    return out
+
+
+def check_plugin(plugin: str) -> None:
+    """Every contract check on a plugin package, for its own test suite::
+
+        from harness.testing import check_plugin
+
+        def test_dml_harness_contracts():
+            check_plugin("my_methods")   # the entry-point name in [project.entry-points."dmlh.plugins"]
+
+    Fails when the plugin failed to load, registered nothing, or any of its components fails its check
+    (``check_component``); ``plugin_components`` gives the cases for one pytest parameter each."""
+    broken = {k: v for k, v in registry.broken_plugins().items() if k == plugin or k.startswith(plugin + ".")}
+    assert not broken, f"plugin {plugin} failed to load: {broken}"
+    cases = plugin_components(plugin)
+    assert cases, f"plugin {plugin} registered no component with a check ({', '.join(CHECKED_KINDS)})"
+    for kind, name in cases:
+        check_component(kind, name)

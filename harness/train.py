@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 from harness import distributed
 from harness.config import RunConfig
 from harness.data import build_transforms, load_splits
-from harness.data.batch_augment import build_batch_augment
+from harness.data.batch_augment import build_batch_augment, build_cached_crop
 from harness.data.cache import cached_splits, num_workers
 from harness.data.prefetch import ThreadedLoader, received_in_thread
 from harness.data.sampler import build_sampler
 from harness.distributed import SINGLE, Dist, ShardedBatches
 from harness.errors import ConfigError, TrainingError
 from harness.evaluate import retrieval_metrics
-from harness.learner import Learner, embed
+from harness.learner import Learner, check_assembly, embed
 from harness.model import StagedBackbone, build_component
 from harness.monitor import READ_EVERY, CollapseCheck, Progress, StepStats, inert_synthesis
 from harness.plugins import (
@@ -112,7 +112,12 @@ class _Trainer:
         self.augment = build_batch_augment(
             cfg.data, backbone.data_config, self.splits.train, self.device, cfg.seed
         )
-        self.train_set = self.splits.train.with_transform(self.augment.canvas if self.augment else train_tf)
+        # else the workers crop cached images on uint8 (batch_augment.CachedCrop; normalised here, batched)
+        self.crops = (
+            None if self.augment else build_cached_crop(cfg.data, backbone.data_config, self.splits.train)
+        )
+        worker_tf = self.augment.canvas if self.augment else self.crops
+        self.train_set = self.splits.train.with_transform(worker_tf or train_tf)
         self.eval_sets = {
             name: s.with_transform(test_tf)
             for name, s in (
@@ -158,6 +163,8 @@ class _Trainer:
             images = images.to(self.device, non_blocking=True)
             if self.augment is not None:
                 images = self.augment(images)
+            elif self.crops is not None:  # uint8 crops of the workers
+                images = self.crops.normalise(images)
             labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
             total, stats = self.learner.objective(images, labels)
             meter.add(step, total, stats)  # no host read: a NaN is found at the next read, with its step
@@ -305,7 +312,9 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     if distributed.from_env():
         with distributed.env_process_group(cfg) as dist:
             return _run(cfg, reporter, dist)
-    problems = distributed.batch_problems(cfg.sampler, world)
+    # config-only problems that assembling the model shows (a stage name, a component combination) are
+    # reported before any image is read, not after the image check and the cache (built once per config)
+    problems = distributed.batch_problems(cfg.sampler, world) or check_assembly(cfg)
     if problems:
         raise ConfigError(problems)
     if world == 1:
@@ -380,6 +389,9 @@ def _run(cfg: RunConfig, reporter: Reporter | None, dist: Dist) -> RunResult:
             # a training epoch (offline mining included) and its mining, on average: the report's time columns
             "epoch_s": (fit.train_time + fit.mining_time) / max(cfg.train.epochs, 1),
             "mining_epoch_s": fit.mining_time / max(cfg.train.epochs, 1),
+            # training images per second of the training loop (data waits included, offline mining not)
+            "images_per_s": sum(h["images_per_s"] * h["train_s"] for h in fit.history)
+            / max(fit.train_time, 1e-9),
         },
         checkpoint=fit.best_state if fit.best_state is not None else tr.state(),
         embeddings=saved,

@@ -93,6 +93,10 @@ class ABE(nn.Module):
       variant: "attention" (ABE-M) or "heads" (the paper's M-heads ensemble: no attention; every head has its
         own copy of the stages after ``branch`` plus its own linear layer; with ``branch`` = the final stage
         the heads are M linear layers on the shared backbone output). ``attention_depth`` is unused there.
+      attention: "shared_trunk" (one copy of the stages after ``branch`` through ``attention_depth`` for all
+        learners, then a per-learner 1×1 conv: the layout of the Keras port) or "per_learner" (each learner's
+        attention module A_m has its own copy of those stages and its own 1×1 conv, as the paper's Fig. 2
+        draws M modules; M times the trunk's parameters and compute).
 
     Parameters of S and G stay under ``self.backbone`` (backbone learning rate); the attention trunk, the
     1×1 convs, the linear layers and the heads' stage copies are head parameters. ``frozen_bn`` of the
@@ -117,6 +121,7 @@ class ABE(nn.Module):
         m_div: Annotated[float, Field(ge=0, le=4)] = 1.0,
         variant: Literal["attention", "heads"] = "attention",
         init: Literal["default", "xavier"] = "default",
+        attention: Literal["shared_trunk", "per_learner"] = "shared_trunk",
     ):
         super().__init__()
         if embedding_dim % m:
@@ -147,12 +152,21 @@ class ABE(nn.Module):
         self.m_div = m_div
         self.variant = variant
         self.init = init
+        self.attention = attention
         in_dim, part_dim = int(pooling.out_dim), embedding_dim // m
         if variant == "attention":
             trunk = backbone.stage_range(branch, attention_depth)
-            self.attention_trunk = nn.Sequential(*(copy.deepcopy(backbone.stages[s]) for s in trunk))
+            copies = m if attention == "per_learner" else 1
+            trunks = [
+                nn.Sequential(*(copy.deepcopy(backbone.stages[s]) for s in trunk)) for _ in range(copies)
+            ]
+            # per learner: M trunks, their maps side by side into a grouped 1×1 conv (group m = learner m)
+            self.attention_trunk = trunks[0] if copies == 1 else nn.ModuleList(trunks)
             self.attention_masks = nn.Conv2d(
-                backbone.stage_channels[attention_depth], m * backbone.stage_channels[branch], 1
+                copies * backbone.stage_channels[attention_depth],
+                m * backbone.stage_channels[branch],
+                1,
+                groups=copies,
             )
             self.head = nn.Linear(in_dim, part_dim)
         else:
@@ -196,7 +210,9 @@ class ABE(nn.Module):
     def _masks(self, s: torch.Tensor) -> torch.Tensor:
         """The M learners' sigmoid attention masks of S's output ``s`` [B, C, H, W]: [M, B, C, H, W]."""
         b, c, h, w = s.shape
-        logits = self.attention_masks(self.attention_trunk(s))
+        trunk = self.attention_trunk
+        a = torch.cat([t(s) for t in trunk], 1) if isinstance(trunk, nn.ModuleList) else trunk(s)
+        logits = self.attention_masks(a)
         if logits.shape[-2:] != (h, w):
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return torch.sigmoid(logits).view(b, self.m, c, h, w).transpose(0, 1)

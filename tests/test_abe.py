@@ -394,3 +394,35 @@ def test_paper_recipe_defaults() -> None:
     assert out.embeddings.shape == (3, 512) and [p.shape for p in out.parts] == [(3, 64)] * 8
     loss = registry.build("loss", "contrastive", context={"miner": None, "synthesis": None}, neg_margin=1.0)
     assert loss.neg_margin == 1.0  # the paper's contrastive margin m_c = 1 is a config value
+
+
+def test_per_learner_attention_gives_each_learner_its_own_trunk_and_conv() -> None:
+    kw = {"m": 3, "embedding_dim": 12, "branch": "block2", "attention_depth": "block3"}
+    shared = make_abe(small_convnet(), **kw)
+    assert shared.attention == "shared_trunk"  # the default
+    torch.manual_seed(0)
+    abe = make_abe(small_convnet(), attention="per_learner", **kw).eval()
+    trunks = abe.attention_trunk
+    assert isinstance(trunks, nn.ModuleList) and len(trunks) == 3
+    n_trunk = sum(p.numel() for p in shared.attention_trunk.parameters())
+    assert sum(p.numel() for p in trunks.parameters()) == 3 * n_trunk
+    with torch.no_grad():  # make the copies differ, as training would
+        for i, t in enumerate(trunks):
+            for p in t.parameters():
+                p.add_(0.1 * (i + 1))
+    x = torch.randn(2, 1, 16, 16)
+    w, bias = abe.attention_masks.weight, abe.attention_masks.bias
+    with torch.no_grad():
+        s = abe.backbone(x, end=abe.branch)
+        c = s.shape[1]
+        parts = abe(x).parts
+        for m in range(3):  # learner m alone: its own trunk, its own 1×1 conv block, G, the head
+            logits = F.conv2d(trunks[m](s), w[m * c : (m + 1) * c], bias[m * c : (m + 1) * c])
+            logits = F.interpolate(logits, size=s.shape[-2:], mode="bilinear", align_corners=False)
+            g = abe.backbone(s * torch.sigmoid(logits), start=abe.branch)
+            want = F.normalize(abe.head(abe.pooling(g)), dim=-1)
+            torch.testing.assert_close(parts[m], want, atol=1e-5, rtol=1e-4)
+    abe.train()
+    out = abe(x)
+    (sum(p.sum() for p in out.parts) + out.aux_losses["divergence"]).backward()
+    assert all(p.grad is not None for t in trunks for p in t.parameters())

@@ -20,16 +20,20 @@ from harness.bench.fixtures import write_cub_like
 from harness.config import validate
 from harness.data.batch_augment import (
     BatchAugment,
+    CachedCrop,
     Canvas,
+    batch_augment_wanted,
     border_crop_boxes,
     build_batch_augment,
     crop_offsets,
     resized_crop_boxes,
 )
+from harness.data.cache import attach
 from harness.data.datasets import synthetic
+from harness.data.images import ImageSet
 from harness.data.transforms import BORDER_CROP, CROP_RATIO, CROP_SCALE, RandomBorderCrop, build_transforms
 from harness.errors import ConfigError
-from harness.train import run
+from harness.train import _Trainer, run
 from harness.types import DataConfig
 
 N = 4000  # draws per distribution comparison
@@ -204,6 +208,79 @@ def test_auto_batches_cached_photos_only() -> None:
         build_batch_augment(forced, dc, digits, torch.device("cpu"), 0)
 
 
+def test_auto_batches_on_cuda_only_and_the_cpu_augments_in_the_workers(tmp_path: Path) -> None:
+    """At photo size the batched crop in the training process slowed the CPU step by 20 %: ``auto`` batches
+    on CUDA only; on the CPU the workers crop the cached images (``CachedCrop``)."""
+    root = write_cub_like(tmp_path / "small", 8, (30, 22), classes=2)
+    files = ImageSet([str(p) for p in sorted((root / "images").rglob("*.jpg"))], [0] * 8)
+    cached = attach({"train": files}, "memory", 18, 1.0)["train"]
+    auto, forced = validate({}).data, validate({"data": {"batch_augment": True}}).data
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert build_batch_augment(auto, DataConfig(), cached, cpu, 0) is None
+    assert isinstance(build_batch_augment(forced, DataConfig(), cached, cpu, 0), BatchAugment)
+    assert not batch_augment_wanted(auto, "imagenet", True, cpu)
+    assert batch_augment_wanted(auto, "imagenet", True, cuda)
+    assert not batch_augment_wanted(auto, "imagenet", False, cuda)  # image files: decoded in the workers
+    assert not batch_augment_wanted(auto, "grey", True, cuda)
+    assert batch_augment_wanted(forced, "imagenet", True, cpu)
+    cfg = _cub_config(tmp_path, cache="memory")
+    trainer = _Trainer(validate(cfg))
+    assert trainer.augment is None and isinstance(trainer.train_set.transform, CachedCrop)
+    assert trainer.crops is trainer.train_set.transform  # the training process normalises its crops
+    assert trainer.num_workers == 0  # as configured; auto keeps CPUs - 1 workers (test_cache)
+    uncached = _Trainer(validate(_cub_config(tmp_path, cache="off")))
+    assert not isinstance(uncached.train_set.transform, CachedCrop)  # JPEGs: the PIL transforms
+
+
+@pytest.mark.parametrize(
+    "kind, resize", [("imagenet", 64), ("symm_official", 36), ("mdr_official", 64), ("abe_official", 40)]
+)
+def test_cached_crops_draw_the_pil_boxes_and_give_its_pixels(kind: str, resize: int) -> None:
+    """``CachedCrop`` draws what the recipe's PIL transform draws, from the same generator: for one seed the
+    same box and flip, so its pixels are PIL's to within a grey level (PIL rounds between its two passes)."""
+    dc = DataConfig(input_size=32, resize_size=resize, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    data = validate({"data": {"transform": kind, "input_size": 32, "resize_size": resize}}).data
+    pil, _ = build_transforms(data, dc, 3)
+    ours = CachedCrop(kind, 32, resize, dc, 3)
+    grey = torch.tensor(dc.std).view(3, 1, 1) * 255  # one grey level in normalised units
+
+    def crop(arr: np.ndarray) -> torch.Tensor:  # a worker's crop, normalised by the training process
+        x = ours(arr)
+        assert x.dtype == torch.uint8 and x.is_contiguous()
+        return ours.normalise(x[None])[0]
+
+    for seed in range(40):
+        arr = np.asarray(_photo(*((64, 85) if seed % 2 else (85, 64)), seed))  # landscape and portrait
+        torch.manual_seed(seed)
+        a = crop(arr)
+        torch.manual_seed(seed)
+        b = pil(Image.fromarray(arr))
+        assert a.shape == b.shape == (3, 32, 32) and a.dtype == torch.float32
+        assert float(((a - b) * grey).abs().max()) <= 1.0 + 1e-3, seed
+    other = np.asarray(_photo(64, 85, 1))
+    torch.manual_seed(0)
+    a = crop(other)
+    torch.manual_seed(1)
+    assert float(((a - pil(Image.fromarray(other))) * grey).abs().mean()) > 3  # the check has power
+    if kind == "imagenet":  # the boxes are torchvision's own draws
+        torch.manual_seed(3)
+        box, _, _ = ours.geometry(64, 85)
+        torch.manual_seed(3)
+        assert box == tuple(
+            T.RandomResizedCrop.get_params(torch.empty(1, 64, 85), list(CROP_SCALE), list(CROP_RATIO))
+        )
+
+
+def test_cached_crops_normalise_in_the_backbones_convention() -> None:
+    dc = DataConfig(32, 32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), "BGR", 255.0)
+    data = validate({"data": {"transform": "imagenet", "input_size": 32, "resize_size": 32}}).data
+    _, test_tf = build_transforms(data, dc, 3)  # resize + centre crop are no-ops at 32 px
+    img = _photo(32, 32)
+    crops = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())[None]
+    ours = CachedCrop("imagenet", 32, 32, dc, 3).normalise(crops)[0]
+    torch.testing.assert_close(ours, test_tf(img), atol=1e-4, rtol=1e-5)
+
+
 def _cub_config(tmp_path: Path, **data) -> dict:
     root = write_cub_like(tmp_path / "cub", 48, (30, 22), classes=8)
     return {
@@ -221,10 +298,14 @@ def test_training_through_the_cache_batches_its_augmentation(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="harness"):
-        result = run(validate(_cub_config(tmp_path, cache="memory", transform="symm_official")))
+        result = run(
+            validate(_cub_config(tmp_path, cache="memory", transform="symm_official", batch_augment=True))
+        )
     assert "batched augmentation on cpu: BatchAugment(symm_official" in caplog.text
     assert np.isfinite(result.history[0]["train/loss"]) and 0 <= result.metrics["test/recall@1"] <= 1
-    again = run(validate(_cub_config(tmp_path, cache="memory", transform="symm_official")))
+    again = run(
+        validate(_cub_config(tmp_path, cache="memory", transform="symm_official", batch_augment=True))
+    )
     assert again.history[0]["train/loss"] == result.history[0]["train/loss"]  # reproducible
 
 

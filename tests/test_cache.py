@@ -207,3 +207,27 @@ def test_the_cache_keeps_the_largest_size_a_recipe_crops_from(tmp_path: Path, ki
     assert resize > size
     shorter = min(cached_splits(load_splits(section), section, DC).train.cache[0].shape[:2])
     assert shorter == resize
+
+
+def test_one_cache_per_set_of_files_whatever_the_split(tmp_path: Path) -> None:
+    """Issue #31, item 5: another validation carve-out (or split seed) lists the same files in another order;
+    it must open the same cache, not decode a second copy, and every part still reads its own images."""
+    from harness.data.cache import decode_resized
+
+    root = make_cub200(tmp_path / "cub", classes=(1, 2, 3, 4, 5, 6, 101, 102), per_class=3, size=40)
+    folders = set()
+    for fraction, seed in ((0.0, 0), (0.5, 0), (0.5, 1)):
+        section = config.DataSection(
+            dataset={"name": "cub200", "root": str(root)},
+            cache="disk",
+            val_fraction=fraction,
+            split_seed=seed,
+        )
+        splits = cached_splits(load_splits(section), section, DC)
+        assert splits.train.cache is not None
+        folders.add(splits.train.cache.folder)
+        for part in (p for p in (splits.train, splits.val, splits.test) if p is not None):
+            for i in range(len(part)):
+                want = decode_resized(part.items[i], None, 28)
+                np.testing.assert_array_equal(np.asarray(part.image(i)), want)
+    assert len(folders) == 1

@@ -98,7 +98,7 @@ def test_every_config_snippet_of_the_readme_validates() -> None:
     base = config.load_yaml(Path(__file__).parents[1] / "studies/configs/digits.yaml")
     checked = 0
     for block in re.findall(r"```yaml\n(.*?)```", readme, re.S):
-        if "arms:" in block:  # the study reference (tests/test_study.py)
+        if "arms:" in block or block.startswith("recipe:"):  # study snippets (tests/test_study.py)
             continue
         entries: list[list[str]] = []
         for line in block.splitlines():
@@ -110,3 +110,39 @@ def test_every_config_snippet_of_the_readme_validates() -> None:
             config.validate(config.name_default_components({**base, **config.parse_yaml("\n".join(entry))}))
             checked += 1
     assert checked >= 30
+
+
+def test_yaml_booleans_are_accepted_for_switch_like_options(tmp_path: Path) -> None:
+    """Issue #31, item 2: YAML reads the documented ``cache: off`` as False, in a file and on the command
+    line; every switch-like option takes YAML's booleans."""
+    text = "data:\n  cache: off\n  batch_augment: no\nminer: off\ntrain:\n  compile: on\n"
+    path = tmp_path / "switches.yaml"
+    path.write_text(text)  # written as a user writes it, not through yaml.safe_dump (which would quote)
+    cfg = config.load(path)
+    got = (cfg.data.cache, cfg.data.batch_augment, cfg.miner, cfg.train.compile)
+    assert got == ("off", False, None, "default")
+    overrides = ["data.cache=off", "data.batch_augment=on", "train.compile=off", "synthesis=false"]
+    cfg = config.load(path, overrides)
+    got = (cfg.data.cache, cfg.data.batch_augment, cfg.train.compile, cfg.synthesis)
+    assert got == ("off", True, False, None)
+    cfg = config.load(path, ["data.cache=disk", "data.batch_augment=auto"])
+    assert (cfg.data.cache, cfg.data.batch_augment) == ("disk", "auto")
+    with pytest.raises(ConfigError, match="data.cache"):
+        config.load(path, ["data.cache=sometimes"])
+
+
+def test_config_only_errors_come_before_any_data_is_read(tmp_path: Path) -> None:
+    """Issue #31, item 6: ``batch_augment: true`` with the ``grey`` recipe, or a stage name the backbone does
+    not have, is a config error, not one found after the image check and the cache (the dataset folder here
+    does not exist: a dataset error would mean the data was read first)."""
+    from harness import train
+    from harness.data.batch_augment import BATCHED
+
+    assert config.BATCHED_TRANSFORMS == BATCHED  # the one list, as config validation and the augment read it
+    missing = {"dataset": {"name": "cub200", "root": str(tmp_path / "nowhere")}}
+    with pytest.raises(ConfigError, match="data.batch_augment: the 'grey' transform is not batched"):
+        config.validate({"data": {**missing, "transform": "grey", "batch_augment": True}})
+    config.validate({"data": {**missing, "transform": "imagenet", "batch_augment": True}})
+    cfg = config.validate({"data": missing, "model": {"name": "abe", "branch": "nope"}})
+    with pytest.raises(ConfigError, match="model.branch 'nope' is not a stage"):
+        train.run(cfg)

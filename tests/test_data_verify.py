@@ -107,10 +107,16 @@ def test_verified_files_are_remembered_until_they_change(
     assert decoded == [paths[3]]
 
 
-def test_val_fraction_rounding_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_val_fraction_rounding_is_a_warning_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness.data import splits
+
+    monkeypatch.setattr(splits, "_WARNED", set())
     train = ImageSet(np.zeros((30, 2, 2), dtype=np.uint8), np.repeat(np.arange(10), 3))
     with caplog.at_level(logging.INFO):
         _, small = carve_validation(train, 0.01, seed=0)
+        carve_validation(train, 0.01, seed=0)  # every trial of a study: said once (13 times before)
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1
     assert (

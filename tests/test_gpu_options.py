@@ -61,7 +61,7 @@ def batch(device: str = "cpu", size: int = 8) -> tuple[torch.Tensor, torch.Tenso
     ("key", "value", "allowed"),
     [
         ("compile", "fast", "'default' or 'max-autotune'"),
-        ("compile", True, "False, 'default'"),
+        ("compile", 3, "'default' or 'max-autotune'"),
         ("amp_dtype", "float32", "'float16' or 'bfloat16'"),
     ],
 )
@@ -71,6 +71,12 @@ def test_bad_speed_options_name_the_path_and_the_allowed_values(
     with pytest.raises(ConfigError) as e:
         tiny(**{key: value})
     assert any(p.startswith(f"train.{key}:") and allowed in p for p in e.value.problems), e.value.problems
+
+
+def test_compile_takes_yaml_booleans() -> None:
+    """``train.compile: on`` (YAML's true) is torch.compile's default mode, ``off`` is eager (issue #31)."""
+    assert tiny(compile=True).train.compile == "default"
+    assert tiny(compile=False).train.compile is False
 
 
 def test_speed_options_default_to_todays_behaviour() -> None:

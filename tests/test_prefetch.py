@@ -83,7 +83,7 @@ def test_training_with_workers_on_the_cpu_receives_in_a_thread_and_stays_reprodu
     assert isinstance(_Trainer(cfg).loader, ThreadedLoader)
     raw["data"]["num_workers"] = 0
     assert isinstance(_Trainer(config.validate(raw)).loader, torch.utils.data.DataLoader)
-    first, again = run(cfg), run(cfg)  # batched augmentation: its draws are the training thread's
+    first, again = run(cfg), run(cfg)  # the workers' crops (CachedCrop): their draws are seeded by the run
     losses = [h["train/loss"] for h in first.history]
     assert np.isfinite(losses).all() and losses == [h["train/loss"] for h in again.history]
     assert first.metrics == again.metrics

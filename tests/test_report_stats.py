@@ -134,3 +134,101 @@ def test_collapsed_and_inert_synthesis_final_runs_are_warnings_in_the_report() -
     both = final.assign(**{"train/synthesis_inert": [0.0, float("nan"), 1.0]})
     collapsed, _, inert, _ = flag_lines(both)
     assert "collapsed" in collapsed and "synthesis without effect" in inert and "in b (1 of 1 runs)" in inert
+
+
+def test_arms_with_unmatched_seeds_are_compared_on_their_common_seeds(tmp_path: Path) -> None:
+    """Issue #31, item 3: a study stopped by a timeout with 3 runs of the baseline and 2 of the other arm;
+    the comparison table's mean, the ablation's Δ and the paired column agree (common seeds), and say so."""
+    runs = {(ARMS[0], None): [0.40, 0.41, 0.30], (ARMS[1], None): [0.45, 0.43]}
+    write_store(tmp_path, "timeout", meta(), runs)
+    folder = report.write_report("timeout", results=tmp_path)
+    comparison = pd.read_csv(folder / "tables/comparison.csv", index_col="arm")
+    assert list(comparison.runs) == [2, 2]
+    assert comparison.loc[ARMS[0], "recall@1_mean"] == pytest.approx(0.405)  # not the 3-seed mean 0.37
+    ab = pd.read_csv(folder / "tables/ablation_synthesis.csv", index_col="arm")
+    sig = pd.read_csv(folder / "tables/significance.csv", index_col=["arm", "metric"])
+    paired = sig.loc[(ARMS[1], "recall@1")]
+    assert ab.loc[ARMS[1], "recall@1_delta"] == pytest.approx(paired.delta) == pytest.approx(0.035)
+    text = (folder / "report.md").read_text()
+    assert "compared on their common seeds 0, 1 only" in text and "1 runs of other seeds left out" in text
+    assert f"Incomplete arms: {ARMS[1]} (seeds 0, 1 of 0, 1, 2)" in text
+
+
+def test_arms_without_a_common_seed_are_marked_incomplete() -> None:
+    final = pd.DataFrame({"arm": ["a", "a", "b"], "seed": [0, 1, 2], "test/recall@1": [0.1, 0.2, 0.3]})
+    kept, note = report.matched_seeds(final, ["a", "b"])
+    assert len(kept) == 3 and note is not None
+    assert "a (seeds 0, 1 of 0, 1, 2); b (seeds 2 of 0, 1, 2)" in note and "not comparable" in note
+    assert report.matched_seeds(final[final.arm == "a"], ["a"])[1] is None
+
+
+def test_factorial_effects_at_every_level_and_the_interaction(tmp_path: Path) -> None:
+    """Issue #31, item 4: in loss × synthesis the effect of synthesis is shown with multi-similarity too (not
+    only at the baseline's loss), and the interaction of the two factors."""
+    levels = [(loss, synth) for loss in ("triplet", "ms") for synth in ("none", "symm")]
+    labels = [f"loss={loss}, synthesis={synth}" for loss, synth in levels]
+    study_meta = meta(
+        factors=["loss", "synthesis"],
+        arms=[
+            {"label": lab, "values": {"loss": lo, "synthesis": sy}, "display": {"loss": lo, "synthesis": sy}}
+            for lab, (lo, sy) in zip(labels, levels, strict=True)
+        ],
+        baseline=labels[0],
+    )
+    import optuna
+
+    from harness import store
+
+    study = optuna.create_study(
+        study_name="factorial", storage=store.open_storage(None, "factorial", tmp_path, create=True)
+    )
+    study.set_user_attr("meta", study_meta)
+    for arm, mean in zip(study_meta["arms"], [0.40, 0.45, 0.50, 0.52], strict=True):
+        for seed, noise in enumerate([0.0, 0.01, -0.01]):
+            attrs = {"stage": "final", "arm": arm["label"], "seed": seed, "arm_display": arm["display"]}
+            attrs["metrics"] = {"test/recall@1": mean + noise}
+            study.add_trial(optuna.trial.create_trial(value=mean + noise, user_attrs=attrs))
+    folder = report.write_report("factorial", results=tmp_path)
+    eff = pd.read_csv(folder / "tables/effects.csv", index_col=["factor", "change", "at"])
+    assert eff.loc[("synthesis", "none → symm", "loss=triplet"), "delta"] == pytest.approx(0.05)
+    assert eff.loc[("synthesis", "none → symm", "loss=ms"), "delta"] == pytest.approx(0.02)
+    assert eff.loc[("loss", "triplet → ms", "synthesis=symm"), "delta"] == pytest.approx(0.07)
+    assert set(eff.n) == {3}
+    inter = pd.read_csv(folder / "tables/interactions.csv", index_col=["factors", "levels", "at"])
+    row = inter.loc[("loss × synthesis", "loss: triplet → ms, synthesis: none → symm", "—")]
+    assert row.delta == pytest.approx(0.02 - 0.05)
+    text = (folder / "report.md").read_text()
+    assert "## Effects at every level of the other factors" in text and "## Interactions" in text
+
+
+def test_time_columns_give_images_per_second_and_say_what_they_include() -> None:
+    """Issue #31, item 7: the trials table has each arm's training images/s (from the runs' timings, as the
+    history's ``images_per_s``), and the report says what the time figures include."""
+    from harness import config, train
+    from harness.reporting import search
+
+    cfg = config.validate(
+        {
+            "data": {"dataset": {"name": "synthetic", "num_classes": 8, "per_class": 4, "size": 8}},
+            "sampler": {"p": 2, "k": 2, "batches_per_epoch": 2},
+            "backbone": {"name": "small_convnet", "width": 4, "input_size": 8},
+            "model": {"name": "embedder", "embedding_dim": 8},
+            "train": {"epochs": 2, "device": "cpu"},
+            "eval": {"nmi": False},
+        }
+    )
+    result = train.run(cfg)
+    per_epoch = sum(h["images_per_s"] * h["train_s"] for h in result.history) / result.timings["train_s"]
+    assert result.timings["images_per_s"] == pytest.approx(per_epoch) and per_epoch > 0
+    df = pd.DataFrame(
+        {
+            "arm": ["a", "a", "b"],
+            "stage": "final",
+            "state": "COMPLETE",
+            "time/epoch_s": [2.0, 4.0, 1.0],
+            "time/images_per_s": [100.0, 50.0, 300.0],
+        }
+    )
+    table = search.trials_per_arm(df, ["a", "b"])
+    assert table["train images/s (final)"].tolist() == [75.0, 300.0]
+    assert "wall-clock" in search.TIMES_NOTE and "data loading" in search.TIMES_NOTE

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,12 @@ def test_inert_synthesis_needs_every_epoch_at_zero() -> None:
     assert monitor.inert_synthesis([zero, {**zero, "diag/synthetic_entry_fraction": 0.1}]) is None
     assert monitor.inert_synthesis([zero, {"epoch": 2}]) is None  # an epoch without the diagnostic
     assert monitor.inert_synthesis([]) is None
+
+
+def test_a_run_folder_is_readable_by_colleagues_as_the_umask_says(tmp_path: Path, result) -> None:  # type: ignore[no-untyped-def]
+    old = os.umask(0o022)
+    try:
+        out = rundir.write_run(result, tmp_path / "runs" / "shared")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 before: only the owner could read it

@@ -659,3 +659,17 @@ def test_config_errors_only_the_data_shows_are_reported_before_any_trial(tmp_pat
     assert err.value.problems == [
         "base.model.embedding_dim: 0 is not a valid int (ge=1) (Input should be greater than or equal to 1)"
     ]
+
+
+def test_status_and_report_take_the_study_yaml_as_study_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from harness.cli import main
+
+    path = write(tmp_path, tiny_study(final={"seeds": [0]}))
+    study.run_study(path, results=tmp_path, report=False)
+    capsys.readouterr()
+    assert main(["--results", str(tmp_path), "study", "status", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("study tiny: 1 trials")
+    assert main(["--results", str(tmp_path), "report", str(path)]) == 0
+    assert (tmp_path / "tiny" / "report.md").is_file()

@@ -386,10 +386,61 @@ def test_lifted_follows_the_paper_rule(name: str) -> None:
     torch.manual_seed(2)
     x = torch.randn(len(labels), 3, dtype=torch.float64)
     margin = 1.0
-    loss = registry.build("loss", name, context={"synthesis": SymmetricalSynthesis()}, margin=margin)
+    rule = {} if name.startswith("generalized") else {"synthesis_rule": "per_pair"}  # the named variant
+    loss = registry.build("loss", name, context={"synthesis": SymmetricalSynthesis()}, margin=margin, **rule)
     want = _naive_lifted(x, labels.tolist(), margin, generalized=name.startswith("generalized"))
     assert want > 0
     assert loss(x, labels).value.item() == pytest.approx(want, rel=1e-9)
+
+
+def _naive_lifted_per_negative(x: torch.Tensor, labels: list[int], margin: float, synthesis: bool) -> float:
+    """Lifted structured (METHODS.md §4.3's reading of Symm + lifted): J_ij keeps every negative k of i and
+    of j, each at its smallest distance over x_k and x_k reflected about every other member of its class."""
+    b = len(labels)
+    s = SymmetricalSynthesis()
+
+    def d_neg(i: int, k: int) -> float:
+        cands = [x[k]]
+        if synthesis:
+            cands += [s.reflect(x[m], x[k]) for m in range(b) if m != k and labels[m] == labels[k]]
+        return min(_naive_dist(x[i], c, "euclidean") for c in cands)
+
+    terms = []
+    for i in range(b):
+        for j in range(b):
+            if j == i or labels[j] != labels[i]:
+                continue
+            negs = [d_neg(i, k) for k in range(b) if labels[k] != labels[i]]
+            negs += [d_neg(j, k) for k in range(b) if labels[k] != labels[j]]
+            both = sum(math.exp(margin - d) for d in negs)
+            terms.append(0.5 * max(math.log(both) + _naive_dist(x[i], x[j], "euclidean"), 0.0) ** 2)
+    return sum(terms) / len(terms)
+
+
+def test_lifted_with_synthesis_keeps_every_negative_at_its_hardest_candidate() -> None:
+    labels = torch.tensor([3, 0, 3, 1, 0, 3, 2, 1, 0, 3])
+    torch.manual_seed(2)
+    x = torch.randn(len(labels), 3, dtype=torch.float64)
+    s = SymmetricalSynthesis()
+    loss = registry.build("loss", "lifted_structured", context={"synthesis": s}, margin=1.0)
+    assert loss.synthesis_rule == "per_negative"  # the default
+    want = _naive_lifted_per_negative(x, labels.tolist(), 1.0, synthesis=True)
+    assert want > _naive_lifted_per_negative(x, labels.tolist(), 1.0, synthesis=False)
+    assert loss(x, labels).value.item() == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lifted_with_synthesis_is_never_below_plain_lifted(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    # the studies' batches (2 images per class: per pair, half the negative terms), then random labels
+    pk = torch.arange(6).repeat_interleave(2)
+    labels = pk if seed % 2 == 0 else torch.randint(0, 4, (12,), generator=gen)
+    x = torch.randn(12, 4, generator=gen, dtype=torch.float64) * (0.2 + seed / 10)
+    margin = [0.1, 1.0, 3.0][seed % 3]
+    plain = registry.build("loss", "lifted_structured", context={"synthesis": None}, margin=margin)
+    s = SymmetricalSynthesis()
+    symm = registry.build("loss", "lifted_structured", context={"synthesis": s}, margin=margin)
+    assert symm(x, labels).value.item() >= plain(x, labels).value.item() - 1e-12
 
 
 def test_semi_hard_and_lifted_pair_rule_gradients() -> None:

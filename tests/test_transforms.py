@@ -79,15 +79,15 @@ def test_mdr_official_squashes_to_256_then_crops_224() -> None:
         assert train(photo(w, h)).shape == test(photo(w, h)).shape == (3, 224, 224)
 
 
-def test_abe_official_pads_crops_and_subtracts_the_mean_only() -> None:
+def test_abe_official_pads_crops_and_normalises_as_the_backbone_expects() -> None:
     dc = DataConfig(input_size=224, resize_size=256, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
     train, test = build_transforms(DataSection(transform="abe_official"), dc, 3)
     assert type(train.transforms[0]).__name__ == "ResizePad" and train.transforms[0].size == 256
     norm = test.transforms[-1]
-    assert tuple(norm.std) == (1.0, 1.0, 1.0) and tuple(norm.mean) == (0.5, 0.4, 0.3)
+    assert tuple(norm.std) == (0.2, 0.2, 0.2) and tuple(norm.mean) == (0.5, 0.4, 0.3)  # the backbone's own
     white = Image.new("RGB", (333, 517), (255, 255, 255))
     x = test(white)
     assert x.shape == (3, 224, 224)
     centre = x[:, 112, 112]
-    assert torch.allclose(centre, torch.tensor([0.5, 0.6, 0.7]), atol=1e-6)  # 1 − mean, no division
+    assert torch.allclose(centre, torch.tensor([2.5, 3.0, 3.5]), atol=1e-5)  # (1 − mean) / std
     assert train(white).shape == (3, 224, 224)

@@ -1,8 +1,9 @@
 """Benchmarks of the input pipeline and the training loop (`dmlh bench data|train|gpu`).
 
 - ``data CONFIG``: images/s of (a) the input pipeline alone, decoding the files (JPEG), from the
-  decoded-image cache, and from the cache with the batched augmentation (``data.batch_augment``; (a) then
-  includes the augmentation, which runs in the training process), (b) the model's training step alone on
+  decoded-image cache (the workers' uint8 crops, ``CachedCrop``: the CPU's default), and from the cache with
+  the batched augmentation (``data.batch_augment: true``; (a) then includes the augmentation, which runs in
+  the training process), (b) the model's training step alone on
   synthetic tensors, (c) both together, and (c)/(b): 1.0 means the input pipeline costs the training
   nothing.
 - ``train CONFIG``: ms per step of the harness's training epoch against a bare PyTorch loop with the same
@@ -111,12 +112,16 @@ def _train_step(tr: Any) -> Callable[[Any], None]:
 
 
 def _on_device(tr: Any, images: Any) -> torch.Tensor:
-    """``images`` on the trainer's device, through its batched augmentation when they are canvases of it
-    (synthetic tensors are already the model's input)."""
+    """``images`` on the trainer's device, through its batched augmentation when they are canvases of it,
+    normalised when they are the workers' uint8 crops (synthetic tensors are already the model's input)."""
     from harness.data.batch_augment import Canvas
 
     images = images.to(tr.device, non_blocking=True)
-    return tr.augment(images) if isinstance(images, Canvas) else images
+    if isinstance(images, Canvas):
+        return tr.augment(images)
+    if images.dtype == torch.uint8 and tr.crops is not None:  # the workers' uint8 crops (CachedCrop)
+        return tr.crops.normalise(images)
+    return images
 
 
 def _pipeline_end(tr: Any) -> Callable[[Any], None]:

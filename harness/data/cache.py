@@ -215,8 +215,9 @@ def choose(mode: str, n: int, size: int, budget_gib: float) -> str:
 
 
 def attach(parts: dict[str, ImageSet], mode: str, size: int, budget_gib: float) -> dict[str, ImageSet]:
-    """``parts`` reading their image files from one ``DecodedCache`` of all their distinct files (so that
-    every trial of a dataset, whatever its validation classes, shares it); unchanged when ``mode`` (or
+    """``parts`` reading their image files from one ``DecodedCache`` of all their distinct files, stored in
+    the order of their paths (so that every trial of a dataset, whatever its validation classes and split
+    order, shares one cache per set of files and size); unchanged when ``mode`` (or
     ``auto``'s choice) is ``off`` or no part holds files."""
     files = {name: part for name, part in parts.items() if not part.in_memory}
     row_of: dict[str, int] = {}
@@ -229,7 +230,9 @@ def attach(parts: dict[str, ImageSet], mode: str, size: int, budget_gib: float) 
     where = choose(mode, len(row_of), size, budget_gib) if row_of else "off"
     if where == "off":
         return parts
-    paths = list(row_of)
+    # rows in path order: the cache (and its key) is that of the set of files, whatever the split's order
+    paths = sorted(row_of)
+    row_of = {p: i for i, p in enumerate(paths)}
     given = [b for b in (box_of[p] for p in paths) if b is not None]
     assert len(given) in (0, len(paths)), "the parts of one dataset all have boxes or none"
     boxes = np.stack(given) if given else None

@@ -36,6 +36,10 @@ class Splits:
     num_train_classes: int
 
 
+#: (val_fraction, classes) whose rounding was already reported by this process.
+_WARNED: set[tuple[float, int]] = set()
+
+
 def carve_validation(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
     """Move ``round(fraction · C)`` of the C training classes (at least 2, leaving at least 2) to a
     validation split, chosen by ``seed``. Returns (train relabelled 0..C'-1, val or None)."""
@@ -52,7 +56,8 @@ def carve_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
         )
     lo, hi = (0.0 if n_val == 2 else (n_val - 0.5) / n), (1.0 if n_val == n - 2 else (n_val + 0.5) / n)
     same = f"every val_fraction in [{lo:.3g}, {hi:.3g}) gives this same split"
-    if rounded != n_val:
+    if rounded != n_val and (fraction, n) not in _WARNED:  # once per process: a study loads it every trial
+        _WARNED.add((fraction, n))
         why = "at least 2 classes validate" if rounded < 2 else "at least 2 classes must remain to train on"
         log.warning(
             "data.val_fraction=%g of %d training classes rounds to %d validation classes; using %d (%s), "
@@ -65,7 +70,7 @@ def carve_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
             n - n_val,
             same,
         )
-    else:
+    elif rounded == n_val:
         log.info(
             "data.val_fraction=%g: %d of %d training classes validate, %d train (%s)",
             fraction,

@@ -19,7 +19,13 @@ when set, else the backbone's):
   scale 0.16–1), flip; test squash to resize × resize, centre crop input.
 - ``abe_official`` (Kim et al.): resize the longer side to resize keeping the aspect ratio and pad to a
   square (black; the fill is not published), random crop of input + flip for training, centre crop at
-  test; normalisation subtracts the channel mean only (std 1).
+  test.
+
+One rule for every recipe: a recipe decides the geometry only; the pixel values the backbone sees are
+always what its weights expect (``normalisation``: its declared scale, channel order, mean and std). The
+paper's Caffe GoogLeNet took mean-subtracted 0–255 BGR; the GoogLeNet weights here expect their own
+``DataConfig``, so ``abe_official`` no longer keeps the paper's "mean subtraction only" (std 1), which fed
+inputs at half the range those weights saw.
 
 ``auto`` picks grey for 1-channel datasets and imagenet otherwise. Images are converted to the
 backbone's ``in_channels`` (grey replicated to 3 channels, colour to grey), then ToTensor, then the
@@ -64,12 +70,16 @@ class RandomBorderCrop:
     def __init__(self, low: float = 0.01, high: float = 0.05):
         self.low, self.high = low, high
 
-    def __call__(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
+    def box(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a random crop of a ``w`` × ``h`` image (one draw of 4 numbers
+        from torch's global generator)."""
         left, top, right, bottom = (
             round(f * min(w, h)) for f in torch.empty(4).uniform_(self.low, self.high).tolist()
         )
-        return img.crop((left, top, w - right, h - bottom))
+        return left, top, w - right, h - bottom
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.crop(self.box(*img.size))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(low={self.low}, high={self.high})"
@@ -163,6 +173,12 @@ def recipe_sizes(data: DataSection, dc: DataConfig, kind: str) -> tuple[int, int
     return size, resize
 
 
+def normalisation(dc: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) that every recipe normalises with (after the backbone's scale and channel order): the
+    backbone's own, whatever the recipe (the one rule of ``build_transforms`` and the batched augment)."""
+    return tuple(dc.mean), tuple(dc.std)
+
+
 def build_transforms(
     data: DataSection, data_config: DataConfig, channels: int
 ) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
@@ -176,8 +192,8 @@ def build_transforms(
     finish: list[Callable] = [T.ToTensor()]
     if dc.scale != 1.0 or dc.channel_order != "RGB":
         finish.append(ChannelConvention(dc.scale, dc.channel_order))
-    std = (1.0,) * len(dc.std) if kind == "abe_official" else dc.std  # ABE: mean subtraction only
-    finish.append(T.Normalize(dc.mean, std))
+    mean, std = normalisation(dc)
+    finish.append(T.Normalize(mean, std))
     train, test = _recipe(kind, size, resize)
     return T.Compose(convert + train + finish), T.Compose(convert + test + finish)
 

@@ -4,7 +4,8 @@ A paper study's metadata may carry ``published: {<arm label>: {"source": "Table 
 "<metric>": <value in %>, ...}}`` and ``unpublished: [<setting the papers do not give>, ...]``; each final
 run carries the user attribute ``protocol`` (``literature`` or ``fair``; a run without it is ``fair``).
 Numbers in the CSV are fractions like every other table of the store (published values divided by 100);
-the Markdown and LaTeX versions are in % and Δ in points.
+the Markdown and LaTeX versions are in % and Δ in points. A study's ``recipe`` (``harness.study.recipe``) is
+printed under the table (``recipe_table``): each setting of the literature protocol with its source.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.study.recipe import SOURCE_TITLES, recipe_rows
 from harness.types import metric_title, recall_k
 
 #: The two protocols of a paper study (DESIGN.md "Studies"); a run recorded without one is ``fair``.
@@ -145,3 +147,27 @@ def split_by_protocol(final: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The final runs of each protocol present, literature first."""
     proto = protocols(final)
     return {p: final[np.asarray(proto == p)] for p in PROTOCOLS if (proto == p).any()}
+
+
+def recipe_table(meta: dict[str, Any]) -> pd.DataFrame:
+    """The study's recipe, one row per entry: from the paper, then the official code, then ours (each with
+    its source or, for ours, why), and the arms an entry is limited to. Empty without a recipe."""
+    rows = [
+        {
+            "from": SOURCE_TITLES[r["kind"]],
+            "setting": r["setting"] + (f" ({r['arms']})" if r["arms"] else ""),
+            "value": r["value"],
+            "source / why": r["source"] if r["kind"] != "ours" else r["why"],
+        }
+        for r in recipe_rows(meta)
+    ]
+    return pd.DataFrame(rows, columns=["from", "setting", "value", "source / why"])
+
+
+def recipe_caption(name: str) -> str:
+    """What the recipe table is."""
+    return (
+        f"{name}: the literature protocol's recipe, every setting that decides the number with its source "
+        "(the paper's text, its official code, or ours with the reason), checked against the resolved config "
+        "of every arm before the study ran"
+    )

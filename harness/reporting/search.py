@@ -24,7 +24,19 @@ def search_line(meta: dict[str, Any]) -> str:
 
 
 #: Run timings (``train.RunResult.timings`` as ``store.load`` names them) the trials table shows per arm.
-EPOCH_TIMES = {"time/epoch_s": "s/epoch (final)", "time/mining_epoch_s": "mining s/epoch (final)"}
+EPOCH_TIMES = {
+    "time/epoch_s": "s/epoch (final)",
+    "time/mining_epoch_s": "mining s/epoch (final)",
+    "time/images_per_s": "train images/s (final)",
+}
+#: What the time columns measure, printed under the table: wall clock, so they depend on the machine's load.
+TIMES_NOTE = (
+    "Time columns: wall-clock means over each arm's complete final runs. s/epoch is a training epoch (the "
+    "training loop with its data loading, plus offline mining where an arm mines; validation not included); "
+    "train images/s is the training images of the loop per second of it. Both include waits for data and "
+    "for the CPUs and GPUs other processes were using while the arm ran: compare arms by them only when "
+    "their runs shared the machine alike (`dmlh bench` measures speed in isolation)."
+)
 
 
 def trials_per_arm(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:

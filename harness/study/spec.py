@@ -3,8 +3,10 @@ arms the runner enumerates and the units of work (tune slots, final seeds, liter
 
 Protocols (DESIGN.md "Studies"): ``fair`` tunes each arm on validation classes with an equal budget and
 reruns its best config with every final seed; ``literature`` reruns a paper's fixed recipe (the arm's
-config with the study's ``literature`` overrides) on every training class, without tuning, once per
-seed. A study runs either or both (``protocol:``; ``dmlh study run --protocol``)."""
+config with the study's ``literature`` overrides; full precision unless they say otherwise) on every
+training class, without tuning, once per seed. A study runs either or both (``protocol:``;
+``dmlh study run --protocol``). A paper study's ``recipe:`` is checked against the literature config of
+every arm (``harness.study.recipe``)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ from harness.types import CLUSTERING_METRICS, METRICS, recall_k
 Protocol = Literal["fair", "literature", "both"]
 #: What a literature-protocol run always sets: every training class trains (no validation carve-out).
 LITERATURE_FIXED: dict[str, Any] = {"data.val_fraction": 0.0}
+#: What a literature-protocol run sets unless the study's ``literature:`` says otherwise: full precision
+#: (no paper trains with autocast; the base's ``train.amp`` is the fair protocol's speed setting).
+LITERATURE_DEFAULTS: dict[str, Any] = {"train.amp": False}
 
 
 class _StrictModel(BaseModel):
@@ -79,6 +84,9 @@ class _StudyYAML(_StrictModel):
     published: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Settings no paper or official code gives (our choices), shown in the paper table's caption.
     unpublished: list[str] = Field(default_factory=list)
+    #: The literature protocol's settings as data, each with its source (paper, official code, ours),
+    #: checked against every arm's literature config (``harness.study.recipe``); null: no check.
+    recipe: list[Any] | None = None
     #: What a reader of the study's tables must know about how its arms differ beyond their factors (e.g.
     #: which images of a batch a loss uses), shown in the comparison table's caption.
     notes: list[str] = Field(default_factory=list)
@@ -138,7 +146,7 @@ class StudySpec:
     def literature_config(self, arm: Arm, seed: int) -> RunConfig:
         """The literature-protocol RunConfig of ``arm``: the study's ``literature`` overrides, every
         training class, ``seed``; nothing tuned."""
-        return self.config(arm, {**self.literature, **LITERATURE_FIXED, "seed": seed})
+        return self.config(arm, {**LITERATURE_DEFAULTS, **self.literature, **LITERATURE_FIXED, "seed": seed})
 
     def suggest(self, trial: optuna.Trial | optuna.trial.FixedTrial, arm: Arm) -> dict[str, Any]:
         """Sample the tune params that apply to ``arm`` (each ``when`` is checked on the config so far)."""
@@ -235,6 +243,7 @@ class StudySpec:
             "protocol": self.protocol,
             "published": self.raw.get("published") or {},
             "unpublished": self.raw.get("unpublished") or [],
+            "recipe": self.raw.get("recipe") or [],
             "notes": self.raw.get("notes") or [],
             "spec": json.loads(json.dumps(self.raw, default=str)),
         }
@@ -285,7 +294,8 @@ def _literature_problems(arm: Arm, literature: dict[str, Any]) -> list[str]:
     from harness.learner import check_assembly
 
     try:
-        cfg, problems = _config_problems(config.assign(arm.raw, {**literature, **LITERATURE_FIXED}))
+        overrides = {**LITERATURE_DEFAULTS, **literature, **LITERATURE_FIXED}
+        cfg, problems = _config_problems(config.assign(arm.raw, overrides))
     except ConfigError as e:
         cfg, problems = None, e.problems
     problems = [f"literature: {p}" for p in problems]
@@ -482,6 +492,8 @@ def parse_study(raw: dict[str, Any], name: str | None = None, protocol: str | No
             problems.append(f"tune.params.{p.path}.when: {p.when} holds for no arm (it would never be tuned)")
     baseline, errs = _baseline(model.baseline, arms, factors)
     problems += errs + _published_problems(model, arms)
+    if model.recipe is not None:
+        problems += _recipe_problems(model, arms)
     if problems:
         raise ConfigError(problems)
     return StudySpec(
@@ -501,6 +513,21 @@ def parse_study(raw: dict[str, Any], name: str | None = None, protocol: str | No
         protocol=model.protocol,
         literature=model.literature,
     )
+
+
+def _recipe_problems(model: _StudyYAML, arms: list[Arm]) -> list[str]:
+    """The ``recipe:`` against the literature config of every arm (``harness.study.recipe``)."""
+    from harness.study.recipe import recipe_problems
+
+    def literature(arm: Arm) -> dict[str, Any] | None:
+        try:
+            overrides = {**LITERATURE_DEFAULTS, **model.literature, **LITERATURE_FIXED}
+            return config.validate(config.assign(arm.raw, overrides)).to_dict()
+        except ConfigError:
+            return None  # reported by the arm's literature check
+
+    variants = {f: vs for f, vs in model.arms.items() if isinstance(vs, dict)}
+    return recipe_problems(model.recipe or [], arms, variants, literature)
 
 
 def _holds_for(p: TuneParam, arm: Arm) -> bool | None:

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from harness.plugins import Reference
 from harness.registry import register
+from harness.types import LossOutput
 from methods.losses.npair import PairSoftmaxLoss
 from methods.synthesis import SymmetricalSynthesis
 
@@ -33,11 +34,13 @@ class AngularLoss(PairSoftmaxLoss):
     l2_reg: 0.002 as in the Symm code (``l2_reg=True``).
     with_npair: add the N-pair logits A·Pᵀ (Symm's ``with_npair``; with synthesis they are added after
         the max, which the official code does not do).
+    weight: the loss (cross-entropy and l2_reg term) times this; the official Symm code weights the angular
+        loss by ``w_angular = 2`` in its total loss, which matters beside an L2 weight decay (it is no
+        constant gradient scale then, even under Adam).
     With symmetrical synthesis (official Symm+Angular): element-wise max of f(X, Y) over the 12
     ordered pairings of distinct sets among (A, P, S1, S2).
 
-    Differences: the official Symm code weights the plain angular loss by ``w_angular = 2`` in its
-    total loss (set the learning rate accordingly); pytorch-metric-learning's AngularLoss uses every
+    Differences: pytorch-metric-learning's AngularLoss uses every
     positive pair of the batch as (anchor, positive) and every other-class image as negative, whereas
     here negatives are the other pairs' positives (N-pair form); on one pair per class with
     ``ref_emb`` = positives, normalised inputs, equal α and ``l2_reg=0`` the two agree.
@@ -52,11 +55,13 @@ class AngularLoss(PairSoftmaxLoss):
         l2_reg: float = 0.002,
         normalize: bool = False,
         with_npair: bool = False,
+        weight: float = 1.0,
         synthesis: SymmetricalSynthesis | None,
     ):
         super().__init__(l2_reg=l2_reg, normalize=normalize, synthesis=synthesis)
         self.alpha = alpha
         self.with_npair = with_npair
+        self.weight = weight
         self.sq_tan = math.tan(math.radians(alpha)) ** 2
 
     def pair_logits(self, x: Tensor, y: Tensor) -> Tensor:
@@ -68,3 +73,7 @@ class AngularLoss(PairSoftmaxLoss):
     def logits(self, a: Tensor, p: Tensor) -> Tensor:
         out = super().logits(a, p)
         return out + a @ p.T if self.with_npair else out
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        out = super().forward(embeddings, labels)
+        return out if self.weight == 1.0 else LossOutput(out.value * self.weight, out.stats)

@@ -11,13 +11,23 @@ Generalised lifted structure (Hermans et al. 2017, PML's GeneralizedLiftedStruct
 ``[log Σ_{p∈P_a} e^{D_ap} + log Σ_{n∈N_a} e^{m - D_an}]_+``, mean over anchors that have both a positive
 and a negative (PML averages over all anchors, an anchor without positives keeping its negative term).
 
-With a synthesis that scores negative pairs (symmetrical synthesis, Gu & Ko's rule) the negatives of
-both log-sum-exps are the same-class negative pairs (x_k, x_l), each contributing the distance to its
-hardest candidate of {x_k, x_l, x_k', x_l'} (a class with one image in the batch: that image); with a
-synthesis that only scores points, each negative distance is the smallest over its synthetics.
+With a synthesis (symmetrical synthesis), ``synthesis_rule`` says how it enters ``J_ij``:
+
+* ``per_negative`` (lifted_structured's default; METHODS.md §4.3's reading of the paper): every negative
+  term stays and each negative distance ``D_ik`` is replaced by its minimum over x_k and its synthetics
+  (x_k reflected about each other member of its class). A distance can only shrink, so the loss is never
+  below plain lifted on the same batch: the synthetics make it harder, as the paper means them to;
+* ``per_pair`` (the named variant; generalized_lifted_structured's only rule): the negatives of both
+  log-sum-exps are the same-class negative pairs (x_k, x_l), one term each at the distance of its hardest
+  candidate of {x_k, x_l, x_k', x_l'} (a class with one image in the batch: that image). It drops terms
+  (one per pair instead of one per image), so it can come out below plain lifted.
+
+A synthesis that only scores points always works per negative.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +62,18 @@ def _stats(
 
 
 class _LiftedBase(nn.Module):
-    def __init__(self, margin: float, normalize: bool, synthesis: HardNegativeSource | None):
+    def __init__(
+        self,
+        margin: float,
+        normalize: bool,
+        synthesis: HardNegativeSource | None,
+        synthesis_rule: Literal["per_negative", "per_pair"] = "per_pair",
+    ):
         super().__init__()
         self.margin = margin
         self.normalize = normalize
         self.synthesis = synthesis
+        self.synthesis_rule = synthesis_rule
 
     def distances(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``dist`` [B, B] and its positive mask, then the negatives: ``neg_dist`` [B, N] and their mask
@@ -64,7 +81,8 @@ class _LiftedBase(nn.Module):
         if self.normalize:
             embeddings = F.normalize(embeddings, dim=1)
         pos, neg = label_masks(labels)
-        if isinstance(self.synthesis, PairNegativeSource):  # Symm's rule: a pair's hardest candidate
+        if self.synthesis_rule == "per_pair" and isinstance(self.synthesis, PairNegativeSource):
+            # one term per same-class negative pair, at its hardest candidate
             neg_dist, pair_labels = pair_negative_distances(embeddings, labels, "euclidean", self.synthesis)
             dist = pairwise_distance(embeddings, "euclidean")
             return dist, pos, neg_dist, labels[:, None] != pair_labels[None, :]
@@ -91,12 +109,21 @@ class LiftedStructuredLoss(_LiftedBase):
     """Lifted structured loss (Oh Song et al. 2016): log-sum-exp over both ends' negatives per positive pair.
 
     margin: α in ``e^{α - D}``. normalize: L2-normalise the embeddings first (PML's default; the paper
-    does not). synthesis: the negatives are the same-class negative pairs at their hardest candidate
-    (symmetrical synthesis), or each negative at its closest synthetic (a point-scoring synthesis).
+    does not). synthesis: symmetrical synthesis or another hard-negative source. synthesis_rule:
+    ``per_negative`` (default: each negative distance at its minimum over the original and its
+    synthetics; never below plain lifted) or ``per_pair`` (one term per same-class negative pair at its
+    hardest candidate; see the module docstring).
     """
 
-    def __init__(self, *, margin: float = 1.0, normalize: bool = False, synthesis: HardNegativeSource | None):
-        super().__init__(margin, normalize, synthesis)
+    def __init__(
+        self,
+        *,
+        margin: float = 1.0,
+        normalize: bool = False,
+        synthesis_rule: Literal["per_negative", "per_pair"] = "per_negative",
+        synthesis: HardNegativeSource | None,
+    ):
+        super().__init__(margin, normalize, synthesis, synthesis_rule)
 
     @full_precision
     def forward(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
