@@ -58,6 +58,8 @@ def full_precision(forward: Callable[..., _T]) -> Callable[..., _T]:
     def wrapper(self: Any, embeddings: Tensor, labels: Tensor | None = None, *args: Any, **kwargs: Any) -> _T:
         if embeddings.dtype in (torch.float16, torch.bfloat16):
             embeddings = embeddings.float()
+        if not torch.is_autocast_enabled(embeddings.device.type):  # entering the context costs µs per call
+            return forward(self, embeddings, labels, *args, **kwargs)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return forward(self, embeddings, labels, *args, **kwargs)
 

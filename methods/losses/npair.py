@@ -61,8 +61,9 @@ class PairSoftmaxLoss(nn.Module):
         n = len(a_idx)
         if n == 0:
             return LossOutput(embeddings.sum() * 0.0, {"pairs": 0})
-        a, p = embeddings[torch.cat([a_idx, p_idx])].chunk(2)  # one gather (one scatter in backward)
-        reg = self.l2_reg * 0.25 * (a.pow(2).sum(1).mean() + p.pow(2).sum(1).mean())
+        pairs = embeddings[torch.cat([a_idx, p_idx])]  # one gather (one scatter in backward)
+        a, p = pairs.chunk(2)
+        reg = self.l2_reg * 0.5 * pairs.pow(2).sum(1).mean()  # 0.25 (mean |a|² + mean |p|²): as many of each
         if self.normalize:
             a, p = F.normalize(a, dim=1), F.normalize(p, dim=1)
         logits = self.logits(a, p)
@@ -73,7 +74,7 @@ class PairSoftmaxLoss(nn.Module):
             stats = {
                 "pairs": n,
                 "xent": xent.detach(),
-                "pos_logit": logits.diagonal().float().mean(),
+                "pos_logit": logits.diagonal().mean(),  # float32 (full_precision)
                 "pair_accuracy": (logits.argmax(1) == target).float().mean(),
             }
         return LossOutput(xent + reg, stats)
