@@ -111,7 +111,7 @@ def claimed(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
             fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             host, _, pid = claim.read_text().partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
                 claim.unlink(missing_ok=True)  # its run died: the name is free
                 continue
             raise HarnessError(
@@ -133,7 +133,8 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a claim's or a worker's owner)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

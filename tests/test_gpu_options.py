@@ -119,6 +119,21 @@ def test_bfloat16_autocast_step_on_the_cpu_is_finite_and_close_to_float32() -> N
     assert np.isfinite(list(stats.values())).all()
 
 
+def assert_same_embeddings(
+    reference: Learner, other: Learner, images: torch.Tensor, labels: torch.Tensor, atol: float, rtol: float
+) -> None:
+    """``other``'s model gives ``reference``'s embeddings in train and in eval mode."""
+    for mode in (True, False):
+        reference.model.train(mode)
+        other.model.train(mode)
+        torch.testing.assert_close(
+            other.model(images, labels).embeddings,
+            reference.model(images, labels).embeddings,
+            rtol=rtol,
+            atol=atol,
+        )
+
+
 def test_channels_last_on_the_cpu_equals_contiguous() -> None:
     images, labels = batch()
     plain, nhwc = learner(), learner(channels_last=True)
@@ -130,15 +145,7 @@ def test_channels_last_on_the_cpu_equals_contiguous() -> None:
     first.register_forward_pre_hook(
         lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last))
     )
-    for mode in ("train", "eval"):
-        plain.model.train(mode == "train")
-        nhwc.model.train(mode == "train")
-        torch.testing.assert_close(
-            nhwc.model(images, labels).embeddings,
-            plain.model(images, labels).embeddings,
-            rtol=1e-5,
-            atol=1e-5,
-        )
+    assert_same_embeddings(plain, nhwc, images, labels, atol=1e-5, rtol=1e-5)
     assert seen and all(seen)  # the input batches reach the convolutions in channels_last
     a, _ = plain.objective(images, labels)
     b, _ = nhwc.objective(images, labels)
@@ -161,15 +168,7 @@ def test_compiled_model_matches_eager_on_the_cpu() -> None:
     """torch.compile works on the CPU (inductor's C++ backend; ~30 s for this tiny model on 2 cores)."""
     images, labels = batch()
     eager, compiled = learner(), learner(compile="default")
-    for mode in (True, False):
-        eager.model.train(mode)
-        compiled.model.train(mode)
-        torch.testing.assert_close(
-            compiled.model(images, labels).embeddings,
-            eager.model(images, labels).embeddings,
-            rtol=1e-4,
-            atol=1e-5,
-        )
+    assert_same_embeddings(eager, compiled, images, labels, atol=1e-5, rtol=1e-4)
 
 
 # -- faiss-gpu and its fallback ---------------------------------------------------------------------------
@@ -270,30 +269,14 @@ def no_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_channels_last_equals_contiguous_on_cuda(no_tf32: None) -> None:
     images, labels = batch("cuda", size=32)
     plain, nhwc = learner("cuda", amp=False), learner("cuda", amp=False, channels_last=True)
-    for mode in (True, False):
-        plain.model.train(mode)
-        nhwc.model.train(mode)
-        torch.testing.assert_close(
-            nhwc.model(images, labels).embeddings,
-            plain.model(images, labels).embeddings,
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    assert_same_embeddings(plain, nhwc, images, labels, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.cuda
 def test_compiled_model_matches_eager_on_cuda(no_tf32: None) -> None:
     images, labels = batch("cuda", size=32)
     eager, compiled = learner("cuda", amp=False), learner("cuda", amp=False, compile="default")
-    for mode in (True, False):
-        eager.model.train(mode)
-        compiled.model.train(mode)
-        torch.testing.assert_close(
-            compiled.model(images, labels).embeddings,
-            eager.model(images, labels).embeddings,
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    assert_same_embeddings(eager, compiled, images, labels, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.cuda

@@ -195,7 +195,7 @@ def _pipeline(args: argparse.Namespace) -> None:
     """The CUB-sized folder through the cache and GPU batch augmentation: (b), (c), (c)/(b), one epoch."""
     from harness import config
     from harness.bench.fixtures import write_cub_like
-    from harness.bench.pipeline import _endless, _on_device, _rate, _repeat, _train_step, _trainer
+    from harness.bench.pipeline import _trainer, step_rates
     from harness.monitor import Progress
 
     t = time.perf_counter()
@@ -210,12 +210,7 @@ def _pipeline(args: argparse.Namespace) -> None:
     tr = _trainer(cfg, "disk", True)
     _row(f"decode them into the cache, {tr.num_workers} workers", time.perf_counter() - t, "s")
     print(f"  (batched augmentation: {tr.augment})", flush=True)
-    tr.model.train()
-    loader = _endless(tr.loader, tr.sampler)
-    images, labels = next(loader)
-    synthetic = (torch.rand_like(_on_device(tr, images)), labels)
-    b = _rate(_repeat(synthetic), _train_step(tr), args.warmup, args.batches, tr.device)
-    c = _rate(loader, _train_step(tr), args.warmup, args.batches, tr.device)
+    b, c = step_rates(tr, args.warmup, args.batches)
     _row(f"(b) {MODEL['backbone']['name']} {SIZE} px B={P * K} step, synthetic tensors", b, "images/s")
     _row("(c) cached pipeline + GPU batch augment + step", c, "images/s")
     _row("(c)/(b) (target >= 0.9)", f"{c / b:.2f}")

@@ -200,6 +200,17 @@ def _print_data(
     print("(c)/(b) target with the cache >= 0.95")
 
 
+def step_rates(tr: Any, warmup: int, batches: int) -> tuple[float, float]:
+    """Images/s of ``tr``'s training step (b) on one synthetic batch repeated and (c) fed by its loader."""
+    tr.model.train()
+    loader = _endless(tr.loader, tr.sampler)
+    images, labels = next(loader)
+    synthetic = (torch.rand_like(_on_device(tr, images)), labels)
+    b = _rate(_repeat(synthetic), _train_step(tr), warmup, batches, tr.device)
+    c = _rate(loader, _train_step(tr), warmup, batches, tr.device)
+    return b, c
+
+
 def _repeat(batch: Any) -> Iterator[Any]:
     while True:
         yield batch
@@ -300,12 +311,7 @@ def _gpu_training(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     start = time.perf_counter()
     tr = _trainer(cfg, "disk")
     build_s = time.perf_counter() - start
-    tr.model.train()
-    loader = _endless(tr.loader, tr.sampler)
-    images, labels = next(loader)
-    synthetic = (torch.rand_like(_on_device(tr, images)), labels)
-    b = _rate(_repeat(synthetic), _train_step(tr), args.warmup, args.batches, tr.device)
-    c = _rate(loader, _train_step(tr), args.warmup, args.batches, tr.device)
+    b, c = step_rates(tr, args.warmup, args.batches)
     return [
         {"measurement": f"decode {args.images} JPEGs 500×375 into the cache (s)", "value": build_s},
         {"measurement": "GoogLeNet 224 px B=128 step, synthetic tensors (images/s)", "value": b},

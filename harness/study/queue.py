@@ -24,6 +24,7 @@ from optuna.storages import BaseStorage, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.errors import ConfigError
+from harness.rundir import pid_alive
 from harness.store import HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S, open_storage, outage_recent
 from harness.study.spec import StudySpec, Unit
 
@@ -44,16 +45,6 @@ def unit_status(trials: list[FrozenTrial]) -> str:
     if states & {TrialState.RUNNING, TrialState.WAITING}:
         return "pending"
     return "failed" if TrialState.FAIL in states else "missing"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Snapshot:
@@ -203,7 +194,7 @@ class WorkQueue:
     def _is_lost(self, study_name: str, t: FrozenTrial, now: float) -> bool:
         worker = t.user_attrs.get("worker")
         if worker and worker["host"] == HOST and worker["pid"] != os.getpid():
-            return not _pid_alive(worker["pid"])
+            return not pid_alive(worker["pid"])
         if not self.journal:  # RDB storages: Optuna's heartbeat (fail_stale_trials) decides
             return False
         beat = self.heartbeats / str(self.trial_id(study_name, t.number))
