@@ -1,4 +1,4 @@
-"""`dmlh` command line: run | study | report | bench | list | data.
+"""`dmlh` command line: run | study | report | table | bench | list | data.
 
 Every subcommand is a thin shell over a library function; user errors (HarnessError) print a clear
 message and exit with status 2, without a traceback.
@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness import logs
+from harness.errors import HarnessError, Interrupted
 
 log = logging.getLogger("harness")
 
@@ -21,15 +22,21 @@ log = logging.getLogger("harness")
 def _cmd_run(args: argparse.Namespace) -> None:
     from harness import config, distributed, train
     from harness.rundir import claimed, format_metrics, write_run
+    from harness.tracking import Tracking
+    from harness.tracking import parse as parse_track
 
     cfg = config.load(args.config, args.overrides)
-    out = Path(args.results) / "runs" / (args.name or cfg.name)
+    if args.name:  # the run's name: its folder, its log lines and its saved config say the same
+        cfg.name = args.name
+    out = Path(args.results) / "runs" / cfg.name
+    tracking = Tracking(parse_track(args.track, args.results))  # a missing client fails before training
     if distributed.env_rank() != 0:  # a torchrun rank other than 0: rank 0 claims and writes the run
         train.run(cfg)
         return
     with claimed(out, args.overwrite):
         result = train.run(cfg)
         write_run(result, out, save_checkpoint=cfg.train.save_checkpoint)
+    tracking.log_run(out, out.name, {"run": out.name})
     print(format_metrics(result))
     print(f"run written to {out}")
 
@@ -65,7 +72,7 @@ def _cmd_study_run(args: argparse.Namespace) -> None:
     incomplete = None
     try:
         out = study.run_study(
-            args.study,
+            _study_yaml(args.study),
             storage=args.storage,
             workers=args.workers,
             gpus=args.gpus,
@@ -75,6 +82,7 @@ def _cmd_study_run(args: argparse.Namespace) -> None:
             results=args.results,
             overrides=args.overrides,
             protocol=args.protocol,
+            track=args.track,
         )
     except study.StudyIncompleteError as e:  # the report is written: show it, then fail with the reason
         out, incomplete = e.report, e
@@ -83,8 +91,20 @@ def _cmd_study_run(args: argparse.Namespace) -> None:
         if comparison.is_file():
             print(f"\n{comparison.read_text()}")
         print(f"tables: {out / 'tables'}\nplots: {out / 'plots'}\noverview: {out / 'report.md'}")
+        if (out / "report.html").is_file():
+            print(f"report (tables and figures on one page): {out / 'report.html'}")
     if incomplete is not None:
         raise incomplete
+
+
+def _study_yaml(name_or_yaml: str) -> str:
+    """The study file a command names by its path or by its name (``studies/<name>.yaml``)."""
+    if Path(name_or_yaml).is_file():
+        return name_or_yaml
+    found = Path("studies") / f"{name_or_yaml}.yaml"
+    if found.is_file():
+        return str(found)
+    raise HarnessError(f"{name_or_yaml}: no such study file (nor {found})")
 
 
 def _study_name(name_or_yaml: str) -> str:
@@ -111,6 +131,13 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"tables and plots written to {out}")
 
 
+def _cmd_table(args: argparse.Namespace) -> None:
+    from harness.reporting.combined import write_combined
+
+    out, text = write_combined(args.file, storage=args.storage, results=args.results, out=args.out)
+    print(f"{text}\ntable written to {out} (.md, .csv, .tex, _wide.tex, .html)")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from harness import bench
 
@@ -130,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_study_commands(sub)
     _add_report_command(sub)
+    _add_table_command(sub)
     _add_bench_command(sub)
     return p
 
@@ -139,9 +167,22 @@ def _add_run_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     r = sub.add_parser("run", help="train and evaluate one config")
     r.add_argument("config", help="RunConfig YAML")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.margin=0.1 train.epochs=3")
-    r.add_argument("--name", help="run folder name (default: the config's name)")
+    r.add_argument("--name", help="the run's name: its folder and its log lines (default: the config's name)")
     r.add_argument("--overwrite", action="store_true", help="replace an earlier run of that name")
+    _add_track_option(r)
     r.set_defaults(func=_cmd_run)
+
+
+def _add_track_option(parser: argparse.ArgumentParser) -> None:
+    """``--track`` (repeatable) of `dmlh run` and `dmlh study run` (``harness.tracking``)."""
+    parser.add_argument(
+        "--track",
+        action="append",
+        metavar="TRACKER",
+        help="log runs to an experiment tracker: mlflow[:URI], tensorboard[:DIR] (default DIR: "
+        "<results>/tensorboard) or wandb[:PROJECT]; repeat for several (needs pip install "
+        "'dml-harness[mlflow]' etc.; a study's --track replaces its track:)",
+    )
 
 
 def _add_list_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -157,8 +198,9 @@ def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser(
         "check",
-        help="check a dataset folder: decode every image, then images and classes per split, or each bad "
-        "file with the reason (exit code 2)",
+        help="decode every image of a dataset folder: images and classes per split, or the bad files",
+        description="Check a dataset folder: decode every image, then print the images and classes per "
+        "split, or each bad file with the reason (exit code 2).",
     )
     dc.add_argument("name")
     dc.add_argument("--root", default=None)
@@ -185,7 +227,7 @@ def _add_study_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     s = sub.add_parser("study", help="Optuna studies")
     ssub = s.add_subparsers(dest="study_command", required=True)
     sr = ssub.add_parser("run", help="run (or resume) a study")
-    sr.add_argument("study", help="study YAML")
+    sr.add_argument("study", help="the study's YAML, or its name (studies/<name>.yaml)")
     sr.add_argument(
         "overrides", nargs="*", help="dotted overrides of the study YAML, e.g. base.train.epochs=1"
     )
@@ -219,6 +261,7 @@ def _add_study_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="fair (tuned on validation classes), literature (the paper's recipe) or both (default: the "
         "study file's protocol)",
     )
+    _add_track_option(sr)
     sr.set_defaults(func=_cmd_study_run)
     ss = ssub.add_parser("status", help="counts by state, best arms, time spent")
     ss.add_argument("name", help="the study's name or its YAML")
@@ -228,14 +271,18 @@ def _add_study_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     def _cmd_study_check(args: argparse.Namespace) -> None:
         from harness.study.recipe import cmd_check
 
+        args.studies = [a if "=" in a else _study_yaml(a) for a in args.studies]
         cmd_check(args)
 
     sc = ssub.add_parser(
         "check",
-        help="validate study files without loading data: every arm's config, and a paper study's recipe: "
-        "against the literature config of every arm",
+        help="validate study files (every arm's config, a paper study's recipe) without loading data",
+        description="Validate study files without loading data: every arm's config, and a paper study's "
+        "recipe against the literature config of every arm.",
     )
-    sc.add_argument("studies", nargs="+", help="study YAML files, then dotted overrides (base.seed=1)")
+    sc.add_argument(
+        "studies", nargs="+", help="study YAML files or names, then dotted overrides (base.seed=1)"
+    )
     sc.set_defaults(func=_cmd_study_check)
 
 
@@ -257,31 +304,43 @@ def _add_report_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rp.set_defaults(func=_cmd_report)
 
 
+def _add_table_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`dmlh table FILE.yaml`: one methods × datasets table across studies."""
+    t = sub.add_parser(
+        "table",
+        help="one methods x datasets table across studies (Markdown, CSV, LaTeX, HTML) from a table file "
+        "such as studies/tables/seed_papers.yaml",
+    )
+    t.add_argument("file", help="table YAML: studies, methods (row label: arm), datasets, metrics, protocols")
+    t.add_argument("--storage", default=None, help="Optuna storage URL of the studies (default: journals)")
+    t.add_argument("--out", default=None, help="output folder (default: <results>/tables/<table name>)")
+    t.set_defaults(func=_cmd_table)
+
+
 def _add_bench_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`dmlh bench WHAT [options]`: the options go to the benchmark's own parser (harness.bench)."""
+    """`dmlh bench WHAT [options]`: the options, --help included, go to the benchmark's own parser."""
+    from harness.bench import BENCHES
+
     b = sub.add_parser("bench", help="speed benchmarks against reference implementations")
-    benches = ["eval", "losses", "study", "methods", "data", "train", "gpu", "fixture", "ddp"]
-    b.add_argument("what", choices=benches)
-    b.add_argument("options", nargs=argparse.REMAINDER, help="benchmark options (see dmlh bench WHAT --help)")
+    bsub = b.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for what, (_, text) in BENCHES.items():
+        # no arguments here: `main` hands everything after WHAT, --help included, to the benchmark's parser
+        bsub.add_parser(what, help=text, add_help=False)
     b.set_defaults(func=_cmd_bench)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":  # `dmlh bench WHAT ...`: the rest, in order, is the benchmark's to parse
+        args.options, extra = extra, []
     # dotted overrides may also follow the options: `dmlh study run S.yaml --workers 2 base.train.epochs=1`
     overrides = [a for a in extra if "=" in a and not a.startswith("-")]
     if len(overrides) < len(extra) or (overrides and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if overrides:
         args.overrides = [*args.overrides, *overrides]
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # faiss logs which CPU build it probed; fontTools every font it subsets for a PDF
-        for noisy in ("faiss.loader", "fontTools"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    repeats = logs.setup(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
     except HarnessError as e:
@@ -301,11 +360,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print(
-            "interrupted: every finished run is stored; rerun the same command to resume", file=sys.stderr
+    except KeyboardInterrupt as e:
+        stored = (
+            f"{e.finished} of {e.total} runs are finished and"
+            if isinstance(e, Interrupted)
+            else "every finished run is"
         )
+        print(f"interrupted: {stored} stored; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        repeats.summary()
     return 0
 
 

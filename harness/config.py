@@ -12,7 +12,10 @@ import copy
 import difflib
 import hashlib
 import json
+import logging
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +27,8 @@ from harness import plugins, registry
 from harness.distributed import batch_problems
 from harness.errors import ConfigError
 from harness.types import CLUSTERING_METRICS, METRICS, recall_name
+
+log = logging.getLogger(__name__)
 
 Component = dict[str, Any]
 
@@ -170,6 +175,9 @@ class EvalSection(_Section):
     backend: Literal["auto", "faiss", "torch"] = "auto"
     nmi: bool = True
     whitening: Component | None = None
+    #: Embed and score the test classes at the end of the run. Off in tune trials (``harness.study`` sets
+    #: it): they select on validation classes, and test classes are touched by final runs only.
+    test: bool = True
 
     _c = field_validator("whitening", mode="before")(_component)
 
@@ -267,28 +275,52 @@ def split_params(spec: Component) -> tuple[str, dict[str, Any]]:
     return str(params.pop("name", "")), params
 
 
+def _section_model(kind: Any) -> type[BaseModel] | None:
+    """The section model a field holds: its type, or the model of an optional section (``Model | None``)."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    return next((k for k in options if isinstance(k, type) and issubclass(k, BaseModel)), None)
+
+
 def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys the section at ``loc`` of ``model`` allows (empty where ``loc`` is not a section)."""
     for key in loc:
         field = model.model_fields.get(str(key))
-        kind = field.annotation if field else None
-        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+        section = _section_model(field.annotation) if field else None
+        if section is None:
             return []
-        model = kind
+        model = section
     return list(model.model_fields)
 
 
+def did_you_mean(key: str, keys: list[str]) -> list[str]:
+    """The valid keys ``key`` may be a typo of (the suggestion of every config error)."""
+    return difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+
+
+def unknown_key(path: str, keys: list[str]) -> str:
+    """The problem of an unknown key at dotted ``path``: the keys it may be a typo of, and the valid ones."""
+    close = did_you_mean(path.rsplit(".", 1)[-1], keys)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    return f"{path}: unknown key; {hint}(valid: {', '.join(keys)})" if keys else f"{path}: unknown key"
+
+
 def _pydantic_problems(e: pydantic.ValidationError, model: type[BaseModel]) -> list[str]:
-    problems = []
+    """One line per error with its dotted path; an unknown key with the valid keys it may be a typo of. A
+    required key that such a typo misspells is not reported again (the typo says it)."""
+    hints = {}
     for err in e.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             keys = _keys_at(model, err["loc"][:-1])
-            close = difflib.get_close_matches(str(err["loc"][-1]), keys, n=3, cutoff=0.5)
-            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-            problems.append(
-                f"{path}: unknown key; {hint}(valid: {', '.join(keys)})" if keys else f"{path}: unknown key"
-            )
+            hints[tuple(err["loc"])] = keys, did_you_mean(str(err["loc"][-1]), keys)
+    meant = {(*loc[:-1], c) for loc, (_, close) in hints.items() for c in close}
+    problems = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        if loc in hints:
+            problems.append(unknown_key(path, hints[loc][0]))
+        elif err["type"] == "missing":
+            problems += [] if loc in meant else [f"{path}: {err['msg']}"]
         else:
             problems.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
     return problems
@@ -360,6 +392,8 @@ def _selection_problems(cfg: RunConfig) -> list[str]:
     """``train.selection_metric`` names a metric the validation evaluation computes (said before training
     starts, not at the first validation); without validation classes nothing is selected."""
     ev, metric = cfg.eval, cfg.train.selection_metric
+    if not ev.test and cfg.train.best_test_every:
+        return ["train.best_test_every: evaluates the test classes, which eval.test: false leaves out"]
     computed = [recall_name(k) for k in ev.ks] + [m for m in METRICS if ev.nmi or m not in CLUSTERING_METRICS]
     if cfg.data.val_fraction == 0 or metric in computed:
         return []
@@ -441,47 +475,89 @@ def _set(d: Any, keys: list[str], value: Any) -> None:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a copy of ``raw``."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a copy of ``raw``. A component switch
+    (``loss=ms`` or ``loss.name=ms``) drops the old component's parameters and logs what it dropped."""
     out = copy.deepcopy(raw)
     problems = []
+    touched: set[str] = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             problems.append(f"override {item!r}: expected dotted.path=value")
             continue
         try:
-            _set_path(out, key.strip(), parse_yaml(value) if value.strip() else None)
+            note = _set_path(out, key.strip(), parse_yaml(value) if value.strip() else None, touched)
         except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
             problems.append(f"override {item!r}: {e}")
+            continue
+        if note:
+            log.info("%s: %s", item, note)
     if problems:
         raise ConfigError(problems)
     return out
 
 
-def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
-    """Set dotted ``path`` of ``raw`` in place, creating mappings (and expanding ``loss: triplet``)."""
+#: The dotted paths of a RunConfig that hold one component (``regularizers.<i>`` hold one each).
+_COMPONENT_PATHS = frozenset(path for _, path in COMPONENT_FIELDS)
+
+
+def _is_component(keys: list[str]) -> bool:
+    """Whether ``keys`` lead to a component of a RunConfig, or of a study file's ``base`` (a RunConfig)."""
+    path = ".".join(keys[1:] if keys[:1] == ["base"] else keys)
+    return path in _COMPONENT_PATHS or re.fullmatch(r"regularizers\.\d+", path) is not None
+
+
+def _set_path(raw: dict[str, Any], path: str, value: Any, touched: set[str] | None = None) -> str | None:
+    """Set dotted ``path`` of ``raw`` in place, creating mappings (and expanding ``loss: triplet``).
+
+    Switching a component to another name, whole (``loss: ms``) or by its name (``loss.name: ms``), drops
+    the old component's parameters: they would be unknown to the new one. Parameters set earlier in the same
+    change (their paths in ``touched``, to which ``path`` is added) are kept, so ``loss.alpha=3 loss.name=ms``
+    and ``loss.name=ms loss.alpha=3`` agree. Returns a note of what was dropped (None: nothing)."""
     keys = path.split(".")
     node: Any = raw
     for k in keys[:-1]:
         if isinstance(node, list):
+            if isinstance(node[int(k)], str):  # `regularizers: [mdr]`
+                node[int(k)] = {"name": node[int(k)]}
             node = node[int(k)]
         else:
             if isinstance(node.get(k), str):  # component shorthand `loss: triplet`
                 node[k] = {"name": node[k]}
             node = node.setdefault(k, {})
+    touched = set() if touched is None else touched
+    old: Any = None
+    dropped: dict[str, Any] = {}
+    if keys[-1] == "name" and _is_component(keys[:-1]) and isinstance(node, dict) and "name" in node:
+        old, where = node.get("name"), ".".join(keys[:-1])
+        if old != value:
+            dropped = {k: node.pop(k) for k in list(node) if k != "name" and f"{where}.{k}" not in touched}
+    elif _is_component(keys) and isinstance(node, dict) and isinstance(node.get(keys[-1]), dict):
+        old, where = node[keys[-1]].get("name"), path
+        kept = value if isinstance(value, dict) else {}
+        dropped = {k: v for k, v in node[keys[-1]].items() if k != "name" and k not in kept}
     _set(node, keys[-1:], value)
+    touched.add(path)
+    if not dropped:
+        return None
+    return f"dropped the parameters of {where} {old!r}: {', '.join(f'{k}={v!r}' for k, v in dropped.items())}"
 
 
 def assign(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``raw`` with each dotted path of ``values`` set to its value: ``apply_overrides`` for
-    values that are already Python objects (no YAML text round trip)."""
+    values that are already Python objects (no YAML text round trip), a component switch included (what it
+    drops is logged at debug level: a study assigns its arms' values many times)."""
     out = copy.deepcopy(raw)
     problems = []
+    touched: set[str] = set()
     for path, value in values.items():
         try:
-            _set_path(out, path, copy.deepcopy(value))
+            note = _set_path(out, path, copy.deepcopy(value), touched)
         except (ValueError, IndexError, TypeError, AttributeError) as e:
             problems.append(f"{path}: cannot set it to {value!r} ({e})")
+            continue
+        if note:
+            log.debug("%s=%r: %s", path, value, note)
     if problems:
         raise ConfigError(problems)
     return out

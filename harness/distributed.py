@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from harness import logs
 from harness.errors import ConfigError, HarnessError, TrainingError
 from harness.types import ModelOutput
 
@@ -446,7 +447,7 @@ def _rank_main(
     spec: _Spec, fn: Callable[..., Any], args: tuple[Any, ...], conn: Any, parent_pid: int
 ) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    repeats = logs.setup(spec.log_level)  # as the parent's: faiss's loader and others quiet
     torch.set_num_threads(max(1, spec.threads // spec.world_size))
     if spec.rank != 0:
         _quiet()
@@ -475,6 +476,7 @@ def _rank_main(
         os._exit(1)
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
+    repeats.summary()
     conn.close()
 
 

@@ -29,3 +29,11 @@ class TrainingError(HarnessError):
 
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or Inf."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a study, with how many of its units were finished and stored by then."""
+
+    def __init__(self, finished: int, total: int):
+        self.finished, self.total = finished, total
+        super().__init__(f"{finished} of {total} runs are finished and stored")

@@ -15,11 +15,11 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from harness.config import RunConfig, validate
 from harness.data.prefetch import received_in_thread
 from harness.errors import ConfigError
+from harness.logs import progress_bar
 from harness.model import build_component, build_model
 from harness.monitor import embedding_stats
 from harness.optim import decay_groups
@@ -85,7 +85,7 @@ def embed(
         pin_memory=device.type == "cuda",
     )
     embs, labels = [], []
-    for x, y in tqdm(received_in_thread(loader, device), desc=desc, leave=False, disable=None):
+    for x, y in progress_bar(received_in_thread(loader, device), desc=desc, leave=False):
         out: ModelOutput = model(x.to(device, non_blocking=True))
         embs.append(out.embeddings.float().cpu())
         labels.append(torch.as_tensor(y))

@@ -61,8 +61,8 @@ CONTEXT_PARAMS = frozenset(
     }
 )
 
-#: Engine modules that register generic components (the embedder model, optimizers, schedulers).
-_ENGINE_MODULES = ("harness.model", "harness.optim", "harness.data.datasets")
+#: Engine modules that register generic components (the embedder model, optimizers, schedulers, trackers).
+_ENGINE_MODULES = ("harness.model", "harness.optim", "harness.data.datasets", "harness.tracking")
 
 _MISSING = inspect.Parameter.empty
 
@@ -122,8 +122,24 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.obj) or ""
-        return doc.splitlines()[0] if doc else ""
+        """The first sentence of the docstring (which may run over several lines), for `dmlh list`."""
+        paragraph = " ".join((inspect.getdoc(self.obj) or "").split("\n\n")[0].split())
+        # a sentence ends at a full stop before a capital letter or the end; "e.g. x" or "(3.0)" go on
+        return re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph)[0]
+
+    @property
+    def origin(self) -> str:
+        """Where the component comes from, as `dmlh list` shows it: ``harness`` (the engine), its file in the
+        project's ``methods/`` folder, or the entry point and the installed package that declares it."""
+        module = str(getattr(self.obj, "__module__", "") or "")
+        top = module.split(".")[0]
+        if top == "harness":
+            return "harness"
+        if top == "methods":  # its file in the project: methods/losses/circle.py
+            package = str(getattr(sys.modules.get(module), "__file__", "")).endswith("__init__.py")
+            return "/".join([*module.split("."), *(["__init__"] if package else [])]) + ".py"
+        dists = ", ".join(_distributions().get(top, [])) or "not installed"
+        return f"plugin {self.plugin}, package {dists}"
 
 
 def _signature_schema(obj: Callable[..., Any]) -> tuple[dict[str, Param], frozenset[str]]:
@@ -474,7 +490,7 @@ def describe(kinds_: Iterable[str] | None = None) -> str:
         reg = registry(kind)
         lines.append(f"[{kind}]")
         for e in reg.entries():
-            lines.append(f"  {e.name}  ({e.plugin})  {e.summary}")
+            lines.append(f"  {e.name}  ({e.origin})  {e.summary}")
             for p in e.params.values():
                 lines.append(f"      {p.describe()}")
             problem = build_problem(kind, e.name)

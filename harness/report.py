@@ -4,15 +4,17 @@ tables/ and plots/.
 Every number in a table is the mean ± sample std (ddof=1) over the final stage's seeds of a test-split
 metric; nothing in a table was selected on test classes. The parts live in ``harness.reporting``: table
 formats (``tables``), study plots (``plots``), method pictures (``diagnostics``, ``figures``), statistics
-(``stats``), the paper table (``paper``), the per-learner table of ensembles (``learners``) and the HTML page
-(``page``); this module decides what a study's report contains and in which order.
+(``stats``), the paper table (``paper``), the per-learner table of ensembles (``learners``), warnings about
+weak numbers (``caveats``) and the HTML page (``page``); this module decides what a study's report contains
+and in which order.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,10 @@ import yaml
 
 from harness import store
 from harness.errors import HarnessError
+from harness.reporting import caveats, effects, learners, page, paper, plots, search, stats
 from harness.reporting import diagnostics as method_diagnostics
-from harness.reporting import effects, learners, page, paper, plots, search, stats
 from harness.reporting import figures as pictures
-from harness.reporting.tables import display, is_best, tex_escape, to_markdown, write_table
+from harness.reporting.tables import arm_titles, display, is_best, legend, to_markdown, write_table
 from harness.types import TABLE_METRICS, metric_title, recall_k
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ def _arm_order(meta: dict[str, Any], arms: Sequence[str]) -> list[str]:
 
 def summarize(final: pd.DataFrame, metrics: list[str], meta: dict[str, Any]) -> pd.DataFrame:
     """Rows = arms (study order); columns = factor values, ``runs``, and per metric ``<m>_mean``, ``<m>_std``
-    (over seeds, ddof=1) and ``<m>_best`` (the highest mean of the column)."""
+    (over seeds, ddof=1), ``<m>_seeds``, ``<m>_best`` (the highest mean of the column) and ``<m>_bold``,
+    ``<m>_p_holm`` (``with_bold``)."""
     factors = [f for f in meta.get("factors", []) if f in final]
     grouped = final.groupby("arm", sort=False)
     out = pd.DataFrame(index=pd.Index(_arm_order(meta, list(grouped.groups)), name="arm"))
@@ -59,10 +62,26 @@ def summarize(final: pd.DataFrame, metrics: list[str], meta: dict[str, Any]) -> 
         out[f] = grouped[f].first()
     out["runs"] = grouped.size()
     for m in metrics:
-        stats = grouped[f"test/{m}"].agg(["mean", "std"])
-        out[f"{m}_mean"] = stats["mean"]
-        out[f"{m}_std"] = stats["std"]
+        agg = grouped[f"test/{m}"].agg(["mean", "std", "count"])
+        out[f"{m}_mean"] = agg["mean"]
+        out[f"{m}_std"] = agg["std"]
+        out[f"{m}_seeds"] = agg["count"]
         out[f"{m}_best"] = is_best(out[f"{m}_mean"])
+    return with_bold(out, final, metrics)
+
+
+def with_bold(summary: pd.DataFrame, final: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """``summary`` (rows = arms) with ``<m>_bold``: the column's best arm and every arm the paired t-test over
+    seeds does not find worse, Holm-corrected across the table's columns (``stats.bold_cells``), and
+    ``<m>_p_holm``, that test's adjusted p-value against the best."""
+    runs = final.loc[final.arm.isin(summary.index), ["arm", "seed", *(f"test/{m}" for m in metrics)]]
+    long = runs.melt(id_vars=["arm", "seed"], var_name="column").rename(columns={"arm": "row"})
+    cells = stats.bold_cells(long)
+    out = summary.copy()
+    for m in metrics:
+        col = cells[cells.index.get_level_values("column") == f"test/{m}"].droplevel("column")
+        out[f"{m}_bold"] = col.bold.reindex(out.index).fillna(False).astype(bool)
+        out[f"{m}_p_holm"] = col.p_holm.reindex(out.index)
     return out
 
 
@@ -112,8 +131,10 @@ def ablations(
     metrics: list[str],
     meta: dict[str, Any],
     baseline: str,
+    final: pd.DataFrame,
 ) -> dict[str, tuple[pd.DataFrame, dict[str, pd.Series]]]:
-    """Per factor: the arms that differ from the baseline in that factor only, with Δ of each metric mean."""
+    """Per factor: the arms that differ from the baseline in that factor only, with Δ of each metric mean
+    and bold decided within that table (``with_bold`` over the ``final`` runs of its arms)."""
     values = {a["label"]: a["display"] for a in meta.get("arms", [])}
     out = {}
     for f in meta.get("factors", []):
@@ -128,6 +149,7 @@ def ablations(
         sub = summary.loc[rows].copy()
         for m in metrics:
             sub[f"{m}_best"] = is_best(sub[f"{m}_mean"])
+        sub = with_bold(sub, final, metrics)
         deltas = {
             m: (sub[f"{m}_mean"] - summary.loc[baseline, f"{m}_mean"]).reset_index(drop=True) for m in metrics
         }
@@ -164,20 +186,15 @@ def with_significance(sub: pd.DataFrame, sig: pd.DataFrame, metrics: list[str]) 
     return sub
 
 
-def _significance_columns(show: pd.DataFrame, sub: pd.DataFrame, metric: str, tex: bool) -> pd.DataFrame:
+def _significance_columns(show: pd.DataFrame, sub: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The ablation table's CI and p-value columns of the study's metric (the baseline row: —)."""
-    na = "--" if tex else "—"
-    title = metric_title(metric)
-    ci = [
-        na if math.isnan(lo) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        for lo, hi in zip(sub[f"{metric}_ci_low"], sub[f"{metric}_ci_high"], strict=True)
-    ]
+    bounds = zip(sub[f"{metric}_ci_low"], sub[f"{metric}_ci_high"], strict=True)
+    ci = [stats.interval(lo, hi) for lo, hi in bounds]
     p = [
-        na if math.isnan(t) else f"{stats.format_p(t, na)} / {stats.format_p(w, na)}"
+        "—" if math.isnan(t) else f"{stats.format_p(t)} / {stats.format_p(w)}"
         for t, w in zip(sub[f"{metric}_p_t"], sub[f"{metric}_p_wilcoxon"], strict=True)
     ]
-    head = f"$\\Delta$ {title}, 95\\% CI" if tex else f"Δ {title}, 95% CI"
-    return show.assign(**{head: ci, "p (t / Wilcoxon)": p})
+    return show.assign(**{f"Δ {metric_title(metric)}, 95% CI": ci, "p (t / Wilcoxon)": p})
 
 
 def _paper_section(name: str, final: pd.DataFrame, meta: dict[str, Any], tables: Path) -> list[str]:
@@ -186,14 +203,14 @@ def _paper_section(name: str, final: pd.DataFrame, meta: dict[str, Any], tables:
     order = _arm_order(meta, [*final.arm.unique(), *(meta.get("published") or {})])
     table = paper.paper_table(final, metrics, order, meta)
     caption = paper.paper_caption(name, meta)
+    shown = paper.paper_display(table, arm_titles(meta, order))
     lines = _arm_metric_section(
-        "Published vs ours", table, table, paper.paper_display, tables / "paper", caption
+        "Published vs ours", table, shown, tables / "paper", caption, paper.LEGEND, paper.PAPER_WRAP
     )
     recipe = paper.recipe_table(meta)
     if not recipe.empty:  # under the paper table: what is from the paper, from the official code, ours
         caption = paper.recipe_caption(name)
-        tex = recipe.map(tex_escape)
-        write_table(recipe, recipe, tex, tables / "recipe", caption, n_labels=len(recipe.columns))
+        write_table(recipe, recipe, tables / "recipe", caption, wrap=paper.RECIPE_WRAP)
         lines += ["", "### Recipe", "", caption + ".", "", to_markdown(recipe)]
     return lines
 
@@ -201,16 +218,16 @@ def _paper_section(name: str, final: pd.DataFrame, meta: dict[str, Any], tables:
 def _arm_metric_section(
     title: str,
     numeric: pd.DataFrame,
-    data: pd.DataFrame,
-    show: Callable[..., pd.DataFrame],
+    shown: pd.DataFrame,
     stem: Path,
     caption: str,
+    legend_text: str = "",
+    wrap: dict[str, str] | None = None,
 ) -> list[str]:
-    """A table with two label columns (arm and metric or source), written three ways under ``caption``
-    (``numeric`` as CSV; ``show(data, tex, escape)`` as Markdown and LaTeX) and as report lines."""
-    md, tex = show(data, False), show(data, True, tex_escape)
-    write_table(numeric, md, tex, stem, caption, n_labels=2)
-    return [f"## {title}", "", caption + ".", "", to_markdown(md)]
+    """A table with two label columns (arm and metric or source) under ``caption``: ``numeric`` as CSV,
+    ``shown`` as Markdown and LaTeX (``write_table``) and as report lines, the legend under it."""
+    write_table(numeric, shown, stem, caption, legend_text, n_labels=2, wrap=wrap)
+    return [f"## {title}", "", caption + ".", "", to_markdown(shown), *([legend_text] if legend_text else [])]
 
 
 def _write_pages(name: str, lines: list[str], folder: Path, final: pd.DataFrame, order: list[str]) -> None:
@@ -236,8 +253,10 @@ def write_report(
     figures_dir.mkdir(parents=True, exist_ok=True)
     final = final_runs(df)
     lines = _intro(name, meta, final)
+    top = len(lines)  # where the caveats go, once the numbers they are about are known
     if final.empty:
         lines.append("No final run has completed yet; run `dmlh report` again later.")
+        lines += ["", *(f"Note: {n}." for n in unfinished_arms(df, meta))]
         _write_pages(name, lines, folder, final, [])
         return folder
     lines += search.flag_lines(final)
@@ -249,28 +268,38 @@ def write_report(
     matched, unmatched = matched_seeds(final, _arm_order(meta, list(final.arm.unique())))
     summary = summarize(matched, metrics, meta)
     order = list(summary.index)
-    notes = [*(meta.get("notes") or []), *([unmatched] if unmatched else [])]
-    lines += _comparison_section(name, summary, metrics, len(by_protocol) > 1, tables, notes)
-    lines += _learners_section(name, final, order, tables)
+    titles = arm_titles(meta, order)
+    notes = [*(meta.get("notes") or []), *([unmatched] if unmatched else []), *unfinished_arms(df, meta)]
+    lines += _comparison_section(name, summary, metrics, len(by_protocol) > 1, tables, notes, titles)
+    lines += _learners_section(name, final, order, tables, titles)
     base = resolve_baseline(baseline, meta, order)
     if base is not None and base in summary.index:
-        lines += _baseline_sections(name, matched, summary, metrics, meta, base, tables)
+        lines += _baseline_sections(name, matched, summary, metrics, meta, base, tables, titles)
         lines += _effects_sections(name, matched, metrics, meta, base, tables)
     if meta.get("tune_params"):
-        lines += _tuned_section(name, df, meta, order, tables)
+        lines += _tuned_section(name, df, meta, order, tables, titles)
     saved = pictures.saved_runs(final, order)
-    lines += _bootstrap_section(name, saved, order, metrics, tables)
+    lines += _bootstrap_section(name, saved, order, metrics, tables, titles)
     _, _, opened = store.resolve(name, storage, results)
-    drawn = _draw(name, opened, final, meta, order, base, saved, tables, figures_dir)
+    imp = plots.param_importances(name, opened)
+    found = caveats.caveats(df, matched, meta.get("metric", "recall@1"), imp)
+    for caveat in found:
+        log.warning("study %s: %s", name, caveat)
+    lines[top:top] = caveats.caveat_lines(found)
+    drawn = _draw(final, meta, order, base, saved, imp, tables, figures_dir)
     budget = search.trials_per_arm(df, order)
     budget.to_csv(tables / "trials_per_arm.csv")
     lines += ["## Trials per arm", "", to_markdown(budget.reset_index()), ""]
     if any(title in budget for title in search.EPOCH_TIMES.values()):
         lines += [search.TIMES_NOTE, ""]
-    lines += ["## Plots", ""]
-    lines += [f"![{p.stem}](plots/{p.name})" for p in drawn if p.suffix == ".png"]
+    lines += ["## Figures", ""]
+    for png in (p for p in drawn if p.suffix == ".png"):
+        title, caption = plots.figure_caption(png.stem, meta)
+        lines += [f"![{title}](plots/{png.name})", f"*{caption}*", ""]
     _write_pages(name, lines, folder, final, order)
-    log.info("report of %s: %d tables, %d plots", name, len(list(tables.glob("*.csv"))), len(drawn) // 3)
+    log.info("report of %s: %s", name, folder / "report.html")
+    log.info("tables (CSV, Markdown, LaTeX): %s (%d)", tables, len(list(tables.glob("*.csv"))))
+    log.info("figures (PNG, SVG, PDF): %s (%d)", figures_dir, len(list(figures_dir.glob("*.png"))))
     return folder
 
 
@@ -290,8 +319,8 @@ def _intro(name: str, meta: dict[str, Any], final: pd.DataFrame) -> list[str]:
         factors = ", ".join(f"`{f}`" for f in meta["factors"])
         metric = metric_title(meta.get("metric", "recall@1"))
         lines += [
-            f"Question: how do {factors} change test {metric}, and is each difference larger than seed "
-            "noise?",
+            f"Question: how {'does' if len(meta['factors']) == 1 else 'do'} {factors} change test {metric}, "
+            "and is each difference larger than seed noise?",
             "",
         ]
     lines += [
@@ -308,6 +337,29 @@ def _intro(name: str, meta: dict[str, Any], final: pd.DataFrame) -> list[str]:
     return lines
 
 
+def unfinished_arms(df: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+    """A line for each arm of the study without a finished final run of the protocol the comparison shows
+    (fair, else literature), which the tables therefore leave out: how many of its runs failed and the first
+    reason, or that none has finished yet."""
+    arms = [a["label"] for a in meta.get("arms", [])]
+    if df.empty:
+        return [f"arm {arm}: no finished final run yet" for arm in arms]
+    protocol = "literature" if meta.get("protocol") == "literature" else "fair"
+    runs = df[(df.stage == "final") & (paper.protocols(df) == protocol)]
+    lines = []
+    for arm in arms:
+        mine = runs[runs.arm == arm]
+        if (mine.state == "COMPLETE").any():
+            continue
+        failed = mine[(mine.state == "FAIL") & ~mine.lost.astype(bool)].sort_values("number")
+        if failed.empty:
+            lines.append(f"arm {arm}: no finished final run yet")
+            continue
+        first = textwrap.shorten(str(failed.reason.iloc[0] or "no reason recorded"), 200, placeholder=" …")
+        lines.append(f"arm {arm}: no finished final run ({len(failed)} failed: {first})")
+    return lines
+
+
 def _comparison_section(
     name: str,
     summary: pd.DataFrame,
@@ -315,19 +367,29 @@ def _comparison_section(
     both_protocols: bool,
     tables: Path,
     notes: list[str],
+    titles: dict[str, str],
 ) -> list[str]:
-    """The comparison table: every arm, every test metric, best mean per column in bold; the study's
-    ``notes`` (what its arms differ in beyond their factors) in its caption and under it."""
-    caption = f"{name}: test metrics (%), mean ± std over seeds; best mean per column in bold"
+    """The comparison table: every arm (by its title), every test metric, bold where the data supports it
+    (``with_bold``) and the legend under it; the study's ``notes`` (what its arms differ in beyond their
+    factors) in its caption and under it."""
+    caption = f"{name}: test metrics (%), mean ± std over seeds"
     if both_protocols:
         caption += " (fair protocol; the literature protocol's runs are in the paper table)"
     caption += "".join(f". {n}" for n in notes)
-    md = display(summary, metrics, False)
-    write_table(summary, md, display(summary, metrics, True), tables / "comparison", caption)
-    return ["## Comparison", "", to_markdown(md), *(["", *(f"Note: {n}." for n in notes)] if notes else [])]
+    md = display(summary, metrics, titles=titles)
+    write_table(summary, md, tables / "comparison", caption, legend())
+    return [
+        "## Comparison",
+        "",
+        to_markdown(md),
+        legend(),
+        *(["", *(f"Note: {n}." for n in notes)] if notes else []),
+    ]
 
 
-def _learners_section(name: str, final: pd.DataFrame, order: list[str], tables: Path) -> list[str]:
+def _learners_section(
+    name: str, final: pd.DataFrame, order: list[str], tables: Path, titles: dict[str, str]
+) -> list[str]:
     """Each learner of an ensemble alone beside the ensemble (the ABE paper's table); nothing when no arm's
     runs scored learners."""
     summary = learners.learner_summary(final, order)
@@ -337,9 +399,8 @@ def _learners_section(name: str, final: pd.DataFrame, order: list[str], tables: 
         f"{name}: test metrics (%) of each learner's own embedding (its columns of the ensemble's) and of "
         "the ensemble, mean ± std over seeds; blank: the arm has fewer learners"
     )
-    return _arm_metric_section(
-        "Per-learner Recall@K", summary, summary, learners.learner_display, tables / "learners", cap
-    )
+    shown = learners.learner_display(summary, titles)
+    return _arm_metric_section("Per-learner Recall@K", summary, shown, tables / "learners", cap)
 
 
 def _baseline_sections(
@@ -350,6 +411,7 @@ def _baseline_sections(
     meta: dict[str, Any],
     base: str,
     tables: Path,
+    titles: dict[str, str],
 ) -> list[str]:
     """One ablation table per factor (the arms that differ from the baseline in it only) and the paired
     significance of every arm against the baseline."""
@@ -357,16 +419,15 @@ def _baseline_sections(
     caveat = stats.caveat(int(sig.n.min()) if len(sig) else 0)
     metric = meta.get("metric", "recall@1")
     objective = metric if metric in metrics else metrics[0]
-    lines = []
-    for f, (sub, deltas) in ablations(summary, metrics, meta, base).items():
+    lines, base_title = [], titles.get(base, base)
+    for f, (sub, deltas) in ablations(summary, metrics, meta, base, final).items():
         sub = with_significance(sub, sig, metrics)
         cap = (
-            f"{name}: ablation of {f} against the baseline arm '{base}' (Δ in points; * paired t-test "
+            f"{name}: ablation of {f} against the baseline arm '{base_title}' (Δ in points; * paired t-test "
             f"p < {stats.ALPHA} over matched seeds, unmarked: not distinguishable from seed noise)"
         )
-        md = _significance_columns(display(sub, metrics, False, deltas, (f,)), sub, objective, False)
-        tex = _significance_columns(display(sub, metrics, True, deltas, (f,)), sub, objective, True)
-        write_table(sub, md, tex, tables / f"ablation_{plots.slug(f)}", cap)
+        md = _significance_columns(display(sub, metrics, deltas, (f,), baseline=base), sub, objective)
+        write_table(sub, md, tables / f"ablation_{plots.slug(f)}", cap, legend(delta=True))
         lines += [
             f"## Ablation: {f}",
             "",
@@ -374,15 +435,15 @@ def _baseline_sections(
             f"over matched seeds. {caveat}",
             "",
             to_markdown(md),
+            legend(delta=True),
         ]
     if len(sig):
         cap = (
-            f"{name}: each arm minus the baseline '{base}', paired over matched seeds (Δ and 95% CIs in "
-            f"points). {caveat}"
+            f"{name}: each arm minus the baseline '{base_title}', paired over matched seeds (Δ and "
+            f"95% CIs in points). {caveat}"
         )
-        md = stats.significance_display(sig, False)
-        tex = stats.significance_display(sig, True, tex_escape)
-        write_table(sig, md, tex, tables / "significance", cap, n_labels=2)
+        md = stats.significance_display(sig, titles)
+        write_table(sig, md, tables / "significance", cap, n_labels=2)
         lines += ["## Significance against the baseline", "", cap, "", to_markdown(md)]
     return lines
 
@@ -415,29 +476,34 @@ def _effects_sections(
     for title_, table, stem, cap in parts:
         if table.empty:
             continue
-        md = effects.effects_display(table, False)
-        tex = effects.effects_display(table, True, tex_escape)
-        write_table(table, md, tex, tables / stem, cap, n_labels=3)
+        md = effects.effects_display(table)
+        write_table(table, md, tables / stem, cap, n_labels=3)
         lines += [f"## {title_}", "", cap + ".", "", to_markdown(md)]
     return lines
 
 
 def _tuned_section(
-    name: str, df: pd.DataFrame, meta: dict[str, Any], order: list[str], tables: Path
+    name: str, df: pd.DataFrame, meta: dict[str, Any], order: list[str], tables: Path, titles: dict[str, str]
 ) -> list[str]:
     """The hyperparameters each arm's final runs used, as tuned on validation classes."""
     tuned = tuned_params(df, meta, order)
     cap = f"{name}: hyperparameters tuned per arm on validation classes, as the final runs used them"
-    shown = tuned.reset_index().map(
-        lambda v: "—" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else v
+    shown = (
+        tuned.rename(index=titles)
+        .reset_index()
+        .map(lambda v: "—" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else v)
     )
-    tex = shown.map(lambda v: tex_escape(str(v))).rename(columns=tex_escape)
-    write_table(tuned, shown, tex, tables / "tuned", cap)
+    write_table(tuned, shown, tables / "tuned", cap)
     return ["## Tuned hyperparameters", "", cap + ".", "", to_markdown(shown)]
 
 
 def _bootstrap_section(
-    name: str, saved: dict[str, Any], order: list[str], metrics: list[str], tables: Path
+    name: str,
+    saved: dict[str, Any],
+    order: list[str],
+    metrics: list[str],
+    tables: Path,
+    titles: dict[str, str],
 ) -> list[str]:
     """Recall@K of one run per arm with a bootstrap CI over its test queries (nothing without saved runs)."""
     boot = pictures.query_bootstrap(saved, order, pictures.recall_ks(metrics))
@@ -448,24 +514,23 @@ def _bootstrap_section(
         "(the uncertainty from the finite query set of one run, not seed noise)"
     )
     numeric = boot.set_index(["arm", "metric"])
-    show = pictures.query_bootstrap_display
-    return _arm_metric_section(
-        "One run, bootstrap over queries", numeric, boot, show, tables / "query_bootstrap", cap
-    )
+    shown = pictures.query_bootstrap_display(boot.assign(arm=boot.arm.map(lambda a: titles.get(a, a))), False)
+    stem = tables / "query_bootstrap"
+    return _arm_metric_section("One run, bootstrap over queries", numeric, shown, stem, cap)
 
 
 def _draw(
-    name: str,
-    storage: Any,
     final: pd.DataFrame,
     meta: dict[str, Any],
     order: list[str],
     base: str | None,
     saved: dict[str, Any],
+    imp: pd.DataFrame,
     tables: Path,
     folder: Path,
 ) -> list[Path]:
-    """Every plot of the report (PNG, SVG and PDF each), in the order the report shows them."""
+    """Every plot of the report (PNG, SVG and/or PDF each), in the order the report shows them, in the arms'
+    colours (``figures.arm_palette``); ``imp``: the tune stages' parameter importances."""
     metric = meta.get("metric", "recall@1")
     with pictures.paper_style():
         drawn = plots.plot_per_arm(final, metric, order, folder / f"{plots.slug(metric)}_per_arm")
@@ -474,10 +539,9 @@ def _draw(
         hist = plots.histories(final)
         drawn += plots.plot_learning_curves(hist, metric, order, folder / "learning_curves")
         drawn += plots.plot_diagnostics(hist, order, folder / "diagnostics")
-        imp = plots.param_importances(name, storage)
         if not imp.empty:
             imp.to_csv(tables / "param_importances.csv", index=False)
-        drawn += plots.plot_importances(imp, folder / "param_importances")
+        drawn += plots.plot_importances(imp, order, folder / "param_importances")
         drawn += pictures.plot_retrieval_grids(saved, order, base, folder)
         drawn += pictures.plot_embedding_maps(saved, order, folder)
         for plot in method_diagnostics.PLOTS:

@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 
 from harness.errors import HarnessError
+from harness.files import as_umask_allows
 from harness.reporting import embeddings
 from harness.reporting.learners import LEARNER_COLUMN
 
@@ -58,7 +59,7 @@ def write_run(result: RunResult, directory: str | Path, *, save_checkpoint: bool
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the run from colleagues on a server
+        as_umask_allows(tmp)  # mkdtemp's 0700 would hide the run from colleagues on a server
         _write_files(result, tmp, save_checkpoint)
         for f in tmp.iterdir():
             _fsync(f)
@@ -125,12 +126,6 @@ def claimed(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield directory
     finally:
         claim.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def pid_alive(pid: int) -> bool:

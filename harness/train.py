@@ -2,7 +2,8 @@
 
 data (class-disjoint splits, P×K batches) → model → loss (+ miner, synthesis) + regularizers + model
 aux losses → validation every ``train.eval_every`` epochs (model selection on validation classes
-only) → test metrics of the best-on-validation state and of the last state.
+only) → test metrics of the best-on-validation state and of the last state (unless ``eval.test`` is
+off, as in tune trials).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from harness import distributed
 from harness.config import RunConfig
@@ -33,6 +33,7 @@ from harness.distributed import SINGLE, Dist, ShardedBatches
 from harness.errors import ConfigError, TrainingError
 from harness.evaluate import retrieval_metrics
 from harness.learner import Learner, check_assembly, embed
+from harness.logs import progress_bar
 from harness.model import StagedBackbone, build_component
 from harness.monitor import READ_EVERY, CollapseCheck, Progress, StepStats, inert_synthesis
 from harness.plugins import (
@@ -53,7 +54,8 @@ Reporter = Callable[[int, dict[str, float]], None]
 @dataclass
 class RunResult:
     """Everything a run produced; ``metrics`` keys are ``val/…``, ``test/…`` (best-on-val state),
-    ``test_last/…`` (last epoch) and, for an ensemble, ``test_learner<m>/…`` (its learners, as ``test/…``)."""
+    ``test_last/…`` (last epoch), for an ensemble ``test_learner<m>/…`` (its learners, as ``test/…``), and
+    ``data/val_classes`` (how many classes validated). Without ``eval.test`` (tune trials) no test metric."""
 
     config: dict[str, Any]
     run_key: str
@@ -126,7 +128,7 @@ class _Trainer:
                 ("test", self.splits.test),
                 ("query", self.splits.query),
             )
-            if s is not None
+            if s is not None and (cfg.eval.test or name in ("train", "val"))
         }
         self.scheduler = (
             build_component(
@@ -158,7 +160,7 @@ class _Trainer:
         self.sampler.set_epoch(epoch)
         meter = StepStats(epoch)
         progress.begin_epoch()
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False, disable=None)
+        bar = progress_bar(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False)
         for step, (images, labels) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             if self.augment is not None:
@@ -350,11 +352,11 @@ def _run(cfg: RunConfig, reporter: Reporter | None, dist: Dist) -> RunResult:
     tr = _Trainer(cfg, dist)
     has_val = "val" in tr.eval_sets
     log.info(
-        "run %s: %d train / %s val / %d test images, %d train classes, device %s",
+        "run %s: %d train / %s val / %s test images, %d train classes, device %s",
         cfg.name,
         len(tr.train_set),
         len(tr.eval_sets["val"]) if has_val else 0,
-        len(tr.eval_sets["test"]),
+        len(tr.eval_sets["test"]) if cfg.eval.test else "no (eval.test: false)",
         tr.splits.num_train_classes,
         tr.device,
     )
@@ -366,6 +368,8 @@ def _run(cfg: RunConfig, reporter: Reporter | None, dist: Dist) -> RunResult:
     t = time.perf_counter()
     metrics, saved = _final_test(tr, fit)
     metrics["train/collapsed"] = float(collapse.collapsed(cfg.train.epochs))
+    if has_val:  # how many classes the selection rested on (the report warns below 5)
+        metrics["data/val_classes"] = float(tr.eval_sets["val"].num_classes)
     eval_time = fit.eval_time + time.perf_counter() - t
     warnings = collapse.warnings(cfg.train.epochs)
     if cfg.synthesis:
@@ -407,6 +411,8 @@ def _final_test(tr: _Trainer, fit: _Fit) -> tuple[dict[str, float], dict[str, np
     test embeddings (plus ABE's attention masks)."""
     cfg = tr.cfg
     metrics = {f"val/{k}": v for k, v in fit.best_val.items()}
+    if not cfg.eval.test:  # a tune trial: selected on validation classes, never embeds the test classes
+        return metrics, {}
     last_test = tr.evaluate("test")
     metrics.update({f"test_last/{k}": v for k, v in last_test.items()})
     if fit.best_state is not None and fit.best_epoch != cfg.train.epochs:
@@ -448,7 +454,7 @@ def _fit(tr: _Trainer, reporter: Reporter | None, collapse: CollapseCheck, t0: f
     selection = cfg.train.selection_metric
     fit = _Fit(best_epoch=cfg.train.epochs)
     progress = Progress(cfg.name, cfg.train.epochs, len(tr.sampler))
-    for epoch in tqdm(range(cfg.train.epochs), desc=f"{cfg.name}", disable=None):
+    for epoch in progress_bar(range(cfg.train.epochs), desc=f"{cfg.name}"):
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"]}
         row.update(tr.refresh_triplets(epoch))
         fit.mining_time += row.get("mining_s", 0.0)

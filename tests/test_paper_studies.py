@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from harness import config, study
+from harness.study.space import when_holds
 from tests import fixtures
 
 STUDIES = Path(__file__).parents[1] / "studies"
@@ -152,10 +153,42 @@ TINY = {
 TINY_ABE = {"branch": "block2", "attention_depth": "block3", "embedding_dim": 16}
 
 
+def _tiny_protocol(folder: Path, root: Path) -> None:
+    """``studies/protocols/fair.yaml`` at tiny scale (the same entries with tiny values; one tune trial, one
+    seed; CPU) as ``folder/protocols/fair.yaml``, where a shrunk study written to ``folder`` finds it."""
+    protocol = yaml.safe_load((STUDIES / "protocols" / "fair.yaml").read_text())
+    tiny = {
+        "backbone": TINY["backbone"],
+        "data.input_size": 16,
+        "data.resize_size": 18,
+        "data.val_fraction": 0.3,
+        "sampler": {"kind": "pk", "p": 2, "k": 2, "repeated_augmentations": 1},
+        "sampler.batches_per_epoch": 2,
+        "model.embedding_dim": 16,  # 2 dimensions for each of ABE's 8 learners
+        "train.amp": False,
+        "eval.batch_size": 16,
+    }
+    for entry in protocol["settings"]:
+        entry["value"] = tiny.get(entry["key"], entry["value"])
+    run = {"train.device": "cpu", "train.threads": 1, "data.num_workers": 0}
+    protocol["settings"] += [{"key": k, "value": v, "source": "ours", "why": "tiny"} for k, v in run.items()]
+    for entries in protocol["datasets"].values():
+        for entry in entries:
+            if entry["key"] == "data.dataset":
+                entry["value"] = {**entry["value"], "root": str(root)}
+            entry["value"] = {"train.epochs": 1, "train.eval_every": 1, "eval.ks": [1, 2]}.get(
+                entry["key"], entry["value"]
+            )
+    protocol["tune"]["n_trials"] = 1
+    protocol["final"]["seeds"] = [0]
+    (folder / "protocols").mkdir(parents=True, exist_ok=True)
+    (folder / "protocols" / "fair.yaml").write_text(yaml.safe_dump(protocol, sort_keys=False))
+
+
 def _shrink(name: str, root: Path, keep: dict[str, list[Any]], protocol: str) -> dict[str, Any]:
-    """The study file with tiny models and schedules, one tune trial and one seed, and of each factor in
-    ``keep`` only the levels (values or variant names) given; a baseline level dropped becomes the first
-    kept one. The published rows of the kept arms stay."""
+    """The study file with tiny models and schedules (its fair arms on ``_tiny_protocol``), and of each
+    factor in ``keep`` only the levels (values or variant names) given; a baseline level dropped becomes the
+    first kept one. The published rows of the kept arms stay."""
     raw = yaml.safe_load((STUDIES / f"{name}.yaml").read_text())
     base = raw["base"]
     base["data"] = {
@@ -171,6 +204,7 @@ def _shrink(name: str, root: Path, keep: dict[str, list[Any]], protocol: str) ->
     base["model"] = {**base["model"], "embedding_dim": 8}
     if base["model"]["name"] == "abe":
         base["model"].update(TINY_ABE)
+        raw["fair"]["method"]["model"].update({k: TINY_ABE[k] for k in ("branch", "attention_depth")})
     base["eval"] = {**base["eval"], "ks": [1, 2], "batch_size": 16}
     for factor, kept in keep.items():
         levels = raw["arms"][factor]
@@ -179,12 +213,17 @@ def _shrink(name: str, root: Path, keep: dict[str, list[Any]], protocol: str) ->
     if raw.get("baseline"):
         arms = raw["arms"]
         raw["baseline"] = {f: v if v in arms[f] else next(iter(arms[f])) for f, v in raw["baseline"].items()}
-    raw["tune"]["n_trials"] = 1
-    raw["final"] = {"seeds": [0]}
     raw["recipe"] = None  # a tiny run is not the paper's recipe (tests/test_recipe.py checks the real one)
     raw["protocol"] = protocol
     raw["literature"] = {**raw.get("literature", {}), "sampler.p": 2}
-    labels = {a.label for a in study.parse_study(dict(raw, published={})).arms}
+    probe = dict(raw, published={}, fair={k: v for k, v in raw["fair"].items() if k != "tune"})
+    arms = study.parse_study(probe, protocol="literature", folder=STUDIES).arms
+    labels = {a.label for a in arms}
+    fair = [config.validate(a.fair_raw).to_dict() for a in arms]  # tune only what a kept arm has
+    params = raw["fair"]["tune"]["params"]
+    raw["fair"]["tune"]["params"] = {
+        k: v for k, v in params.items() if any(when_holds(v.get("when", {}), c) for c in fair)
+    }
     raw["published"] = {k: v for k, v in raw["published"].items() if k in labels}
     return raw
 
@@ -224,6 +263,7 @@ def test_paper_studies_run_end_to_end_and_report_the_paper_table(
     root = tmp_path / "data"
     DATA[dataset](root)
     raw = _shrink(name, root, keep, "both")
+    _tiny_protocol(tmp_path, root)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))  # the factors' order makes the arm labels
     out = study.run_study(path, results=tmp_path / "results")

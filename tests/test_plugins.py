@@ -95,6 +95,7 @@ def test_plugin_listed_and_broken_plugin_reported(plugin_site: Path) -> None:
     out = _dmlh(plugin_site, "list", "loss")
     assert out.returncode == 0, out.stderr
     assert "toy_center" in out.stdout and "weight: float = 1.0" in out.stdout
+    assert "toy_center  (plugin dmlh_toy, package dmlh-toy)" in out.stdout  # where it comes from (#27)
     assert "dmlh_broken" in out.stdout and "missing dependency foo" in out.stdout
 
 
@@ -149,6 +150,7 @@ def test_new_method_file_is_discovered_without_an_import_line(tmp_path: Path) ->
     listed = _dmlh(tmp_path, "list", "loss", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "circle_toy" in listed.stdout and "gamma: float = 2.0" in listed.stdout
+    assert "circle_toy  (methods/losses/circle_toy.py)" in listed.stdout  # its file, not "builtin" (#27)
     assert "triplet" in listed.stdout  # the other files still load
     assert "methods.losses.broken_toy: ImportError: no module foo" in listed.stdout
     cfg = {

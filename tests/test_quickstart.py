@@ -11,6 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Seconds after which the quickstart counts as hung: far above a run on a loaded machine (the README gives
+#: the time on an idle one; a run under load took 653 s, issue #27). A hang guard, not a speed test.
+HANG = 3600
 
 
 def readme_main_command() -> list[str]:
@@ -26,7 +29,7 @@ def test_readme_main_command_runs_the_quickstart_study_and_writes_the_report(tmp
     shutil.copytree(ROOT / "studies", tmp_path / "studies")
     dmlh = Path(sys.executable).with_name("dmlh")
     done = subprocess.run(
-        [str(dmlh), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [str(dmlh), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=HANG
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "overview: results/quickstart/report.md" in done.stdout
@@ -48,12 +51,12 @@ def test_readme_main_command_runs_the_quickstart_study_and_writes_the_report(tmp
         "plots/learning_curves",
     ):
         assert section in overview
-    # 8 tune runs + 6 final runs, but each arm's seed-0 final run is its best tune run (same resolved config,
-    # same run key), reused rather than retrained: 12 run directories
-    assert len(list((folder / "runs").iterdir())) == 12
+    # 8 tune runs + 6 final runs: a final run never reuses a tune run (tune runs do not embed the test
+    # classes, eval.test: false, so even the seed-0 final run of the best tuned config is another run key)
+    assert len(list((folder / "runs").iterdir())) == 14
 
     again = subprocess.run(
-        [str(dmlh), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [str(dmlh), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=HANG
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 queued now" in again.stderr  # finished work is skipped

@@ -33,7 +33,7 @@ def _raw(name: str) -> dict[str, Any]:
 
 def _problems(raw: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as e:
-        study.parse_study(raw)
+        study.parse_study(raw, folder=STUDIES)  # the fair: protocol path is relative to the studies
     return e.value.problems
 
 
@@ -133,7 +133,7 @@ def test_a_study_may_train_its_literature_protocol_with_autocast() -> None:
     raw = _raw("paper_mdr_cub200")
     raw["literature"] = {**raw["literature"], "train.amp": True}
     raw["recipe"] = None
-    spec = study.parse_study(raw)
+    spec = study.parse_study(raw, folder=STUDIES)
     assert spec.literature_config(spec.arms[0], 0).train.amp
 
 

@@ -110,7 +110,7 @@ def test_a_loss_declares_its_reference_and_is_benchmarked_against_it(capsys: pyt
     """``dmlh bench losses`` reads the references a loss registers next to itself: no bench.py edit."""
     import torch
 
-    from harness import bench
+    from harness.bench.components import bench_losses
     from harness.plugins import Reference
     from harness.types import LossOutput
 
@@ -128,7 +128,7 @@ def test_a_loss_declares_its_reference_and_is_benchmarked_against_it(capsys: pyt
 
     try:
         assert registry.registry("loss").get("toy_squares").references is reference
-        bench.bench_losses(
+        bench_losses(
             ["--only", "toy_squares", "--sizes", "8", "--dim", "4", "--repeats", "1", "--warmup", "0"]
         )
     finally:  # keep the session's loss registry to the real losses

@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from test_study import tiny_study, write
 
-from harness import report, store, study
+from harness import config, report, store, study
 from harness.cli import main
-from harness.errors import HarnessError
-from harness.reporting import plots
+from harness.errors import ConfigError, HarnessError
+from harness.reporting import caveats, plots
+from harness.reporting.figures import arm_palette
 from harness.reporting.status import status
+from harness.reporting.tables import arm_titles
 
 ARMS = [
     "mining=batch_hard, synthesis=none",
@@ -45,11 +54,12 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished study with a numeric factor and a tune stage (for importances and factor plots)."""
+    """A finished study with a numeric factor and a tune stage (for importances and factor plots); its arms
+    are not in alphabetical order (the figures must follow the study's)."""
     tmp = tmp_path_factory.mktemp("tuned")
     spec = tiny_study(
         "tuned",
-        arms={"model.embedding_dim": [4, 8]},
+        arms={"model.embedding_dim": [8, 4]},
         final={"seeds": [0]},
         tune={"n_trials": 3, "params": {"optimizer.lr": {"low": 1e-3, "high": 1e-1, "log": True}}},
     )
@@ -85,10 +95,13 @@ def test_comparison_table_parses_back_and_equals_the_stored_runs(grid: Path) -> 
         assert table[f"{metric}_best"].tolist() == np.isclose(stats["mean"], stats["mean"].max()).tolist()
     md = (grid / "grid/tables/comparison.md").read_text()
     best = table["recall@1_mean"].idxmax()
-    row = next(line for line in md.splitlines() if line.startswith(f"| {best} |"))
+    titles = arm_titles(df.attrs["meta"], ARMS)  # human labels, never config syntax
+    assert titles["mining=batch_hard, synthesis=symmetrical"] == "Batch hard + Symmetrical"
+    row = next(line for line in md.splitlines() if line.startswith(f"| {titles[best]} |"))
     assert f"**{100 * table.loc[best, 'recall@1_mean']:.1f} ± " in row
     tex = (grid / "grid/tables/comparison.tex").read_text()
-    assert "\\toprule" in tex and "\\textbf{" in tex and "mining=batch\\_hard" in tex
+    assert "\\toprule" in tex and "\\textbf{" in tex and "Batch hard + Symmetrical &" in tex
+    assert "mining=" not in tex and "mining=" not in md
 
 
 def test_ablation_tables_give_deltas_against_the_baseline(grid: Path) -> None:
@@ -104,7 +117,10 @@ def test_ablation_tables_give_deltas_against_the_baseline(grid: Path) -> None:
             table.loc[other, "recall@1_mean"] - base["recall@1_mean"]
         )
         assert ab.iloc[0]["map@r_delta"] == 0
-        assert (grid / f"grid/tables/ablation_{factor.replace('.', '_')}.md").read_text().count("(+0.0)") >= 6
+        md = (grid / f"grid/tables/ablation_{factor.replace('.', '_')}.md").read_text()
+        rows = [line for line in md.splitlines() if line.startswith("| ")][1:]
+        assert "(+" not in rows[0] and "(-" not in rows[0]  # no (+0.0) on the baseline row
+        assert "(+" in rows[1] or "(-" in rows[1]
 
 
 def test_plots_and_overview_are_written(grid: Path) -> None:
@@ -114,7 +130,7 @@ def test_plots_and_overview_are_written(grid: Path) -> None:
     overview = (grid / "grid/report.md").read_text()
     assert (
         "8 of 8 final runs complete" in overview
-        and "![learning_curves](plots/learning_curves.png)" in overview
+        and "![Validation Recall@1 per epoch](plots/learning_curves.png)" in overview
     )
 
 
@@ -136,7 +152,7 @@ def test_report_is_idempotent_and_takes_a_baseline_option(
 
 def test_status_shows_counts_best_arms_and_time(grid: Path) -> None:
     text = status("grid", results=grid)
-    assert "COMPLETE" in text and "test/recall@1 mean" in text and "time:" in text
+    assert "finished" in text and "test/recall@1 mean" in text and "time:" in text
     assert all(arm in text for arm in ARMS)
 
 
@@ -148,7 +164,8 @@ def test_numeric_factor_and_importance_plots(tuned: Path) -> None:
     assert (folder / "plots/param_importances.svg").is_file()
     df = store.load("tuned", results=tuned)
     assert sorted(df.stage.value_counts().items()) == [("final", 2), ("tune", 6)]
-    assert df[df.stage == "final"].reused_from.notna().all()  # seed 0 is the best tune run itself
+    # the final run of seed 0 trains again: the best tune run (same seed) never embedded the test classes
+    assert df[df.stage == "final"].reused_from.isna().all()
 
 
 def test_tuned_table_shows_the_values_the_final_runs_used(tuned: Path) -> None:
@@ -160,7 +177,7 @@ def test_tuned_table_shows_the_values_the_final_runs_used(tuned: Path) -> None:
     best = tune.groupby("arm")["value"].max().loc[table.index]
     np.testing.assert_allclose(table["best val Recall@1 (%)"], (100 * best).round(1))
     assert table["tune trials"].tolist() == [3, 3]
-    # the final run reuses the arm's best tune trial, so its lr is that trial's lr
+    # the final run reruns the arm's best tune trial, so its lr is that trial's lr
     for arm, row in final.iterrows():
         mine = tune[tune.arm == arm]
         assert row["optimizer.lr"] in set(mine[mine.value == mine.value.max()]["optimizer.lr"])
@@ -231,8 +248,8 @@ def test_the_html_report_is_self_contained(grid: Path) -> None:
     for src in images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    for _, attrs in page.tags:  # nothing loads from elsewhere, not even relatively
-        assert all(k not in ("src", "href") or (v or "").startswith("data:") for k, v in attrs.items())
+    for _, attrs in page.tags:  # nothing loads from elsewhere, not even relatively (links: the crawl below)
+        assert (attrs.get("src") or "data:").startswith("data:")
     assert tags.count("table") == md.count("|:---|") + 1  # the report's tables and the environment
     assert tags.count("details") == len(ARMS) and "loss:" in text  # each arm's resolved config
     assert "Environment" in text and "torch" in text and "harness commit" in text
@@ -269,3 +286,161 @@ def test_the_html_report_renders_in_a_headless_browser(grid: Path, tmp_path: Pat
         timeout=180,
     )
     assert shot.stat().st_size > 10_000
+
+
+# -- figures, the page's links, caveats, test classes only in final runs ----------------------------------
+
+
+def _arm_colours(fig: Figure, arms: list[str]) -> dict[str, tuple[float, float, float]]:
+    """The colour each arm has in ``fig``, read back from its artists: legend entries, bars labelled with the
+    arm (seaborn's hue containers), or bars on an axis whose tick labels are the arms."""
+    found: dict[str, list[tuple[float, float, float]]] = {}
+    axes = fig.axes
+    legends = [*fig.legends, *(ax.get_legend() for ax in axes if ax.get_legend() is not None)]
+    for legend in legends:
+        for text, handle in zip(legend.texts, legend.legend_handles, strict=True):
+            colour = handle.get_color() if isinstance(handle, Line2D) else handle.get_facecolor()
+            found.setdefault(text.get_text(), []).append(to_rgb(colour))
+    for ax in axes:
+        ticks = {round(t.get_position()[1], 3): t.get_text() for t in ax.get_yticklabels()}
+        for container in ax.containers:
+            for bar in getattr(container, "patches", []):
+                label = container.get_label()
+                if label not in arms:  # a bar per category: its arm is the tick label at its height
+                    label = ticks.get(round(bar.get_y() + bar.get_height() / 2, 3), "")
+                found.setdefault(label, []).append(to_rgb(bar.get_facecolor()))
+    out = {}
+    for arm, colours in found.items():
+        if arm in arms:
+            assert len(set(colours)) == 1, f"{arm} has several colours in one figure: {set(colours)}"
+            out[arm] = colours[0]
+    return out
+
+
+def test_every_figure_gives_each_arm_the_same_colour(tuned: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved: dict[str, Figure] = {}
+    original = Figure.savefig
+
+    def keep(fig: Figure, fname: Any, *args: Any, **kwargs: Any) -> None:
+        saved[Path(str(fname)).stem] = fig  # kept open: its artists are read below
+        original(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    report.write_report("tuned", results=tuned)
+    arms = ["embedding_dim=8", "embedding_dim=4"]  # the study's order (not alphabetical)
+    want = {arm: to_rgb(c) for arm, c in arm_palette(arms).items()}
+    coloured = {stem: _arm_colours(fig, arms) for stem, fig in saved.items()}
+    for stem in ("recall_1_per_arm", "learning_curves", "diagnostics", "param_importances"):
+        assert set(coloured[stem]) == set(arms), stem
+    for stem, colours in coloured.items():
+        assert colours == {arm: want[arm] for arm in colours}, stem
+    # the t-SNE map has a class legend; the diagnostics panels say what they show and in which unit
+    legend = saved["embedding_maps"].legends[0]
+    assert legend.get_title().get_text() == "test class" and len(legend.texts) >= 2
+    panels = [ax for ax in saved["diagnostics"].axes if ax.get_visible()]
+    for ax in panels:
+        assert ax.get_title() and "_" not in ax.get_title() and not re.search(r"\w/\w", ax.get_title())
+        assert ax.get_ylabel() not in ("", "value")
+    assert {"Loss: mean same-class distance", "Loss: active triplets or pairs (non-zero loss)"} <= {
+        ax.get_title() for ax in panels
+    }
+
+
+class _Links(HTMLParser):
+    """The targets of a page's links and images, and its figure captions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+        self.captions: list[str] = []
+        self._in_caption = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.targets += [v or "" for k, v in attrs if k in ("href", "src")]
+        if tag == "figcaption":
+            self._in_caption = True
+            self.captions.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_caption = self._in_caption and tag != "figcaption"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_caption:
+            self.captions[-1] += data
+
+
+def test_every_link_of_the_html_report_resolves_and_captions_say_what_a_figure_shows(grid: Path) -> None:
+    folder = grid / "grid"
+    page = _Links()
+    page.feed((folder / "report.html").read_text())
+    files = [t for t in page.targets if not t.startswith(("data:", "#"))]
+    assert any(f.endswith(".svg") for f in files) and any(f.endswith(".pdf") for f in files)
+    missing = [f for f in files if not (folder / unquote(urlsplit(f).path)).is_file()]
+    assert not missing, missing
+    stems = {p.stem for p in (folder / "plots").glob("*.png")}
+    assert len(page.captions) == len(stems) >= 6
+    for caption in page.captions:
+        assert len(caption) > 80 and not any(caption.startswith(s) for s in stems), caption
+    assert any("shaded band = 95% bootstrap CI" in c for c in page.captions if "per epoch" in c)
+
+
+def test_weak_numbers_are_warned_once_in_the_report_and_the_log(
+    tuned: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="harness"):
+        folder = report.write_report("tuned", results=tuned)
+    md = (folder / "report.md").read_text()
+    head = md[: md.index("## Comparison")]
+    assert "## Caveats" in head
+    expected = (
+        "Parameter importances rest on fewer than 20",
+        "Validation on 2 classes",
+        "Fewer than 3 seeds",
+    )
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for text in expected:
+        assert head.count(text) == 1 and sum(text in w for w in warned) == 1, text
+    assert "<ul><li>" in (folder / "report.html").read_text()
+    said = [r.getMessage() for r in caplog.records if r.name == "harness.report"]
+    for where in ("report.html", "tables", "plots"):
+        assert sum(str(folder / where) in line for line in said) == 1, where
+
+
+def test_a_saturated_validation_metric_is_a_caveat() -> None:
+    def runs(values: list[float]) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "stage": "tune",
+                "state": "COMPLETE",
+                "arm": "a",
+                "val/recall@1": values,
+                "data/val_classes": 8.0,
+            }
+        )
+
+    said = caveats.validation_caveats(runs([0.995, 1.0, 0.98]), "recall@1")
+    assert len(said) == 1 and "Recall@1 is at least 99% in 2 of 3 tune trials" in said[0]
+    assert caveats.validation_caveats(runs([0.995, 0.9, 0.98]), "recall@1") == []  # 1 of 3: not most
+    final = pd.DataFrame({"arm": ["a", "a", "a", "b"], "seed": [0, 1, 2, 0]})
+    assert "(b: 1)" in (caveats.seed_caveat(final) or "")
+
+
+def test_tune_trials_never_embed_the_test_classes(tuned: Path) -> None:
+    """Test classes are touched only by final runs: a tune trial stores no test metric and no test
+    embeddings, and its config says so; every final run has both."""
+    df = store.load("tuned", results=tuned)
+    test_columns = [c for c in df.columns if c.startswith("test")]
+    tune, final = df[df.stage == "tune"], df[df.stage == "final"]
+    assert len(tune) == 6 and test_columns
+    assert tune[test_columns].isna().all().all()
+    assert final["test/recall@1"].notna().all() and final["val/recall@1"].notna().all()
+    for run_dir in tune.run_dir:
+        assert not (Path(run_dir) / "test_embeddings.npz").exists()
+        assert yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["eval"]["test"] is False
+    for run_dir in final.run_dir:
+        assert (Path(run_dir) / "test_embeddings.npz").is_file()
+
+
+def test_test_set_selection_needs_the_test_classes() -> None:
+    with pytest.raises(ConfigError, match="train.best_test_every: evaluates the test classes"):
+        config.validate({"eval": {"test": False}, "train": {"best_test_every": 1}})

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from harness.bench import bench_parser
+
 
 def bench_eval(options: list[str]) -> None:
     """Seconds of our retrieval metrics vs pytorch-metric-learning and a raw faiss search; peak memory."""
@@ -51,7 +53,7 @@ _PML = "PML AccuracyCalculator"  # the row name of the reference in `dmlh bench 
 
 def _eval_parser() -> argparse.ArgumentParser:
     """The options of `dmlh bench eval`."""
-    parser = argparse.ArgumentParser(prog="dmlh bench eval")
+    parser = bench_parser("eval")
     parser.add_argument("--n", type=int, default=30_000, help="number of embeddings (self-retrieval)")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--k", type=int, default=8, help="largest K of Recall@K (ks = 1, 2, 4, ..., k)")
@@ -209,7 +211,7 @@ _LOSSES_QUICK: dict[str, Any] = {"sizes": [128], "repeats": 7, "warmup": 1}
 def _losses_parser() -> argparse.ArgumentParser:
     """The options of `dmlh bench losses`."""
     full, quick = _LOSSES_FULL, _LOSSES_QUICK
-    parser = argparse.ArgumentParser(prog="dmlh bench losses")
+    parser = bench_parser("losses")
     parser.add_argument(
         "--quick", action="store_true", help=f"B={quick['sizes'][0]} only, {quick['repeats']} repeats"
     )
@@ -402,7 +404,7 @@ def bench_methods(options: list[str]) -> None:
 
 def _methods_parser() -> argparse.ArgumentParser:
     """The options of `dmlh bench methods`."""
-    parser = argparse.ArgumentParser(prog="dmlh bench methods")
+    parser = bench_parser("methods")
     parser.add_argument("--batch", type=int, default=128, help="batch size B = P·K")
     parser.add_argument("--k", type=int, default=4, help="images per class K")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from harness import config
+from harness.bench import bench_parser
 from harness.distributed import SINGLE, Dist, launch, resolve_backend
 from harness.learner import Learner
 
@@ -59,7 +60,7 @@ def _steps(dist: Dist, raw: dict[str, Any], steps: int, warmup: int) -> float:
 
 
 def bench_ddp(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="dmlh bench ddp", description=__doc__)
+    ap = bench_parser("ddp")
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--p", type=int, default=16)
     ap.add_argument("--k", type=int, default=4)

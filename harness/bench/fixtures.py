@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from harness.bench import bench_parser
 
 
 def _photo(path: Path, label: int, size: tuple[int, int], seed: int) -> None:
@@ -42,7 +43,7 @@ def write_cub_like(root: Path, images: int, size: tuple[int, int], classes: int 
 
 def bench_fixture(options: list[str]) -> None:
     """`dmlh bench fixture DIR [--images N] [--size W H]`: write the folder (for `dmlh bench data`)."""
-    parser = argparse.ArgumentParser(prog="dmlh bench fixture")
+    parser = bench_parser("fixture")
     parser.add_argument("root")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--size", type=int, nargs=2, default=[80, 80], metavar=("W", "H"))

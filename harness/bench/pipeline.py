@@ -28,11 +28,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harness.bench import bench_parser
+
 log = logging.getLogger(__name__)
 
 
-def _parser(prog: str, config: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog)
+def _parser(what: str, config: bool = True) -> argparse.ArgumentParser:
+    parser = bench_parser(what)
     if config:
         parser.add_argument("config", help="RunConfig YAML")
         parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.num_workers=1")
@@ -143,7 +145,7 @@ def bench_data(options: list[str]) -> None:
     Every measurement is taken once per round, the rounds interleaved (the order of the pipelines reversed
     every other round), and the medians are reported: on shared cores the load changes from one second to
     the next, and it then hits every pipeline alike instead of the one that happened to run then."""
-    parser = _parser("dmlh bench data")
+    parser = _parser("data")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     args = parser.parse_args(options)
     cfg = _setup(args)
@@ -221,7 +223,7 @@ def bench_train(options: list[str]) -> None:
     batches); both start from the same seed and step through the same pre-gathered batches."""
     from harness.monitor import Progress
 
-    parser = _parser("dmlh bench train")
+    parser = _parser("train")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
     args = parser.parse_args(options)
     cfg = _setup(args)
@@ -263,7 +265,7 @@ def bench_train(options: list[str]) -> None:
 
 def bench_gpu(options: list[str]) -> None:
     """GPU figures (see the module docstring); says "no GPU present" and returns on a CPU-only machine."""
-    parser = _parser("dmlh bench gpu", config=False)
+    parser = _parser("gpu", config=False)
     parser.add_argument("--images", type=int, default=6000, help="JPEGs of the synthetic CUB-sized epoch")
     parser.add_argument("--eval-n", type=int, default=60_000)
     parser.add_argument("--all", action="store_true", help="the device check: every section, CUDA tests too")

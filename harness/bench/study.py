@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.bench import bench_parser
 from harness.bench.components import print_table
 
 
@@ -41,7 +42,7 @@ def bench_study(options: list[str]) -> None:
 
 def _study_parser() -> argparse.ArgumentParser:
     """The options of `dmlh bench study`."""
-    parser = argparse.ArgumentParser(prog="dmlh bench study")
+    parser = bench_parser("study")
     parser.add_argument("--trials", type=int, default=20, help="trials per study (one arm, this many seeds)")
     parser.add_argument(
         "--batches", type=int, default=600, help="training batches per trial (~2 s on 2 cores)"

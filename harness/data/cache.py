@@ -38,6 +38,7 @@ from harness.data.images import ImageSet, open_rgb
 from harness.data.splits import Splits
 from harness.data.transforms import recipe_kind, recipe_sizes
 from harness.data.verify import CACHE_ENV
+from harness.files import as_umask_allows
 from harness.types import DataConfig
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class DecodedCache:
             return cls.open(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        as_umask_allows(tmp)  # a cache shared through $DMLH_CACHE: mkdtemp's 0700 would hide it
         try:
             shapes = []
             with open(tmp / "pixels.u8", "wb") as out:

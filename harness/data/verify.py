@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from harness.data.images import CONVERSIONS, MIN_SIDE, ImageSet, UnusableImage, to_rgb
 from harness.errors import DatasetError
+from harness.files import as_umask_allows
+from harness.logs import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def _write_record(path: Path, good: dict[str, Entry]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(merged, f)
+        as_umask_allows(tmp)  # mkstemp's 0600 would hide the record from the colleagues sharing the cache
         os.replace(tmp, path)
     except OSError as e:  # a read-only cache only costs a second decode next time
         log.warning("cannot save the verified-images record %s (%s); images will be decoded again", path, e)
@@ -192,12 +194,12 @@ def inspect_images(
         )
         with ThreadPoolExecutor(max_workers=n) as pool:
             results = list(
-                tqdm(
+                progress_bar(
                     pool.map(decode_file, [p for _, p, _ in todo], chunksize=64),
+                    show=progress,
                     total=len(todo),
                     desc="verifying images",
                     unit="img",
-                    disable=not progress,
                 )
             )
         good: dict[str, dict[str, Entry]] = {}

@@ -117,19 +117,13 @@ def interactions(final: pd.DataFrame, metric: str, meta: dict[str, Any], baselin
     return pd.DataFrame(rows, columns=[*labels, *COLUMNS]).set_index(labels)
 
 
-def effects_display(table: pd.DataFrame, tex: bool, escape: Callable[[str], str] = str) -> pd.DataFrame:
+def effects_display(table: pd.DataFrame) -> pd.DataFrame:
     """Δ and its 95% t-interval in points, the paired t-test's p and the verdict against seed noise."""
-    na = "--" if tex else "—"
     rows = table.reset_index()
-    out = pd.DataFrame({c: [escape(str(v)) for v in rows[c]] for c in table.index.names})
+    out = pd.DataFrame({c: [str(v) for v in rows[c]] for c in table.index.names})
     out["seeds"] = rows.n.astype(int)
-    out["$\\Delta$ (points)" if tex else "Δ (points)"] = [
-        na if math.isnan(v) else f"{100 * v:+.1f}" for v in rows.delta
-    ]
-    out["95\\% CI, t" if tex else "95% CI, t"] = [
-        na if math.isnan(lo) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        for lo, hi in zip(rows.ci_low, rows.ci_high, strict=True)
-    ]
-    out["p, paired t"] = [stats.format_p(p, na) for p in rows.p_t]
+    out["Δ (points)"] = ["—" if math.isnan(v) else f"{100 * v:+.1f}" for v in rows.delta]
+    out["95% CI, t"] = [stats.interval(lo, hi) for lo, hi in zip(rows.ci_low, rows.ci_high, strict=True)]
+    out["p, paired t"] = [stats.format_p(p) for p in rows.p_t]
     out["vs seed noise"] = [stats.verdict(r) for _, r in rows.iterrows()]
     return out

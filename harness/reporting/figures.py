@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from harness.reporting import embeddings, stats  # noqa: E402
@@ -241,18 +243,22 @@ def plot_embedding_maps(
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
     for ax in axes.flat[len(arms) :]:
         ax.set_visible(False)
+    classes = np.unique(np.concatenate([runs[a][1]["gallery_labels"][runs[a][1]["map_index"]] for a in arms]))
+    palette = sns.color_palette("tab10" if len(classes) <= 10 else "husl", len(classes))
+    colours = dict(zip(classes.tolist(), palette, strict=True))  # the same class colours in every panel
     for ax, arm in zip(axes.flat, arms, strict=False):
         saved = runs[arm][1]
-        points = saved["map_embeddings"].astype(np.float32)
         labels = saved["gallery_labels"][saved["map_index"]]
-        xy = tsne_2d(points)
-        sns.scatterplot(
-            x=xy[:, 0], y=xy[:, 1], hue=labels.astype(str), palette="tab10", s=12, ax=ax, legend=False
-        )
-        ax.set(title=arm, xticks=[], yticks=[], xlabel="t-SNE 1", ylabel="t-SNE 2")
-    fig.suptitle(
-        f"t-SNE of test embeddings ({len(np.unique(labels))} test classes, colour = class)", fontsize=10
-    )
+        xy = tsne_2d(saved["map_embeddings"].astype(np.float32))
+        ax.scatter(xy[:, 0], xy[:, 1], c=[colours[c] for c in labels.tolist()], s=12, linewidths=0)
+        ax.set(xticks=[], yticks=[], xlabel="t-SNE 1", ylabel="t-SNE 2")
+        ax.set_title("\n".join(textwrap.wrap(arm, 36)), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    handles = [
+        Line2D([], [], color=colour, marker="o", linestyle="", label=str(c)) for c, colour in colours.items()
+    ]
+    fig.legend(handles=handles, title="test class", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(f"t-SNE of test embeddings ({len(classes)} test classes, colour = class)", fontsize=10)
     return save_figure(fig, folder / "embedding_maps")
 
 

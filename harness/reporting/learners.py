@@ -5,7 +5,7 @@ Recall@K and MAP@R of every learner alone (``test_learner<m>/…``, from ``train
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
@@ -56,16 +56,17 @@ def learner_summary(final: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
     return stats.reindex(pd.MultiIndex.from_tuples(rows, names=["arm", "metric"]))
 
 
-def learner_display(summary: pd.DataFrame, tex: bool, escape: Callable[[str], str] = str) -> pd.DataFrame:
-    """The readable table: arm, metric, then ``mean ± std`` in % per learner and the ensemble (blank where
-    an arm has no such learner)."""
+def learner_display(summary: pd.DataFrame, titles: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The readable table: arm (by its ``titles``), metric, then ``mean ± std`` in % per learner and the
+    ensemble (blank where an arm has no such learner)."""
     rows = summary.reset_index()
-    show = pd.DataFrame({"arm": rows.arm.map(escape), "metric": rows.metric.map(metric_title)})
+    titles = titles or {}
+    show = pd.DataFrame(
+        {"arm": [titles.get(a, a) for a in rows.arm], "metric": rows.metric.map(metric_title)}
+    )
     names = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean")]
     for n in names:
         head = "Ensemble" if n == ENSEMBLE else f"Learner {n.removeprefix('learner')}"
         cells = zip(rows[f"{n}_mean"], rows[f"{n}_std"], strict=True)
-        show[head + (" (\\%)" if tex else " (%)")] = [
-            "" if pd.isna(mu) else pm(mu, sd, tex) for mu, sd in cells
-        ]
+        show[head + " (%)"] = ["" if pd.isna(mu) else pm(mu, sd) for mu, sd in cells]
     return show

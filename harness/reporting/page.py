@@ -1,8 +1,10 @@
 """``report.html``: the report as one self-contained page (plots embedded as base64 PNG, no scripts, no
-external assets), readable offline from the results folder in any browser.
+external assets), readable offline from the results folder in any browser; its only links are to the
+figure files beside it (SVG and PDF for papers), each checked to exist.
 
 It is rendered from the same lines as ``report.md`` (the small Markdown subset the report writes:
-headings, paragraphs, pipe tables, images), plus each arm's resolved config and the environment.
+headings, paragraphs, bullet lists, pipe tables, images with their captions), plus each arm's resolved
+config and the environment.
 """
 
 from __future__ import annotations
@@ -61,20 +63,27 @@ def _cells(line: str) -> list[str]:
     return [c.strip().replace("\\|", "|") for c in cells]
 
 
-def _image(alt: str, src: str, folder: Path) -> str:
+def _image(alt: str, src: str, caption: str, folder: Path) -> str:
+    """A figure: the PNG embedded, its caption, and links to the files of it that exist (PNG, SVG, PDF)."""
     path = folder / src
     if not path.is_file():
-        return f"<p>(missing plot {html.escape(src)})</p>"
+        return f"<p>(missing figure {html.escape(src)})</p>"
     data = base64.b64encode(path.read_bytes()).decode()
+    files = [
+        f'<a href="{html.escape(Path(src).with_suffix(s).as_posix())}">{s[1:].upper()}</a>'
+        for s in (".png", ".svg", ".pdf")
+        if path.with_suffix(s).is_file()
+    ]
     return (
         f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{html.escape(alt)} (vector versions: {html.escape(Path(src).stem)}.svg / .pdf in "
-        "plots/)</figcaption></figure>"
+        f"<figcaption><strong>{_inline(alt)}.</strong> {_inline(caption)} ({' · '.join(files)})"
+        "</figcaption></figure>"
     )
 
 
 def markdown_to_html(lines: list[str], folder: Path) -> str:
-    """The body of the page from the report's Markdown lines (images read from ``folder``)."""
+    """The body of the page from the report's Markdown lines (images read from ``folder``; an image's
+    caption is the emphasised line under it)."""
     out: list[str] = []
     i = 0
     while i < len(lines):
@@ -94,8 +103,19 @@ def markdown_to_html(lines: list[str], folder: Path) -> str:
                 + "</tbody></table>"
             )
             continue
+        if line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append(f"<ul>{''.join(items)}</ul>")
+            continue
         if m := re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip()):
-            out.append(_image(m.group(1), m.group(2), folder))
+            below = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            caption = below[1:-1] if re.fullmatch(r"\*[^*].*\*", below) else ""
+            out.append(_image(m.group(1), m.group(2), caption, folder))
+            i += 2 if caption else 1
+            continue
         elif m := re.match(r"(#{1,6}) (.*)", line):
             level = len(m.group(1))
             out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")

@@ -11,12 +11,14 @@ printed under the table (``recipe_table``): each setting of the literature proto
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from harness.reporting.tables import DAGGER, MIN_SEEDS, NA, pm
 from harness.study.recipe import SOURCE_TITLES, recipe_rows
 from harness.types import metric_title, recall_k
 
@@ -81,59 +83,71 @@ def _seed_stats(runs: pd.DataFrame, col: str, prefix: str) -> dict[str, float]:
     }
 
 
-def _na(tex: bool) -> str:
-    return "--" if tex else "—"
-
-
-def _cell(mean: float, std: float, n: int, tex: bool) -> str:
+def _cell(mean: float, std: float, n: int) -> str:
+    """``mean ± std (n)`` in %, ``†`` from fewer than ``MIN_SEEDS`` seeds; ``NA`` without runs."""
     if math.isnan(mean):
-        return _na(tex)
-    pm = " $\\pm$ " if tex else " ± "
-    return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f"{pm}{100 * std:.1f}") + f" ({n})"
+        return NA
+    return f"{pm(mean, std)} ({n})" + (DAGGER if n < MIN_SEEDS else "")
 
 
-def _delta(value: float, tex: bool) -> str:
-    return _na(tex) if math.isnan(value) else f"{100 * value:+.1f}"
+def _delta(value: float) -> str:
+    return NA if math.isnan(value) else f"{100 * value:+.1f}"
 
 
-def paper_display(table: pd.DataFrame, tex: bool, escape: Callable[[str], str] = str) -> pd.DataFrame:
-    """The readable paper table: values in % with ``(n seeds)``, Δ in points, the source on each arm's first
-    row."""
-    pct = " (\\%)" if tex else " (%)"
+def paper_display(table: pd.DataFrame, titles: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The readable paper table: arms by their ``titles``, values in % with ``(n seeds)``, Δ in points, the
+    source on each arm's first row."""
     rows = table.reset_index()
     first = ~rows.arm.duplicated()
+    titles = titles or {}
 
     def cells(prefix: str) -> list[str]:
         stats = zip(rows[f"{prefix}_mean"], rows[f"{prefix}_std"], rows[f"{prefix}_n"], strict=True)
-        return [_cell(m, s, n, tex) for m, s, n in stats]
+        return [_cell(m, s, n) for m, s, n in stats]
 
     has_best = "literature_best_mean" in rows and rows.literature_best_mean.notna().any()
-    best = {"ours, literature, best test epoch" + pct: cells("literature_best")} if has_best else {}
+    best = {"ours, literature, best test epoch (%)": cells("literature_best")} if has_best else {}
     return pd.DataFrame(
         {
-            "arm": [escape(a) if f else "" for a, f in zip(rows.arm, first, strict=True)],
-            "metric": [escape(metric_title(m)) for m in rows.metric],
-            "published" + pct: [_na(tex) if math.isnan(v) else f"{100 * v:.1f}" for v in rows.published],
-            "source": [escape(s) if f else "" for s, f in zip(rows.source, first, strict=True)],
-            "ours, literature" + pct: cells("literature"),
+            "arm": [titles.get(a, a) if f else "" for a, f in zip(rows.arm, first, strict=True)],
+            "metric": [metric_title(m) for m in rows.metric],
+            "published (%)": [NA if math.isnan(v) else f"{100 * v:.1f}" for v in rows.published],
+            "source": [s if f else "" for s, f in zip(rows.source, first, strict=True)],
+            "ours, literature (%)": cells("literature"),
             **best,
-            "ours, fair" + pct: cells("fair"),
-            "Δ literature − published" if not tex else "$\\Delta$ lit. $-$ published": [
-                _delta(v, tex) for v in rows.delta_literature_published
-            ],
-            "Δ fair − literature" if not tex else "$\\Delta$ fair $-$ lit.": [
-                _delta(v, tex) for v in rows.delta_fair_literature
-            ],
+            "ours, fair (%)": cells("fair"),
+            "Δ literature − published": [_delta(v) for v in rows.delta_literature_published],
+            "Δ fair − literature": [_delta(v) for v in rows.delta_fair_literature],
         }
     )
 
 
+#: The paper table's wrapped column in LaTeX (sources are sentences), and the recipe table's.
+PAPER_WRAP = {"source": "12em"}
+RECIPE_WRAP = {"setting": "10em", "value": "12em", "source / why": "16em"}
+#: What the paper table's cells and marks mean (under it).
+LEGEND = (
+    f"Ours: test metrics in %, mean ± sample std over seeds (no ± from one seed), the number of seeds in "
+    f"parentheses; {DAGGER}: fewer than {MIN_SEEDS} seeds. Published: as printed in the paper. Δ in points. "
+    f"{NA}: no result."
+)
+
+
 def paper_caption(name: str, meta: dict[str, Any]) -> str:
     """What the columns mean, and every setting no paper or official code gives (``unpublished``)."""
+    shared = meta.get("fair_protocol")  # the study's shared protocol file (harness.study.protocol)
+    fair = (
+        f"one protocol for every method ({Path(shared['path']).name}: {shared['source']}): the same "
+        "backbone, batch, optimizer, augmentation and budget; each method's own hyperparameters tuned with "
+        "the same number of trials on validation classes, then retrained on every training class"
+        if shared
+        else "hyperparameters tuned and epochs selected on validation classes carved from the training "
+        "classes"
+    )
     text = (
         f"{name}: published numbers beside ours. Literature protocol: every training class, the paper's "
-        "fixed recipe, no tuning. Fair protocol: hyperparameters tuned and epochs selected on validation "
-        "classes carved from the training classes. Ours: test metrics in %, mean ± sample std over seeds "
+        f"fixed recipe, no tuning. Fair protocol: {fair}. Ours: test metrics in %, mean ± sample std over "
+        "seeds "
         "(number of seeds in parentheses); Δ in points. 'Best test epoch' (where shown) selects the epoch on "
         "the test classes, as the paper's official code does: not a fair number"
     )

@@ -60,7 +60,7 @@ def plot_per_arm(final: pd.DataFrame, metric: str, order: list[str], stem: Path)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(order) + 1.5))
     palette = pictures.arm_palette(order)
     same = {"data": data, "x": col, "y": "arm", "hue": "arm", "order": order, "palette": palette}
-    sns.barplot(**same, errorbar=("ci", 95), alpha=0.5, legend=False, ax=ax)
+    sns.barplot(**same, errorbar=("ci", 95), alpha=0.5, saturation=1, legend=False, ax=ax)  # arm colours
     sns.stripplot(**same, size=5, edgecolor="black", linewidth=0.5, legend=False, ax=ax)
     ax.set(
         xlabel=f"test {metric_title(metric)} (%); bar: mean, line: 95% bootstrap CI over seeds, dots: seeds",
@@ -151,7 +151,7 @@ def plot_learning_curves(hist: pd.DataFrame, metric: str, order: list[str], stem
         ax=ax,
     )
     ax.set(ylabel=f"validation {metric_title(metric)} (%)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _epoch_axis(ax, hist.epoch)
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize="small", title="arm")
     return _save(fig, stem)
 
@@ -183,14 +183,115 @@ def plot_diagnostics(hist: pd.DataFrame, order: list[str], stem: Path, max_panel
         col_wrap=min(3, len(cols)),
         kind="line",
         errorbar=("ci", 95),
+        marker="o",  # a one-epoch run is a point
         facet_kws={"sharey": False},
         height=2.6,
         aspect=1.3,
     )
-    grid.set_titles("{col_name}")
-    for ax in grid.axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for column, ax in grid.axes_dict.items():
+        title, unit = history_label(column)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(unit)
+        _epoch_axis(ax, long.epoch)
     return _save(grid.figure, stem)
+
+
+def _epoch_axis(ax: Any, epochs: pd.Series) -> None:
+    """Ticks at the epochs drawn (up to 12 of them), else at integers only."""
+    ticks = sorted(epochs.dropna().unique())
+    if len(ticks) <= 12:
+        ax.set_xticks(ticks)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+#: Who recorded a history column, by its prefix (``learner.objective``'s stats, ``epoch_diagnostics``).
+HISTORY_SOURCES = (
+    (r"train/loss/", "loss"),
+    (r"train/reg(\d+)/", "regularizer {n}"),
+    (r"train/aux/", "auxiliary loss"),
+    (r"train/model/", "model"),
+    (r"mining/", "offline mining"),
+    (r"diag/", ""),
+    (r"train/", ""),
+)
+#: What the statistics the built-in methods record measure and their unit, by the column's last part.
+HISTORY_STATS: dict[str, tuple[str, str]] = {
+    "metric": ("metric-learning loss", "loss"),
+    "value": ("weighted term", "loss"),
+    "active_fraction": ("active triplets or pairs (non-zero loss)", "fraction"),
+    "neg_active_fraction": ("active negative pairs", "fraction"),
+    "pos_dist": ("mean same-class distance", "Euclidean distance"),
+    "neg_dist": ("mean different-class distance", "Euclidean distance"),
+    "pos_sim": ("mean same-class similarity", "cosine similarity"),
+    "neg_sim": ("mean different-class similarity", "cosine similarity"),
+    "pos_cosine": ("mean similarity to the own proxy", "cosine similarity"),
+    "pos_distance": ("mean distance to the own proxy", "Euclidean distance"),
+    "pos_term": ("positive term", "loss"),
+    "neg_term": ("negative term", "loss"),
+    "proxies_in_batch": ("proxies of the batch's classes", "count"),
+    "triplets": ("triplets used", "count"),
+    "pairs": ("pairs used", "count"),
+    "pos_pairs": ("same-class pairs used", "count"),
+    "neg_pairs": ("different-class pairs used", "count"),
+    "accuracy": ("training accuracy", "fraction"),
+    "pair_accuracy": ("pair accuracy", "fraction"),
+    "pos_logit": ("mean positive logit", "logit"),
+    "xent": ("cross-entropy term", "loss"),
+    "ce": ("cross-entropy term", "loss"),
+    "beta": ("mean margin boundary β", "Euclidean distance"),
+    "mdr": ("MDR regularizer", "loss"),
+    "level_penalty": ("MDR level penalty", "loss"),
+    "running_mean": ("running mean of pair distances", "Euclidean distance"),
+    "running_std": ("running std of pair distances", "Euclidean distance"),
+    "mdr_running_mean": ("MDR running mean of pair distances", "Euclidean distance"),
+    "mdr_running_std": ("MDR running std of pair distances", "Euclidean distance"),
+    "divergence_unweighted": ("ABE divergence loss (unweighted)", "loss"),
+    "learner_self_similarity": ("ABE: similarity between learners of the same image", "cosine similarity"),
+    "synthetic_hard_fraction": ("synthetic points among the hardest negatives", "fraction"),
+    "synthetic_entry_fraction": ("synthetic points among the loss's entries", "fraction"),
+    "closer_negative": ("triplets with a negative closer than the positive", "fraction"),
+    "farthest_fallback": ("anchors with no harder negative (farthest used)", "fraction"),
+    "neighbours": ("neighbours searched per anchor", "count"),
+}
+
+
+def history_label(column: str) -> tuple[str, str]:
+    """A history column's panel title (what it measures, and what recorded it) and y-axis label (its
+    unit): ``train/loss/pos_dist`` → ("Loss: mean same-class distance", "Euclidean distance"). Statistics
+    the table does not know get their name in words and a unit guessed from it."""
+    source, stat = "", column
+    for pattern, name in HISTORY_SOURCES:
+        if m := re.match(pattern, column):
+            source = name.format(n=int(m.group(1)) + 1) if m.groups() else name
+            stat = column[m.end() :]
+            break
+    if level := re.fullmatch(r"mdr_level_(\d+)(_pair_share)?", stat):
+        n = int(level.group(1)) + 1
+        share = level.group(2) is not None
+        what = f"MDR: pairs nearest level {n}" if share else f"MDR level {n}"
+        unit = "fraction of the pairs" if share else "normalised distance (std units)"
+    elif stat in HISTORY_STATS:
+        what, unit = HISTORY_STATS[stat]
+    else:
+        what = stat.replace("/", ": ").replace("_", " ")
+        hint = next((u for key, u in _UNIT_HINTS if key in stat), "epoch mean")
+        unit = "loss" if source == "auxiliary loss" else hint
+    title = f"{source}: {what}" if source else what
+    return title[0].upper() + title[1:], unit
+
+
+#: A unit for a statistic ``HISTORY_STATS`` does not name, by a word in its name (first match).
+_UNIT_HINTS = (
+    ("fraction", "fraction"),
+    ("share", "fraction"),
+    ("accuracy", "fraction"),
+    ("dist", "distance"),
+    ("sim", "cosine similarity"),
+    ("cos", "cosine similarity"),
+    ("norm", "L2 norm"),
+    ("loss", "loss"),
+)
 
 
 def param_importances(name: str, storage: optuna.storages.BaseStorage) -> pd.DataFrame:
@@ -213,11 +314,108 @@ def param_importances(name: str, storage: optuna.storages.BaseStorage) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def plot_importances(imp: pd.DataFrame, stem: Path) -> list[Path]:
+def plot_importances(imp: pd.DataFrame, order: list[str], stem: Path) -> list[Path]:
+    """Each tuned parameter's importance per arm, in the study's arm colours and order."""
     if imp.empty:
         return []
     fig, ax = plt.subplots(figsize=(7, 0.4 * imp.param.nunique() * max(1, imp.arm.nunique() // 2) + 2))
-    sns.barplot(data=imp, x="importance", y="param", hue="arm", ax=ax)
+    arms = {
+        "hue": "arm",
+        "hue_order": [a for a in order if a in set(imp.arm)],
+        "palette": pictures.arm_palette(order),
+    }
+    sns.barplot(data=imp, x="importance", y="param", **arms, saturation=1, ax=ax)
     ax.set(title="Optuna parameter importances of the tune stage (per arm)", ylabel="")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize="small", title="arm")
     return _save(fig, stem)
+
+
+#: A report figure's title and caption by its file stem: ``{m}`` the study metric's title, ``{k}`` the
+#: neighbours a retrieval grid shows, ``{band}`` what a line plot's shaded band is.
+CAPTIONS: dict[str, tuple[str, str]] = {
+    "learning_curves": (
+        "Validation {m} per epoch",
+        "Validation {m} (%) of the final runs after each epoch, per arm (validation classes: the test "
+        "classes are scored once, at the selected epoch): line = mean over seeds, {band}.",
+    ),
+    "diagnostics": (
+        "Training statistics per epoch",
+        "What the losses, regularizers and methods recorded in each epoch of the final runs, one panel per "
+        "statistic (title: what it measures; y axis: its unit), per arm: line = mean over seeds, {band}.",
+    ),
+    "param_importances": (
+        "Hyperparameter importances",
+        "How much each tuned hyperparameter explains the validation objective across an arm's complete "
+        "tune trials (Optuna's default importance evaluator; an arm's importances sum to 1); weak with few "
+        "trials (see the caveats).",
+    ),
+    "retrieval_random": (
+        "Retrieval of random test queries",
+        "The same random test queries in every arm (one row per arm, its lowest-seed final run): the query "
+        "(black frame) and its {k} nearest test images, green frame = same class, red = another class.",
+    ),
+    "retrieval_hardest": (
+        "Retrieval of the hardest test queries",
+        "The test queries the baseline arm (named in the title) retrieves worst (fewest same-class images "
+        "among its {k} nearest), in every arm (one row per arm, its lowest-seed final run): the query in a "
+        "black frame, green frame = same class, red = another class.",
+    ),
+    "embedding_maps": (
+        "t-SNE of the test embeddings",
+        "t-SNE of the test embeddings of the first test classes (the same images in every arm), one panel "
+        "per arm (its lowest-seed final run); colour = test class (legend). Compact, separate clusters are "
+        "classes the embedding separates; distances between clusters mean little in t-SNE.",
+    ),
+    "mdr_distance_histograms": (
+        "MDR: training distances and levels",
+        "Per MDR arm, at its first, middle and last epoch: the share of training pairs by normalised "
+        "pairwise distance (bars) and the learned levels (red lines).",
+    ),
+    "abe_learner_similarity": (
+        "ABE: similarity between learners",
+        "Per ABE arm: mean cosine similarity between the learners' embeddings of the same training image "
+        "over the last epoch (learner × learner); the divergence loss pushes the off-diagonal down.",
+    ),
+    "synthesis_tsne": (
+        "Symmetrical synthesis: original and synthetic points",
+        "Per synthesis arm, at its first, middle and last epoch: t-SNE of the last training batch's "
+        "embeddings (circles) and their synthetic reflections (crosses); colour = class.",
+    ),
+    "abe_attention_masks": (
+        "ABE: attention masks",
+        "Each learner's attention mask (sigmoid, mean over channels) over the same test images, one row "
+        "per image as the network saw it (framed in the arm's colour), for the arm named in the title.",
+    ),
+}
+
+
+def figure_caption(stem: str, meta: dict[str, Any]) -> tuple[str, str]:
+    """A report figure's title and caption (what it shows and how to read it), by its file stem; a figure
+    this does not know gets its stem in words."""
+    m = metric_title(meta.get("metric", "recall@1"))
+    band = "shaded band = 95% bootstrap CI of that mean over seeds (no band where an arm has one seed)"
+    factors = {slug(f): f for f in meta.get("factors", [])}
+    vs = re.fullmatch(r".+_vs_(.+)", stem)
+    if stem.endswith("_per_arm"):
+        return f"Test {m} per arm", (
+            f"Test {m} (%) of each arm's final runs: bar = mean over seeds, black line = 95% bootstrap CI of "
+            "the mean over seeds, dots = the single seeds."
+        )
+    if vs and vs.group(1) in factors:
+        f = factors[vs.group(1)]
+        by_length = " (by its length: the number of values)" if factor_kind(meta, f) == "length" else ""
+        return f"Test {m} against {f}", (
+            f"Test {m} (%) against `{f}`{by_length}, one line per setting of the other factors: line = mean "
+            f"over seeds, {band}."
+        )
+    if stem.startswith("heatmap_"):
+        return f"Test {m} by pair of factors", (
+            f"Mean test {m} (%) for each combination of two factors' levels (rows, columns), averaged over "
+            "the other factors and the seeds."
+        )
+    key = "abe_attention_masks" if stem.startswith("abe_attention_masks_") else stem
+    if key in CAPTIONS:
+        title, caption = CAPTIONS[key]
+        return title.format(m=m), caption.format(m=m, k=pictures.SHOW_K, band=band)
+    words = stem.replace("_", " ")
+    return words[0].upper() + words[1:], words

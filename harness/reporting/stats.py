@@ -10,7 +10,7 @@ percentile bootstrap CI (descriptive for few seeds: 3 seeds give only 10 distinc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -103,6 +103,59 @@ def significance(final: pd.DataFrame, metrics: list[str], baseline: str, order: 
     return pd.DataFrame(rows, columns=cols).set_index(["arm", "metric"])
 
 
+def holm(p: ArrayLike) -> np.ndarray:
+    """Holm's step-down adjusted p-values (the family-wise error stays ≤ α when each is compared with α);
+    NaN (no test) stays NaN and does not count in the family."""
+    p = np.asarray(p, dtype=float)
+    out = np.full(p.shape, math.nan)
+    tested = ~np.isnan(p)
+    m = int(tested.sum())
+    order = np.argsort(p[tested], kind="stable")
+    stepped = np.maximum.accumulate((m - np.arange(m)) * p[tested][order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    out[tested] = adjusted
+    return out
+
+
+def bold_cells(long: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
+    """Which cells of a table the data lets a reader call best: per ``column``, the ``row`` with the highest
+    mean and every row a paired t-test over seeds does not find worse than it (Holm-corrected across every
+    test of the table). ``long`` has one value per (``column``, ``row``, ``seed``) (fractions, shown in %
+    with ``decimals``). Equal values as shown are bold alike; a row with fewer than 2 seeds in common with
+    the best cannot be tested and is bold (the tables mark it for its few seeds).
+
+    Returns, indexed by (column, row) in input order: ``n`` (seeds), ``mean``, ``delta`` and ``p`` (the paired
+    t-test against the column's best on common seeds; NaN for the best and untested rows), ``p_holm`` and
+    ``bold``."""
+    cells = long.dropna(subset=["value"]).groupby(["column", "row", "seed"], sort=False).value.mean()
+    rows = []
+    for column, col in cells.groupby(level="column", sort=False):
+        by_row = {r: s.droplevel(["column", "row"]) for r, s in col.groupby(level="row", sort=False)}
+        means = {r: float(s.mean()) for r, s in by_row.items()}
+        best = max(means, key=lambda r: means[r])
+        for r, s in by_row.items():
+            common = s.index.intersection(by_row[best].index)
+            c = paired_comparison(s[common].to_numpy(float), by_row[best][common].to_numpy(float))
+            untested = r == best or c.n < 2
+            rows.append(
+                {
+                    "column": column,
+                    "row": r,
+                    "n": len(s),
+                    "mean": means[r],
+                    "delta": math.nan if r == best else c.delta,
+                    "p": math.nan if untested else c.p_t,
+                    "tie": f"{means[r] * 100:.{decimals}f}" == f"{means[best] * 100:.{decimals}f}",
+                }
+            )
+    out = pd.DataFrame(rows, columns=["column", "row", "n", "mean", "delta", "p", "tie"])
+    out["p_holm"] = holm(out.p.to_numpy(float))
+    worse = (out.p_holm < ALPHA) & (out.delta < 0)
+    out["bold"] = out.tie | ~worse
+    return out.drop(columns="tie").set_index(["column", "row"])
+
+
 def caveat(n: int) -> str:
     """Honest wording of what ``n`` paired seeds can show."""
     if n < 2:
@@ -123,7 +176,8 @@ def format_p(p: float, na: str = "—") -> str:
     return na if math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _interval(lo: float, hi: float, na: str) -> str:
+def interval(lo: float, hi: float, na: str = "—") -> str:
+    """A confidence interval of a difference, in points."""
     return na if math.isnan(lo) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
@@ -134,25 +188,23 @@ def verdict(c: pd.Series) -> str:
     return "distinguishable" if c.distinguishable else "not distinguishable"
 
 
-def significance_display(sig: pd.DataFrame, tex: bool, escape: Callable[[str], str] = str) -> pd.DataFrame:
-    """The readable significance table: Δ and CIs in points, p-values, and the verdict against seed noise."""
-    na = "--" if tex else "—"
+def significance_display(sig: pd.DataFrame, titles: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The readable significance table: Δ and CIs in points, p-values, and the verdict against seed noise;
+    arms by their ``titles``."""
     rows = sig.reset_index()
-    d = "$\\Delta$" if tex else "Δ"
+    titles = titles or {}
     return pd.DataFrame(
         {
-            "arm": [escape(a) for a in rows.arm],
-            "metric": [escape(metric_title(m)) for m in rows.metric],
+            "arm": [titles.get(a, a) for a in rows.arm],
+            "metric": [metric_title(m) for m in rows.metric],
             "seeds": rows.n.astype(int),
-            f"{d} (points)": [na if math.isnan(v) else f"{100 * v:+.1f}" for v in rows.delta],
-            "95% CI, t" if not tex else "95\\% CI, t": [
-                _interval(lo, hi, na) for lo, hi in zip(rows.ci_low, rows.ci_high, strict=True)
+            "Δ (points)": ["—" if math.isnan(v) else f"{100 * v:+.1f}" for v in rows.delta],
+            "95% CI, t": [interval(lo, hi) for lo, hi in zip(rows.ci_low, rows.ci_high, strict=True)],
+            "95% CI, bootstrap": [
+                interval(lo, hi) for lo, hi in zip(rows.boot_low, rows.boot_high, strict=True)
             ],
-            "95% CI, bootstrap" if not tex else "95\\% CI, bootstrap": [
-                _interval(lo, hi, na) for lo, hi in zip(rows.boot_low, rows.boot_high, strict=True)
-            ],
-            "p, paired t": [format_p(p, na) for p in rows.p_t],
-            "p, Wilcoxon": [format_p(p, na) for p in rows.p_wilcoxon],
+            "p, paired t": [format_p(p) for p in rows.p_t],
+            "p, Wilcoxon": [format_p(p) for p in rows.p_wilcoxon],
             "vs seed noise": [verdict(r) for _, r in rows.iterrows()],
         }
     )

@@ -19,8 +19,13 @@ from harness.store import tune_study_name
 from harness.study.devices import trial_device
 from harness.study.queue import Snapshot, WorkQueue
 from harness.study.spec import Arm, StudySpec, Unit
+from harness.tracking import Tracking
 
 log = logging.getLogger(__name__)
+
+#: What a tune trial's config sets: it selects on validation classes and never embeds the test classes
+#: (they are touched by final runs only), so its run record has no test metric.
+VALIDATION_ONLY: dict[str, Any] = {"eval.test": False, "train.best_test_every": None}
 
 
 def make_sampler(spec: StudySpec, study_name: str, seed: int | None = None) -> optuna.samplers.BaseSampler:
@@ -44,24 +49,34 @@ def make_pruner(spec: StudySpec, study_name: str) -> optuna.pruners.BasePruner:
 class Objective:
     """Runs claimed units of ``spec``, tells their trials the outcome, keeps run records in folder/runs."""
 
-    def __init__(self, spec: StudySpec, queue: WorkQueue, folder: Path, world_size: int = 1):
+    def __init__(
+        self,
+        spec: StudySpec,
+        queue: WorkQueue,
+        folder: Path,
+        world_size: int = 1,
+        tracking: Tracking | None = None,
+    ):
         self.spec = spec
         self.queue = queue
         self.folder = folder
         #: GPUs of each trial (``--gpus-per-trial``): its runs train with DDP over that many ranks.
         self.world_size = world_size
+        #: The experiment trackers each finished unit is logged to (``--track``).
+        self.tracking = tracking or Tracking()
 
     def _resolve(self, unit: Unit, trial: optuna.Trial, snap: Snapshot) -> tuple[dict[str, Any], RunConfig]:
         """The tuned values and the RunConfig of ``unit``: sampled (tune), the arm's best tuned config
-        with the unit's seed (fair final), or the arm's literature recipe with it (literature)."""
+        with the unit's seed (fair final; retrained on every training class with ``final.refit``), or the
+        arm's literature recipe with it (literature)."""
         arm = self.spec.arm(unit.attrs["arm"])
         if unit.attrs["stage"] == "tune":
             tuned = self.spec.suggest(trial, arm)
-            return tuned, self._placed(self.spec.config(arm, tuned))
+            return tuned, self._placed(self.spec.config(arm, {**tuned, **VALIDATION_ONLY}))
         if unit.attrs.get("protocol") == "literature":
             return {}, self._placed(self.spec.literature_config(arm, unit.attrs["seed"]))
         tuned = self._best_tuned(arm, snap)
-        return tuned, self._placed(self.spec.config(arm, {**tuned, "seed": unit.attrs["seed"]}))
+        return tuned, self._placed(self.spec.final_config(arm, tuned, unit.attrs["seed"]))
 
     def _placed(self, cfg: RunConfig) -> RunConfig:
         """``cfg`` on this worker's GPUs: ``train.distributed.world_size`` from ``--gpus-per-trial``."""
@@ -122,6 +137,7 @@ class Objective:
         trial.set_user_attr("reused_from", f"{study_name}#{done.number}")
         study.tell(trial, done.value)
         log.info("%s: same config as %s#%d, reused its results", what, study_name, done.number)
+        self.tracking.log_unit(self.folder / "runs" / run_key, self.spec.name, unit.attrs, trial.number)
 
     def _open(self, unit: Unit, study: optuna.Study, trial_id: int) -> tuple[optuna.Trial, str]:
         """The claimed trial (a tune slot gets a sampler seeded for it: reruns suggest the same values and
@@ -149,8 +165,8 @@ class Objective:
         t0: float,
     ) -> None:
         """Train ``cfg`` (reporting each epoch's validation metric to the pruner), write its run record and
-        tell the trial its value: the validation metric, or for a literature run (no validation classes)
-        the last epoch's test metric."""
+        tell the trial its value: the validation metric, or for a run without validation classes (literature,
+        a refit fair final) the last epoch's test metric."""
         from harness import train
         from harness.rundir import write_run
 
@@ -182,7 +198,7 @@ class Objective:
             self._fail(study, trial, what, e, run_dir, t0, cfg.to_dict())
             return
         write_run(result, run_dir, save_checkpoint=cfg.train.save_checkpoint)
-        key = f"{'test_last' if unit.attrs.get('protocol') == 'literature' else 'val'}/{metric}"
+        key = f"{'val' if cfg.data.val_fraction > 0 else 'test_last'}/{metric}"
         value = result.metrics.get(key, math.nan)
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if math.isfinite(v)})
         trial.set_user_attr("best_epoch", result.best_epoch)
@@ -192,9 +208,10 @@ class Objective:
             self._fail(study, trial, what, TrainingError(f"{key} is {value}"), run_dir, t0, cfg.to_dict())
             return
         study.tell(trial, value)
-        test = result.metrics.get(f"test/{metric}", math.nan)
-        took = time.perf_counter() - t0
-        log.info("%s: val %s %.4f, test %s %.4f (%.1fs)", what, metric, value, metric, test, took)
+        self.tracking.log_unit(run_dir, self.spec.name, unit.attrs, trial.number)
+        test = result.metrics.get(f"test/{metric}")
+        scored = "" if test is None else f", test {metric} {test:.4f}"  # none in a tune trial
+        log.info("%s: %s %.4f%s (%.1fs)", what, key, value, scored, time.perf_counter() - t0)
 
     def _fail(
         self,

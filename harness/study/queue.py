@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ MAX_RETRIES = 2
 #: User attributes that identify a unit of work; copied onto a retry.
 UNIT_ATTRS = ("unit", "stage", "protocol", "arm", "slot", "seed", "arm_display")
 HOST = socket.gethostname()
+#: The folder of a study's journal heartbeat files (one per running trial, named by its trial id).
+HEARTBEATS = "heartbeats"
 
 
 def unit_status(trials: list[FrozenTrial]) -> str:
@@ -45,6 +48,22 @@ def unit_status(trials: list[FrozenTrial]) -> str:
     if states & {TrialState.RUNNING, TrialState.WAITING}:
         return "pending"
     return "failed" if TrialState.FAIL in states else "missing"
+
+
+def worker_gone(t: FrozenTrial, beat: Path | None, now: float) -> bool | None:
+    """Whether the worker that claimed the RUNNING trial ``t`` is gone: on this host, its process no longer
+    exists; elsewhere, its journal heartbeat file ``beat`` is older than HEARTBEAT_GRACE_S (a trial claimed a
+    moment ago has none yet: its start counts). None where this cannot tell: another host on an RDB storage
+    (there Optuna's heartbeat decides) or no ``beat`` given."""
+    worker = t.user_attrs.get("worker")
+    if worker and worker["host"] == HOST and worker["pid"] != os.getpid():
+        return not pid_alive(worker["pid"])
+    if beat is None:
+        return None
+    last = (
+        beat.stat().st_mtime if beat.exists() else t.datetime_start.timestamp() if t.datetime_start else now
+    )
+    return now - last > HEARTBEAT_GRACE_S
 
 
 class Snapshot:
@@ -66,6 +85,49 @@ class Snapshot:
         for study_name, trials in self.trials.items():
             for t in trials:
                 yield study_name, t
+
+
+@dataclass(frozen=True)
+class UnitView:
+    """One unit of work as ``dmlh study status`` shows it. ``state``: finished (a complete or pruned trial),
+    running (its worker lives), dead (claimed by a worker that is gone: re-queued by the next ``dmlh study
+    run``), queued, or failed. ``trial``: the running or dead trial."""
+
+    study: str
+    stage: str
+    arm: str
+    state: str
+    trial: FrozenTrial | None = None
+
+
+def survey(storage: BaseStorage, names: list[str], folder: Path) -> list[UnitView]:
+    """Every unit of work that Optuna studies ``names`` (of the study in ``folder``) hold a trial of, read
+    only. A RUNNING trial is running only while its worker lives (``worker_gone``; on an RDB storage, a
+    worker elsewhere by Optuna's heartbeat): a killed study leaves RUNNING trials that nobody runs."""
+    journal = isinstance(storage, JournalStorage)
+    now = time.time()
+    views = []
+    for name in names:
+        study_id = storage.get_study_id_from_name(name)
+        stale = set() if journal else set(getattr(storage, "_get_stale_trial_ids", lambda _: [])(study_id))
+        units: dict[str, list[FrozenTrial]] = {}
+        for t in storage.get_all_trials(study_id, deepcopy=False):
+            if "unit" in t.user_attrs and not t.user_attrs.get("duplicate"):
+                units.setdefault(t.user_attrs["unit"], []).append(t)
+        for trials in units.values():
+            attrs = trials[0].user_attrs
+            stage = attrs.get("stage", "?")
+            stage += " (literature)" if attrs.get("protocol") == "literature" else ""
+            state = {"done": "finished", "pending": "queued"}.get(unit_status(trials), "failed")
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            if not running or state == "finished":
+                views.append(UnitView(name, stage, attrs.get("arm", "?"), state))
+                continue
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, running[-1].number)
+            gone = worker_gone(running[-1], folder / HEARTBEATS / str(trial_id) if journal else None, now)
+            state = "dead" if gone or (gone is None and trial_id in stale) else "running"
+            views.append(UnitView(name, stage, attrs.get("arm", "?"), state, running[-1]))
+    return views
 
 
 def open_studies(
@@ -126,7 +188,7 @@ class WorkQueue:
         self.invocation = invocation
         self.storage = open_storage(storage_url, spec.name, results, create=True, on_stale=self._on_stale)
         self.journal = isinstance(self.storage, JournalStorage)
-        self.heartbeats = results / spec.name / "heartbeats"
+        self.heartbeats = results / spec.name / HEARTBEATS
         self.studies = open_studies(self.storage, spec, options)
         self.ids = {name: self.storage.get_study_id_from_name(name) for name in self.studies}
         self._requeued = False
@@ -192,20 +254,8 @@ class WorkQueue:
 
     # -- dead workers ---------------------------------------------------------------------------------
     def _is_lost(self, study_name: str, t: FrozenTrial, now: float) -> bool:
-        worker = t.user_attrs.get("worker")
-        if worker and worker["host"] == HOST and worker["pid"] != os.getpid():
-            return not pid_alive(worker["pid"])
-        if not self.journal:  # RDB storages: Optuna's heartbeat (fail_stale_trials) decides
-            return False
-        beat = self.heartbeats / str(self.trial_id(study_name, t.number))
-        last = (
-            beat.stat().st_mtime
-            if beat.exists()
-            else t.datetime_start.timestamp()
-            if t.datetime_start
-            else now
-        )
-        return now - last > HEARTBEAT_GRACE_S
+        beat = self.heartbeats / str(self.trial_id(study_name, t.number)) if self.journal else None
+        return bool(worker_gone(t, beat, now))  # RDB storages elsewhere: Optuna's heartbeat decides
 
     def reap_lost(self, snap: Snapshot) -> bool:
         """Fail and re-queue the trials of dead workers; True if any was re-queued."""

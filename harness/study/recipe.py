@@ -319,12 +319,18 @@ def check_study(path: str, overrides: list[str] | None = None) -> str:
     spec = load_study(path, overrides)
     recipe = spec.raw.get("recipe") or []
     kinds = [source_kind(e) for e in recipe]
+    fair = (
+        f"; its fair arms use the protocol {spec.fair.path} ({spec.fair.dataset}), which states every "
+        "setting outside the method that decides the number"
+        if spec.fair is not None
+        else ""
+    )
     if not recipe:
-        return f"{spec.name}: valid ({len(spec.arms)} arms); it has no recipe: block to check"
+        return f"{spec.name}: valid ({len(spec.arms)} arms); it has no recipe: block to check{fair}"
     counts = ", ".join(f"{kinds.count(k)} {SOURCE_TITLES[k]}" for k in SOURCE_TITLES)  # type: ignore[arg-type]
     return (
         f"{spec.name}: the recipe ({len(recipe)} entries: {counts}) matches the literature config of every "
-        f"arm ({len(spec.arms)}), and it states every setting that decides the number"
+        f"arm ({len(spec.arms)}), and it states every setting that decides the number{fair}"
     )
 
 

@@ -17,6 +17,8 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,16 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from harness.errors import ConfigError, HarnessError, TrainingError
+from harness import logs
+from harness.config import lookup
+from harness.errors import ConfigError, HarnessError, Interrupted, TrainingError
 from harness.store import lost_numbers, open_storage
 from harness.study.devices import ENV, Slot, parse_gpus, plan_workers
 from harness.study.objective import Objective, make_pruner, make_sampler
 from harness.study.queue import Snapshot, WorkQueue, open_studies, prepare
 from harness.study.spec import StudySpec, load_study
+from harness.tracking import Tracking
+from harness.tracking import parse as parse_track
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +63,14 @@ class Context:
     storage: str | None
     results: Path
     invocation: str
+    #: CPU threads of a trial whose config leaves ``train.threads`` unset (``trial_threads``).
     threads: int
     deadline: float | None
     log_level: int
     #: GPUs each trial trains on (``train.distributed.world_size`` of its runs); 1 = one process per trial.
     gpus_per_trial: int = 1
+    #: The experiment trackers every finished run is logged to (``--track``; a worker opens its own clients).
+    tracking: Tracking | None = None
 
 
 class Worker:
@@ -75,7 +84,9 @@ class Worker:
             return {"sampler": make_sampler(self.spec, name), "pruner": make_pruner(self.spec, name)}
 
         self.queue = WorkQueue(ctx.spec, ctx.storage, ctx.results, ctx.invocation, options)
-        self.objective = Objective(ctx.spec, self.queue, ctx.results / ctx.spec.name, ctx.gpus_per_trial)
+        self.objective = Objective(
+            ctx.spec, self.queue, ctx.results / ctx.spec.name, ctx.gpus_per_trial, ctx.tracking
+        )
 
     def work(self) -> int:
         """Run units until all are settled, the deadline passes or most trials fail; return how many ran."""
@@ -126,8 +137,7 @@ def _work(ctx: Context, slot: Slot | None = None) -> int:
     """Worker entry point (in this process or a loky worker process, pinned to ``slot``'s GPUs)."""
     import torch
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=ctx.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    repeats = logs.setup(ctx.log_level)  # a loky worker process starts with no handlers
     if slot is not None and slot.gpus:  # the environment this process really started with
         seen = os.environ.get(ENV)
         if seen != slot.env[ENV] or torch.cuda.is_initialized():
@@ -136,9 +146,14 @@ def _work(ctx: Context, slot: Slot | None = None) -> int:
             "study %s: worker %d (pid %d) holds %s", ctx.spec.name, slot.index, os.getpid(), slot.describe()
         )
     torch.set_num_threads(ctx.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if slot is None or not slot.gpus:  # CPU arithmetic: the same kernels in every worker and every run
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return Worker(ctx).work()
+    try:
+        return Worker(ctx).work()
+    finally:
+        repeats.summary()
 
 
 class Progress:
@@ -146,15 +161,13 @@ class Progress:
     without a terminal, one log line per settled unit with the arm, its value and the study's progress."""
 
     def __init__(self, ctx: Context, period: float = 1.0):
-        from tqdm.auto import tqdm
-
         self.ctx = ctx
         self.period = period
         self.studies = open_studies(
             open_storage(ctx.storage, ctx.spec.name, ctx.results, create=True), ctx.spec
         )
         self.units = ctx.spec.units()
-        self.bar = tqdm(total=len(self.units), desc=f"study {ctx.spec.name}", unit="trial", disable=None)
+        self.bar = logs.progress_bar(total=len(self.units), desc=f"study {ctx.spec.name}", unit="trial")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="study-progress")
         self.t0 = time.time()
@@ -218,10 +231,7 @@ def _run_workers(ctx: Context, slots: list[Slot]) -> list[str]:
     the others, or by a new worker). CPU workers: this process (already warm, so it starts at once) plus
     ``len(slots) - 1`` loky processes. GPU workers: a loky process each, started with the slot's
     ``CUDA_VISIBLE_DEVICES``; a dead one's device gets a new worker until the work is settled."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
+    with _torch_settings_kept():
         if not slots[0].gpus:
             return _run_cpu_workers(ctx, len(slots))
         lost: list[str] = []
@@ -233,8 +243,52 @@ def _run_workers(ctx: Context, slots: list[Slot]) -> list[str]:
             if not pending:
                 break
         return lost
+
+
+@contextmanager
+def _torch_settings_kept() -> Iterator[None]:
+    """Restore this process's torch thread count and deterministic-kernel mode afterwards (on the CPU this
+    process is a worker too, and ``run_study`` may be called from a longer-lived program)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    mode, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
+
+
+def trial_threads(spec: StudySpec, slots: list[Slot], cores: int) -> int:
+    """The CPU threads of each trial whose config leaves ``train.threads`` unset.
+
+    CPU workers: the study's ``base.train.threads``, else every core, whatever ``--workers`` is: the thread
+    count decides how a sum is split into partial sums, so it is part of a trial's arithmetic and the same
+    study must get the same one with 1 or N workers. Workers that then oversubscribe the cores are said once,
+    with the remedy. GPU workers compute on their GPU: each keeps its share of the cores."""
+    base = lookup(spec.raw, "base.train.threads", None)
+    if slots[0].gpus:
+        return base or max(1, cores // len(slots))
+    threads = base or cores
+    if len(slots) * threads > cores:
+        log.warning(
+            "study %s: %d CPU workers x %d threads per trial on %d cores: they share the cores, so each "
+            "trial is slower (its numbers are those of 1 worker); to give each worker cores of its own, set "
+            "base.train.threads: %d in the study (a new study: the thread count is part of each run's "
+            "config)",
+            spec.name,
+            len(slots),
+            threads,
+            cores,
+            max(1, cores // len(slots)),
+        )
+    return threads
 
 
 def _run_cpu_workers(ctx: Context, workers: int) -> list[str]:
@@ -338,6 +392,18 @@ def incomplete_arms(spec: StudySpec, storage: str | None, results: str | Path) -
     return [f"{a.label} ({p})" for p in spec.protocols for a in spec.arms if (a.label, p) not in done]
 
 
+def _interrupted(ctx: Context) -> KeyboardInterrupt:
+    """What Ctrl-C tells the user: how many units are finished and stored (a plain interrupt when the store
+    cannot be read at that moment)."""
+    try:
+        studies = open_studies(open_storage(ctx.storage, ctx.spec.name, ctx.results), ctx.spec)
+    except Exception:  # noqa: BLE001 - the store being down must not hide the interrupt
+        return KeyboardInterrupt()
+    units = ctx.spec.units()
+    snap = Snapshot(studies, ctx.spec)
+    return Interrupted(sum(snap.status(u) == "done" for u in units), len(units))
+
+
 def run_study(
     path: str | Path,
     storage: str | None = None,
@@ -351,35 +417,43 @@ def run_study(
     gpus: str | None = None,
     trials_per_gpu: int = 1,
     gpus_per_trial: int = 1,
+    track: list[str] | None = None,
 ) -> Path | None:
     """Run (or resume) a study: validate it, queue its units, run its worker processes until every unit is
     settled, then write the report. Returns the report folder (None with ``report=False``).
 
     ``workers`` (a number, or ``auto``: one per visible GPU, 1 on the CPU), ``gpus`` (``"0,2,5"``),
     ``trials_per_gpu`` and ``gpus_per_trial`` place the workers (``harness.study.devices.plan_workers``).
-    ``protocol`` (fair | literature | both) replaces the study file's. Raises StudyIncompleteError (after
-    writing the report) when an arm has no completed final run, naming the arms and why."""
+    ``protocol`` (fair | literature | both) and ``track`` (experiment trackers, ``harness.tracking``) replace
+    the study file's. Raises StudyIncompleteError (after writing the report) when an arm has no completed
+    final run, naming the arms and why."""
     slots = plan_workers(workers, parse_gpus(gpus), trials_per_gpu, gpus_per_trial)
     spec = load_study(path, overrides, name, protocol)
+    tracking = Tracking(parse_track(track or spec.raw.get("track"), results, "--track" if track else "track"))
     check_batches(spec, gpus_per_trial)
     prepare(open_storage(storage, spec.name, results, workers=len(slots), create=True), spec)
+    tracking.start_study(spec.name)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ctx = Context(
         spec=spec,
         storage=storage,
         results=Path(results),
         invocation=uuid.uuid4().hex,
-        threads=max(1, cores // len(slots)),
+        threads=trial_threads(spec, slots, cores),
         deadline=time.time() + spec.timeout if spec.timeout else None,
         log_level=logging.getLogger("harness").getEffectiveLevel(),
         gpus_per_trial=gpus_per_trial,
+        tracking=tracking,
     )
     if slots[0].gpus:
         groups = sorted({",".join(s.gpus) for s in slots})
         log.info("study %s: %d worker(s) on GPU %s", spec.name, len(slots), "; ".join(groups))
     t0 = time.perf_counter()
-    with Progress(ctx):
-        lost = _run_workers(ctx, slots)
+    try:
+        with Progress(ctx):
+            lost = _run_workers(ctx, slots)
+    except KeyboardInterrupt:
+        raise _interrupted(ctx) from None
     for line in lost:
         log.warning(
             "study %s: a worker process died (%s); its trial was re-queued and finished", spec.name, line
@@ -394,6 +468,7 @@ def run_study(
         from harness.report import write_report
 
         out = write_report(spec.name, storage=storage, results=results)
+    tracking.end_study(spec.name, out / "plots" if out is not None else None)
     missing = incomplete_arms(spec, storage, results)
     if missing:
         raise StudyIncompleteError(

@@ -12,7 +12,10 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from harness.config import lookup
+from harness.config import lookup, unknown_key
+
+#: The keys of a ``tune.params`` entry given as a mapping.
+PARAM_KEYS = ("low", "high", "log", "step", "choices", "when")
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,16 @@ def matches(node: Any, want: Any) -> bool:
     return bool(node == want)
 
 
+_ABSENT = object()
+
+
 def when_holds(when: dict[str, Any], resolved: dict[str, Any]) -> bool:
-    return all(matches(lookup(resolved, path), want) for path, want in when.items())
+    """Every ``path: value`` of ``when`` holds for the config (a path the config lacks does not hold: e.g.
+    ``regularizers.0.name`` of an arm without regularizers)."""
+    return all(
+        (node := lookup(resolved, path, _ABSENT)) is not _ABSENT and matches(node, want)
+        for path, want in when.items()
+    )
 
 
 def _number(value: Any) -> float | int:
@@ -46,19 +57,17 @@ def _number(value: Any) -> float | int:
     return float(value)
 
 
-def parse_param(path: str, spec: Any) -> tuple[TuneParam | None, list[str]]:
-    """Parse ``tune.params.<path>``: a list of choices, or ``{low, high, log, step}`` / ``{choices}``,
+def parse_param(path: str, spec: Any, section: str = "tune.params") -> tuple[TuneParam | None, list[str]]:
+    """Parse ``<section>.<path>``: a list of choices, or ``{low, high, log, step}`` / ``{choices}``,
     either with an optional ``when: {path: value}``."""
-    where = f"tune.params.{path}"
+    where = f"{section}.{path}"
     when: Any = {}
     if isinstance(spec, dict):
         spec = dict(spec)
         when = spec.pop("when", None) or {}
-        unknown = sorted(set(spec) - {"low", "high", "log", "step", "choices"})
+        unknown = [k for k in spec if k not in PARAM_KEYS]
         if unknown:
-            return None, [
-                f"{where}: unknown key(s) {', '.join(unknown)} (allowed: low, high, log, step, choices, when)"
-            ]
+            return None, [unknown_key(f"{where}.{k}", list(PARAM_KEYS)) for k in unknown]
         if not isinstance(when, dict):
             return None, [f"{where}.when: expected a mapping of dotted path to value(s), got {when!r}"]
         if "choices" in spec:

@@ -2,11 +2,13 @@
 arms the runner enumerates and the units of work (tune slots, final seeds, literature seeds) they make.
 
 Protocols (DESIGN.md "Studies"): ``fair`` tunes each arm on validation classes with an equal budget and
-reruns its best config with every final seed; ``literature`` reruns a paper's fixed recipe (the arm's
-config with the study's ``literature`` overrides; full precision unless they say otherwise) on every
-training class, without tuning, once per seed. A study runs either or both (``protocol:``;
-``dmlh study run --protocol``). A paper study's ``recipe:`` is checked against the literature config of
-every arm (``harness.study.recipe``)."""
+reruns its best config with every final seed (with ``final.refit``, retrained on every training class);
+``literature`` reruns a paper's fixed recipe (the arm's config with the study's ``literature`` overrides;
+full precision unless they say otherwise) on every training class, without tuning, once per seed. A study
+runs either or both (``protocol:``; ``dmlh study run --protocol``). A study with ``fair:`` takes its fair
+arms' config, budget and seeds from a shared protocol file and only its method from the study
+(``harness.study.protocol``); its ``base`` is then the literature recipe alone. A paper study's ``recipe:``
+is checked against the literature config of every arm (``harness.study.recipe``)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 import pydantic
@@ -30,11 +32,16 @@ from harness.study.labels import format_value, format_values, short_names
 from harness.study.space import TuneParam, matches, parse_param, representative, when_holds
 from harness.types import CLUSTERING_METRICS, METRICS, recall_k
 
+if TYPE_CHECKING:
+    from harness.study.protocol import Fair
+
 Protocol = Literal["fair", "literature", "both"]
-#: What a literature-protocol run always sets: every training class trains (no validation carve-out).
-LITERATURE_FIXED: dict[str, Any] = {"data.val_fraction": 0.0}
+#: Every training class trains (no validation carve-out): a literature run, and a refit fair final run.
+ALL_TRAINING_CLASSES: dict[str, Any] = {"data.val_fraction": 0.0}
+#: What a literature-protocol run always sets.
+LITERATURE_FIXED: dict[str, Any] = ALL_TRAINING_CLASSES
 #: What a literature-protocol run sets unless the study's ``literature:`` says otherwise: full precision
-#: (no paper trains with autocast; the base's ``train.amp`` is the fair protocol's speed setting).
+#: (no paper trains with autocast; autocast is a speed setting of the fair protocol).
 LITERATURE_DEFAULTS: dict[str, Any] = {"train.amp": False}
 
 
@@ -53,11 +60,40 @@ class _Tune(_StrictModel):
 
 class _Final(_StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    #: Retrain each arm's chosen config on every training class (no validation classes: the last epoch is
+    #: reported) instead of rerunning it on the split it was tuned on.
+    refit: bool = False
 
 
 class _Objective(_StrictModel):
     metric: str = "recall@1"
     split: Literal["val"] = "val"
+
+
+class _FairTune(_StrictModel):
+    #: The method's own hyperparameters, as ``tune.params`` (the protocol gives the budget).
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Method(_StrictModel):
+    """The method under study on the fair protocol (``harness.study.protocol.METHOD_KEYS``)."""
+
+    model: Any = None
+    loss: Any = None
+    miner: Any = None
+    synthesis: Any = None
+    regularizers: Any = None
+
+
+class _Fair(_StrictModel):
+    """A study's fair arms: the shared protocol file and the method under study on it."""
+
+    #: The protocol file, relative to the study file's folder (``protocols/fair.yaml``).
+    protocol: str = Field(min_length=1)
+    #: The protocol's dataset part; default: the dataset of the study's base.
+    dataset: str | None = None
+    method: _Method = Field(default_factory=_Method)
+    tune: _FairTune | None = None
 
 
 class _StudyYAML(_StrictModel):
@@ -74,6 +110,8 @@ class _StudyYAML(_StrictModel):
     final: _Final = Field(default_factory=_Final)
     objective: _Objective = Field(default_factory=_Objective)
     timeout: float | None = Field(None, gt=0)
+    #: Experiment trackers every run is logged to, as ``--track`` takes them (``harness.tracking``).
+    track: list[str] | str = Field(default_factory=list)
     #: Seeds every tune trial's sampler (one seed per arm and slot, derived from this one).
     seed: int = 0
     protocol: Protocol = "fair"
@@ -90,16 +128,28 @@ class _StudyYAML(_StrictModel):
     #: What a reader of the study's tables must know about how its arms differ beyond their factors (e.g.
     #: which images of a batch a loss uses), shown in the comparison table's caption.
     notes: list[str] = Field(default_factory=list)
+    #: The fair arms from a shared protocol file (``harness.study.protocol``); None: from ``base``.
+    fair: _Fair | None = None
+    #: Human labels of arms for the tables, ``{<arm label>: "Triplet + Symm"}``; an arm not named gets an
+    #: automatic one from its factor levels (``harness.reporting.tables.arm_titles``).
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One combination of factor values: ``raw`` is the base config with them applied (unresolved)."""
+    """One combination of factor values: ``raw`` is the base config with them applied (unresolved), ``fair``
+    the fair protocol's config with them applied (None: ``raw``)."""
 
     label: str
     values: dict[str, Any]
     display: dict[str, str]
     raw: dict[str, Any]
+    fair: dict[str, Any] | None = None
+
+    @property
+    def fair_raw(self) -> dict[str, Any]:
+        """The arm's config under the fair protocol (unresolved)."""
+        return self.raw if self.fair is None else self.fair
 
 
 @dataclass(frozen=True)
@@ -130,6 +180,9 @@ class StudySpec:
     seed: int = 0
     protocol: Protocol = "fair"
     literature: dict[str, Any] = field(default_factory=dict)
+    refit: bool = False
+    #: The shared fair protocol, or None (the fair arms from ``base``).
+    fair: Fair | None = None
 
     @property
     def protocols(self) -> tuple[str, ...]:
@@ -140,13 +193,19 @@ class StudySpec:
         return next(a for a in self.arms if a.label == label)
 
     def config(self, arm: Arm, assignments: dict[str, Any]) -> config.RunConfig:
-        """The resolved RunConfig of ``arm`` with ``assignments`` (tuned values, seed) applied."""
-        return config.validate(config.assign(arm.raw, assignments))
+        """The resolved fair-protocol RunConfig of ``arm`` with ``assignments`` (tuned values, seed)."""
+        return config.validate(config.assign(arm.fair_raw, assignments))
+
+    def final_config(self, arm: Arm, tuned: dict[str, Any], seed: int) -> RunConfig:
+        """The fair final run of ``arm``: its chosen values and ``seed``; with ``refit``, on every training
+        class."""
+        return self.config(arm, {**tuned, "seed": seed, **(ALL_TRAINING_CLASSES if self.refit else {})})
 
     def literature_config(self, arm: Arm, seed: int) -> RunConfig:
         """The literature-protocol RunConfig of ``arm``: the study's ``literature`` overrides, every
         training class, ``seed``; nothing tuned."""
-        return self.config(arm, {**LITERATURE_DEFAULTS, **self.literature, **LITERATURE_FIXED, "seed": seed})
+        overrides = {**LITERATURE_DEFAULTS, **self.literature, **LITERATURE_FIXED, "seed": seed}
+        return config.validate(config.assign(arm.raw, overrides))
 
     def suggest(self, trial: optuna.Trial | optuna.trial.FixedTrial, arm: Arm) -> dict[str, Any]:
         """Sample the tune params that apply to ``arm`` (each ``when`` is checked on the config so far)."""
@@ -222,6 +281,9 @@ class StudySpec:
         keep["tune_params"] = (self.raw.get("tune") or {}).get("params")
         if self.literature:  # only when set, so that studies without one keep their fingerprint
             keep["literature"] = self.literature
+        if self.fair is not None:  # the protocol's config, not its path
+            keep["fair"] = {"base": self.fair.base, "metric": self.metric, "refit": self.refit}
+            keep["tune_params"] = ((self.raw.get("fair") or {}).get("tune") or {}).get("params")
         blob = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -241,10 +303,13 @@ class StudySpec:
             "pruner": self.pruner,
             "seed": self.seed,
             "protocol": self.protocol,
+            "refit": self.refit,
+            "fair_protocol": self.fair.meta() if self.fair is not None else None,
             "published": self.raw.get("published") or {},
             "unpublished": self.raw.get("unpublished") or [],
             "recipe": self.raw.get("recipe") or [],
             "notes": self.raw.get("notes") or [],
+            "labels": self.raw.get("labels") or {},
             "spec": json.loads(json.dumps(self.raw, default=str)),
         }
 
@@ -279,11 +344,11 @@ def _config_problems(raw: dict[str, Any]) -> tuple[config.RunConfig | None, list
 
 
 def _arm_problems(
-    arm: Arm, model: _StudyYAML, params: list[TuneParam], protocols: tuple[str, ...]
+    arm: Arm, model: _StudyYAML, params: list[TuneParam], protocols: tuple[str, ...], metric: str
 ) -> list[str]:
-    """Problems of one arm under the protocols that run: its fair config, tune params and objective; its
-    literature config."""
-    problems = _fair_problems(arm, params, model.objective.metric) if "fair" in protocols else []
+    """Problems of one arm under the protocols that run: its fair config, tune params and objective
+    ``metric``; its literature config."""
+    problems = _fair_problems(arm, params, metric) if "fair" in protocols else []
     if "literature" in protocols:
         problems += _literature_problems(arm, model.literature)
     return problems
@@ -325,25 +390,22 @@ def _protocols(protocol: str) -> tuple[str, ...]:
 
 
 def _fair_problems(arm: Arm, params: list[TuneParam], metric: str) -> list[str]:
-    """Problems of one arm's fair protocol: its config, the tune params that apply to it, the objective."""
+    """Problems of one arm's fair protocol: its config, the tune params that apply to it, the objective. The
+    config problems of an arm on a protocol file (``fair:``) say so."""
     from harness.learner import check_assembly
 
-    cfg, problems = _config_problems(arm.raw)
-    resolved = cfg.to_dict() if cfg is not None else arm.raw
-    applying = {}
-    for p in params:
-        try:
-            if when_holds(p.when, resolved):
-                applying[p.path] = representative(p.distribution)
-        except KeyError as e:
-            if cfg is not None:
-                problems.append(f"tune.params.{p.path}.when: {e.args[0]!r} is not a config path")
+    raw, shared = arm.fair_raw, arm.fair is not None
+    cfg, problems = _config_problems(raw)
+    resolved = cfg.to_dict() if cfg is not None else raw
+    applying = {p.path: representative(p.distribution) for p in params if when_holds(p.when, resolved)}
     try:
-        _, tuned_problems = _config_problems(config.assign(arm.raw, applying))
+        _, tuned_problems = _config_problems(config.assign(raw, applying))
     except ConfigError as e:
         tuned_problems = e.problems
-    problems += [f"tune.params: {x}" for x in tuned_problems if x not in problems]
-    names = _metric_names(arm.raw)
+    tune = "fair.tune.params" if shared else "tune.params"
+    problems = [f"fair: {p}" if shared else p for p in problems]
+    problems += [f"{tune}: {x}" for x in tuned_problems if x not in problems and f"fair: {x}" not in problems]
+    names = _metric_names(raw)
     if names is not None and metric not in names:
         problems.append(
             f"objective.metric: {metric!r} is not a validation metric of this config (have "
@@ -351,18 +413,18 @@ def _fair_problems(arm: Arm, params: list[TuneParam], metric: str) -> list[str]:
             + ("; for nmi set train.selection_metric: nmi" if metric == "nmi" else "")
         )
     if cfg is not None and not problems:
-        problems += check_assembly(cfg)
+        problems += [f"fair: {p}" if shared else p for p in check_assembly(cfg)]
     if cfg is not None and cfg.data.val_fraction <= 0:
         problems.append(
-            "base.data.val_fraction: must be > 0 (tuning and epoch selection use validation classes, "
-            "never test classes)"
+            f"{'fair.protocol' if shared else 'base'}.data.val_fraction: must be > 0 (tuning and epoch "
+            "selection use validation classes, never test classes)"
         )
     return problems
 
 
 def _yaml_place(problem: str, factors: list[str], label: str | None) -> str:
     """Prefix a config problem with its place in the study YAML: an arm factor, the base, or one arm."""
-    if problem.startswith(("base.", "tune.", "objective.", "literature")):
+    if problem.startswith(("base.", "tune.", "objective.", "literature", "fair")):
         return problem if label is None else f"arms ({label}): {problem}"
     if any(problem.startswith(f + ".") or problem.startswith(f + ":") for f in factors):
         return f"arms.{problem}" if label is None else f"arms ({label}): {problem}"
@@ -415,9 +477,12 @@ def _exclude_problems(exclude: list[dict[str, Any]], levels: dict[str, list[Any]
     return problems
 
 
-def _arms(model: _StudyYAML, problems: list[str]) -> tuple[list[Arm], list[str]]:
-    """The arms (the product of the factor levels, each applied to the base) and the factors; problems
-    are appended to ``problems``."""
+def _arms(
+    model: _StudyYAML, problems: list[str], fair_base: dict[str, Any] | None = None
+) -> tuple[list[Arm], list[str]]:
+    """The arms (the product of the factor levels, each applied to the base, and to ``fair_base``, the
+    fair protocol's config, where the study has one) and the factors; problems are appended to
+    ``problems``."""
     for f, vs in model.arms.items():
         if not isinstance(vs, (list, dict)) or not vs:
             problems.append(
@@ -446,42 +511,86 @@ def _arms(model: _StudyYAML, problems: list[str]) -> tuple[list[Arm], list[str]]
         for f, v in values.items():
             changes = variants[f][v] if f in variants else {f: v}
             assignments.update(changes if isinstance(changes, dict) else {})
+        named = {"name": model.name}  # runs are named after their study unless base says
         try:
-            base = {"name": model.name, **model.base}  # runs are named after their study unless base says
-            arm_raw = config.assign(config.name_default_components(base), assignments)
+            arm_raw = config.assign(config.name_default_components({**named, **model.base}), assignments)
+            fair = None
+            if fair_base is not None:
+                fair = config.assign(config.name_default_components({**named, **fair_base}), assignments)
         except ConfigError as e:
             problems += [f"arms ({label}): {x}" for x in e.problems]
             continue
-        arms.append(Arm(label, values, display, arm_raw))
+        arms.append(Arm(label, values, display, arm_raw, fair))
     if len({a.label for a in arms}) != len(arms):
         problems.append("arms: two arms have the same label; give the values of a factor distinct names")
     return arms, factors
 
 
-def parse_study(raw: dict[str, Any], name: str | None = None, protocol: str | None = None) -> StudySpec:
+def _fair(model: _StudyYAML, raw: dict[str, Any], folder: Path | None, problems: list[str]) -> Fair | None:
+    """The study's shared fair protocol, None without ``fair:`` or where it does not resolve; problems are
+    appended to ``problems``."""
+    if model.fair is None:
+        return None
+    from harness.study.protocol import METHOD_KEYS, protocol_fixes, resolve_fair
+
+    f = model.fair
+    method = f.method.model_dump(exclude_unset=True)
+    fair, errs = resolve_fair(f.protocol, f.dataset, method, model.base, folder)
+    problems += errs
+    problems += [
+        f"fair.tune.params.{path}: the protocol fixes it; tune the method's own hyperparameters (under "
+        f"{', '.join(METHOD_KEYS)})"
+        for path in (f.tune.params if f.tune else {})
+        if protocol_fixes(path)
+    ]
+    problems += [
+        f"{key}: a study with fair: takes it from its protocol ({f.protocol}){hint}"
+        for key, hint in (
+            ("tune", "; the method's own hyperparameters go under fair.tune.params"),
+            ("final", ", for both protocols"),
+            ("objective", ""),
+        )
+        if key in raw
+    ]
+    return fair
+
+
+def parse_study(
+    raw: dict[str, Any], name: str | None = None, protocol: str | None = None, folder: Path | None = None
+) -> StudySpec:
     """Validate a study dict; raise ConfigError listing every problem (with its YAML path) at once.
-    ``protocol`` (fair | literature | both) replaces the file's ``protocol:``."""
+    ``protocol`` (fair | literature | both) replaces the file's ``protocol:``; ``folder`` is the study file's
+    (a ``fair.protocol`` path is relative to it)."""
     raw = dict(raw)
     if name:
         raw["name"] = name
     if protocol:
         raw["protocol"] = protocol
     model, problems = _validate_top(raw)
-    arms, factors = _arms(model, problems)
+    fair = _fair(model, raw, folder, problems)
+    arms, factors = _arms(model, problems, fair.base if fair is not None else None)
+    # the budget, seeds and objective: the protocol's for a study with fair:, else the study's own
+    tune = model.fair.tune if model.fair else model.tune
+    where = "fair.tune.params" if model.fair else "tune.params"
+    budget = fair.protocol.tune if fair is not None else model.tune
+    final = fair.protocol.final if fair is not None else model.final
+    metric = (fair.protocol.objective if fair is not None else model.objective).metric
     params = []
-    if model.tune is not None and not model.tune.params:
+    if tune is not None and not tune.params:
         problems.append(
-            "tune.params: empty; list the hyperparameters to tune, or leave out tune: to skip the stage"
+            f"{where}: empty; list the hyperparameters to tune, or leave out tune: to skip the stage"
         )
-    for path, dist_spec in (model.tune.params if model.tune else {}).items():
-        param, errs = parse_param(path, dist_spec)
+    for path, dist_spec in (tune.params if tune else {}).items():
+        param, errs = parse_param(path, dist_spec, where)
         problems += errs
         if path in factors:
-            problems.append(f"tune.params.{path}: is also an arm factor (a factor is compared, not tuned)")
+            problems.append(f"{where}.{path}: is also an arm factor (a factor is compared, not tuned)")
         if param:
             params.append(param)
     protocols = _protocols(model.protocol)
-    per_arm = {a.label: _arm_problems(a, model, params, protocols) for a in arms}
+    # a fair: that does not resolve is reported above; its arms' fair configs cannot be checked
+    checked = tuple(p for p in protocols if p != "fair" or "fair" not in raw or fair is not None)
+    per_arm = {a.label: _arm_problems(a, model, params, checked, metric) for a in arms}
     common = set.intersection(*(set(v) for v in per_arm.values())) if per_arm else set()
     problems += [_yaml_place(p, factors, None) for p in sorted(common)]
     for label, errs in per_arm.items():
@@ -489,9 +598,11 @@ def parse_study(raw: dict[str, Any], name: str | None = None, protocol: str | No
     for p in params:
         # an arm whose config is invalid (reported above) cannot tell: no "holds for no arm" then
         if p.when and all(_holds_for(p, a) is False for a in arms):
-            problems.append(f"tune.params.{p.path}.when: {p.when} holds for no arm (it would never be tuned)")
+            problems.append(f"{where}.{p.path}.when: {p.when} holds for no arm (it would never be tuned)")
     baseline, errs = _baseline(model.baseline, arms, factors)
     problems += errs + _published_problems(model, arms)
+    arm_labels = {a.label for a in arms}
+    problems += [f"labels.{k}: not an arm label" for k in model.labels if k not in arm_labels]
     if model.recipe is not None:
         problems += _recipe_problems(model, arms)
     if problems:
@@ -503,15 +614,17 @@ def parse_study(raw: dict[str, Any], name: str | None = None, protocol: str | No
         factors=factors,
         baseline=baseline,
         params=params,
-        n_trials=model.tune.n_trials if model.tune else 0,
-        sampler=model.tune.sampler if model.tune else "tpe",
-        pruner=model.tune.pruner if model.tune else None,
-        seeds=model.final.seeds,
-        metric=model.objective.metric,
+        n_trials=budget.n_trials if budget is not None and params else 0,
+        sampler=budget.sampler if budget is not None else "tpe",
+        pruner=budget.pruner if budget is not None else None,
+        seeds=final.seeds,
+        metric=metric,
         timeout=model.timeout,
         seed=model.seed,
         protocol=model.protocol,
         literature=model.literature,
+        refit=final.refit,
+        fair=fair,
     )
 
 
@@ -534,16 +647,13 @@ def _holds_for(p: TuneParam, arm: Arm) -> bool | None:
     """Whether ``p.when`` holds for the arm's resolved config. An invalid config (reported on its own) is
     read as written where it says; None where it cannot tell (a default it leaves out)."""
     try:
-        resolved = config.validate(arm.raw).to_dict()
+        resolved = config.validate(arm.fair_raw).to_dict()
     except ConfigError:
         try:
-            return when_holds(p.when, arm.raw)
-        except (KeyError, TypeError, AttributeError):
+            return when_holds(p.when, arm.fair_raw)
+        except (TypeError, AttributeError):
             return None
-    try:
-        return when_holds(p.when, resolved)
-    except KeyError:
-        return False
+    return when_holds(p.when, resolved)
 
 
 def load_study(
@@ -553,4 +663,12 @@ def load_study(
     protocol: str | None = None,
 ) -> StudySpec:
     """Load, override (``base.train.epochs=1``, ``tune.n_trials=2``) and validate a study YAML."""
-    return parse_study(config.apply_overrides(config.load_yaml(path), list(overrides or [])), name, protocol)
+    raw = config.apply_overrides(config.load_yaml(path), list(overrides or []))
+    return parse_study(raw, name, protocol, Path(path).parent)
+
+
+def arm_labels(raw: dict[str, Any]) -> list[str]:
+    """The arm labels of a study dict from its factors alone, no config validated (cheap: ``dmlh table``
+    names the arms of studies that have not run; ``parse_study`` checks the rest)."""
+    model, problems = _validate_top(raw)
+    return [a.label for a in _arms(model, problems)[0]]
