@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import scipy.stats
 
 from harness import report, store
 
@@ -81,6 +83,8 @@ def test_paper_table_has_published_literature_fair_and_differences(tmp_path: Pat
             (lit.mean(), lit.std(), 3)
         )
         assert (row.fair_mean, row.fair_std, row.fair_n) == pytest.approx((fair.mean(), fair.std(), 3))
+        low, high = scipy.stats.t.interval(0.95, 2, loc=fair.mean(), scale=fair.std() / np.sqrt(3))
+        assert row.fair_ci95 == pytest.approx((high - low) / 2)  # the fair protocol's mean ± 95 % CI
         assert row.delta_literature_published == pytest.approx(lit.mean() - row.published)
         assert row.delta_fair_literature == pytest.approx(fair.mean() - lit.mean())
         nmi = table.loc[(arm, "nmi")]  # published but not measured: ours and Δ are missing
@@ -91,10 +95,10 @@ def test_paper_table_has_published_literature_fair_and_differences(tmp_path: Pat
         "Not published (our choice): the learning-rate schedule of SOP; the random seed" in md.splitlines()[0]
     )
     row = next(line for line in md.splitlines() if line.startswith("| Triplet + Symm | Recall@1 |"))
-    assert "| 55.0 | Table 1, row 'Triplet + Symm' | 52.0 ± 2.0 (3) | 44.0 ± 1.0 (3) | -3.0 | -8.0 |" in row
+    assert "| 55.0 | Table 1, row 'Triplet + Symm' | 52.0 ± 5.0 (3) | 44.0 ± 2.5 (3) | -3.0 | -8.0 |" in row
     assert "| No synthesis | Recall@1 |" in md and "synthesis=" not in md.split("\n", 1)[1]
     tex = (folder / "tables/paper.tex").read_text()
-    assert "52.0 $\\pm$ 2.0 (3)" in tex and "\\toprule" in tex and "Triplet + Symm &" in tex
+    assert "52.0 $\\pm$ 5.0 (3)" in tex and "\\toprule" in tex and "Triplet + Symm &" in tex
     overview = (folder / "report.md").read_text()
     assert overview.index("## Published vs ours") < overview.index("## Comparison")
     # the comparison table is the fair protocol's

@@ -260,7 +260,7 @@ def test_the_report_bolds_what_the_test_supports_with_a_legend(written: Path) ->
     assert "(+" not in base and "(-" not in base  # no (+0.0) on the baseline row
     assert "(-0.7)" in next(line for line in ablation.splitlines() if line.startswith("| symmetrical |"))
     paper = (written / "tables/tables/paper.md").read_text()
-    assert "| 83.5 ± 3.5 (2)† | 88.3 ± 5.5 (3) |" in paper  # 2 literature seeds: marked
+    assert "| 83.5 ± 31.8 (2)† | 88.3 ± 13.7 (3) |" in paper  # ± 95 % CI; 2 literature seeds: marked
     assert "†: fewer than 3 seeds" in paper
 
 
