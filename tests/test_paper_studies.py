@@ -188,7 +188,7 @@ def _tiny_protocol(folder: Path, root: Path) -> None:
 def _shrink(name: str, root: Path, keep: dict[str, list[Any]], protocol: str) -> dict[str, Any]:
     """The study file with tiny models and schedules (its fair arms on ``_tiny_protocol``), and of each
     factor in ``keep`` only the levels (values or variant names) given; a baseline level dropped becomes the
-    first kept one. The published rows of the kept arms stay."""
+    first kept one. The published rows and labels of the kept arms stay."""
     raw = yaml.safe_load((STUDIES / f"{name}.yaml").read_text())
     base = raw["base"]
     base["data"] = {
@@ -216,7 +216,7 @@ def _shrink(name: str, root: Path, keep: dict[str, list[Any]], protocol: str) ->
     raw["recipe"] = None  # a tiny run is not the paper's recipe (tests/test_recipe.py checks the real one)
     raw["protocol"] = protocol
     raw["literature"] = {**raw.get("literature", {}), "sampler.p": 2}
-    probe = dict(raw, published={}, fair={k: v for k, v in raw["fair"].items() if k != "tune"})
+    probe = dict(raw, published={}, labels={}, fair={k: v for k, v in raw["fair"].items() if k != "tune"})
     arms = study.parse_study(probe, protocol="literature", folder=STUDIES).arms
     labels = {a.label for a in arms}
     fair = [config.validate(a.fair_raw).to_dict() for a in arms]  # tune only what a kept arm has
@@ -225,6 +225,7 @@ def _shrink(name: str, root: Path, keep: dict[str, list[Any]], protocol: str) ->
         k: v for k, v in params.items() if any(when_holds(v.get("when", {}), c) for c in fair)
     }
     raw["published"] = {k: v for k, v in raw["published"].items() if k in labels}
+    raw["labels"] = {k: v for k, v in raw.get("labels", {}).items() if k in labels}
     return raw
 
 
