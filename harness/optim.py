@@ -100,6 +100,24 @@ def sgd(
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
 
 
+@register("optimizer", "rmsprop")
+def rmsprop(
+    *,
+    params: ParamGroups,
+    lr: float = 1e-6,
+    weight_decay: float = 1e-4,
+    momentum: float = 0.9,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    decay: Decay = "all",
+) -> torch.optim.Optimizer:
+    """RMSprop (torch's: the square root of the squared-gradient average before ``eps``); the defaults are
+    A Metric Learning Reality Check's (lr 1e-6, momentum 0.9, weight decay 1e-4); ``decay`` as Adam's."""
+    return torch.optim.RMSprop(
+        params, lr=lr, weight_decay=weight_decay, momentum=momentum, alpha=alpha, eps=eps
+    )
+
+
 @register("scheduler", "step")
 def step(*, optimizer: torch.optim.Optimizer, step_size: int = 10, gamma: float = 0.5) -> Any:
     """Multiply the learning rate by gamma every step_size epochs."""

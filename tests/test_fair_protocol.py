@@ -95,7 +95,7 @@ def test_every_paper_study_resolves_its_fair_arms_to_one_config_but_the_method(
         reference = reference or common
         assert common == reference, f"{dataset}: {_differences(reference, common)}"
     assert reference["backbone.name"] == "bn_inception" and reference["model.embedding_dim"] == 512
-    assert (reference["sampler.p"], reference["sampler.k"], reference["optimizer.name"]) == (8, 4, "adam")
+    assert (reference["sampler.p"], reference["sampler.k"], reference["optimizer.name"]) == (8, 4, "rmsprop")
 
 
 def test_the_literature_arms_keep_the_papers_recipes(specs: dict[str, study.StudySpec]) -> None:

@@ -197,6 +197,27 @@ def test_the_optimizer_of_a_run_leaves_batchnorm_undecayed_with_decay_no_bn() ->
         assert not (ids - bn) or g["weight_decay"] == 0.005
 
 
+def test_rmsprop_steps_as_its_formula_with_the_reality_checks_defaults() -> None:
+    """The fair protocol's optimizer (Musgrave et al.: RMSprop, lr 1e-6, momentum 0.9, weight decay 1e-4)
+    against its update written out: g += wd·w; v = α·v + (1 − α)·g²; b = μ·b + g / (√v + ε); w -= lr·b."""
+    torch.manual_seed(0)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    opt = registry.build("optimizer", "rmsprop", context={"params": [{"params": [w]}]})
+    assert isinstance(opt, torch.optim.RMSprop)
+    lr, wd, mu, alpha, eps = 1e-6, 1e-4, 0.9, 0.99, 1e-8
+    naive, v, b = w.detach().clone(), torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    for step in range(3):
+        target = torch.arange(5, dtype=torch.float64) * (step + 1)
+        opt.zero_grad()
+        ((w - target) ** 2).sum().backward()
+        opt.step()
+        g = 2 * (naive - target) + wd * naive
+        v = alpha * v + (1 - alpha) * g**2
+        b = mu * b + g / (v.sqrt() + eps)
+        naive = naive - lr * b
+        assert torch.allclose(w.detach(), naive, rtol=0, atol=1e-15)
+
+
 def test_angular_weight_scales_the_loss() -> None:
     torch.manual_seed(0)
     x, labels = torch.randn(8, 5, dtype=torch.float64), torch.arange(4).repeat_interleave(2)
